@@ -1,0 +1,207 @@
+"""`lsvcr`: one command in front of every job. Each subcommand parses its flags and calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from lsvcr.paths import run_dir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--config", help="YAML config file (overrides win over it)")
+
+
+def cmd_generate(a) -> None:
+    from ingestion.generator import GeneratorConfig, generate
+    from lsvcr.config import load_config
+
+    cfg = load_config(GeneratorConfig, a.config, [f"users={a.users}", f"seed={a.seed}", *a.overrides])
+    print(json.dumps(generate(a.out, cfg), indent=2))
+
+
+def cmd_kafka(a) -> None:
+    from ingestion import broker
+    from ingestion.topics import ensure_topics
+
+    if a.action == "start":
+        bootstrap = broker.start()
+        created = ensure_topics(bootstrap)
+        print(f"[kafka] topics ready ({len(created)} created)")
+    elif a.action == "stop":
+        broker.stop()
+    else:
+        print(json.dumps(broker.status(), indent=2))
+
+
+def cmd_replay(a) -> None:
+    from ingestion.broker import bootstrap_servers
+    from ingestion.replay import replay
+    from ingestion.topics import ensure_topics
+
+    bootstrap = a.bootstrap or bootstrap_servers()
+    ensure_topics(bootstrap, a.topic_prefix)
+    replay(a.data, bootstrap, a.topic_prefix)
+
+
+def cmd_ingest(a) -> None:
+    from ingestion.broker import bootstrap_servers
+    from ingestion.consumer import IngestConfig, ingest
+    from ingestion.topics import ensure_topics
+    from lsvcr.config import load_config
+
+    bootstrap = a.bootstrap or bootstrap_servers()
+    ensure_topics(bootstrap, a.topic_prefix)
+    values = {"eventlog": a.eventlog, "bootstrap": bootstrap, "topic_prefix": a.topic_prefix, "until_idle_s": a.until_idle}
+    if a.group:
+        values["group"] = a.group
+    ingest(load_config(IngestConfig, a.config, {**values, **dict(o.split("=", 1) for o in a.overrides)}))
+
+
+def cmd_features(a) -> None:
+    from features.build import FeaturesConfig, build_features
+    from lsvcr.config import load_config
+    from lsvcr.ray_runtime import init_ray
+
+    cfg = load_config(FeaturesConfig, a.config, [f"eventlog={a.eventlog}", f"out={a.out}", *a.overrides])
+    init_ray()
+    print(json.dumps(build_features(cfg), indent=2))
+
+
+def cmd_train(a) -> None:
+    from lsvcr.config import load_config
+    from lsvcr.ray_runtime import init_ray
+    from trainers.finetune import FinetuneConfig, finetune
+
+    values = [f"features={a.features}", f"out={a.out}", f"model={a.model}", *a.overrides]
+    if a.init:
+        values.append(f"init={a.init}")
+    cfg = load_config(FinetuneConfig, a.config, values)
+    init_ray()
+    print(f"[train] checkpoint: {finetune(cfg)}")
+
+
+def cmd_evaluate(a) -> None:
+    from trainers.evaluate import evaluate, format_table
+
+    checkpoints = dict(item.split("=", 1) for item in a.checkpoint)
+    results = evaluate(a.features, checkpoints, split=a.split)
+    print(format_table(results))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+        print(f"[evaluate] wrote {a.json}")
+
+
+def cmd_serve(a) -> None:
+    from serving.app import serve_forever
+
+    serve_forever(features=a.features, checkpoint=a.checkpoint, host=a.host, port=a.port)
+
+
+def cmd_run(a) -> None:
+    from lsvcr.pipeline import PipelineConfig, run_pipeline
+
+    work = a.work or str(run_dir() / "runs" / Path(a.data).resolve().name)
+    run_pipeline(PipelineConfig(data=a.data, work=work, results=a.out, epochs=a.epochs))
+
+
+def cmd_demo(a) -> None:
+    from lsvcr.pipeline import demo
+
+    demo(users=a.users, seed=a.seed, epochs=a.epochs, serve_seconds=a.serve_seconds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lsvcr", description="LSVCR-stream: streaming joint video and comment recommendation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="write a synthetic dataset in the data contract")
+    p.add_argument("--out", required=True)
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    _add_overrides(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("kafka", help="run the local Kafka broker (KRaft, 127.0.0.1)")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.set_defaults(func=cmd_kafka)
+
+    p = sub.add_parser("replay", help="produce a dataset folder to Kafka in time order")
+    p.add_argument("--data", required=True)
+    p.add_argument("--bootstrap")
+    p.add_argument("--topic-prefix", default="")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("ingest", help="consume the topics into the Parquet event log")
+    p.add_argument("--eventlog", default=str(run_dir() / "eventlog"))
+    p.add_argument("--bootstrap")
+    p.add_argument("--group")
+    p.add_argument("--topic-prefix", default="")
+    p.add_argument("--until-idle", type=float, default=None, help="stop after N idle seconds once caught up")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("features", help="build point-in-time examples and item embeddings with Ray Data")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("--eventlog", default=str(run_dir() / "eventlog"))
+    p.add_argument("--out", default=str(run_dir() / "features"))
+    _add_overrides(p)
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("train", help="train with Ray Train")
+    p.add_argument("stage", choices=["finetune"])
+    p.add_argument("--features", default=str(run_dir() / "features"))
+    p.add_argument("--out", default=str(run_dir() / "checkpoints" / "sr"))
+    p.add_argument("--model", default="sr", choices=["sr", "sasrec"])
+    p.add_argument("--init", help="checkpoint to start from (an aligned stage 1 model)")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="rank-based metrics for both tasks, with the popularity baseline")
+    p.add_argument("--features", default=str(run_dir() / "features"))
+    p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--json", help="also write the metrics here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help="serve recommendations with Ray Serve")
+    p.add_argument("--features", default=str(run_dir() / "features"))
+    p.add_argument("--checkpoint", default=str(run_dir() / "checkpoints" / "sr"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("run", help="replay, ingest, features, train and evaluate one dataset folder")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="metrics JSON")
+    p.add_argument("--work", help="folder for the event log, features and checkpoints")
+    p.add_argument("--epochs", type=int, default=None)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="generate data and run everything end to end, then serve two users")
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--serve-seconds", type=float, default=0.0, help="keep serving this long after the demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

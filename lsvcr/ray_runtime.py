@@ -1,0 +1,33 @@
+"""One way to start or join Ray, used by every job and by the tests."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+# Training workers mostly wait on data and Ray Data needs a slot of its own beside them, so a 2-core
+# machine is offered as 4 logical CPUs; RAY_ADDRESS (a cluster) overrides all of this.
+DEFAULT_LOCAL_CPUS = 4
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS if set, else start a local Ray bound to 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
+        return
+    cpus = num_cpus or int(os.environ.get("LSVCR_RAY_CPUS", DEFAULT_LOCAL_CPUS))
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        _node_ip_address="127.0.0.1",
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
