@@ -11,8 +11,11 @@ import ray
 DEFAULT_LOCAL_CPUS = 4
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS if set, else start a local Ray bound to 127.0.0.1."""
+def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Join the cluster in RAY_ADDRESS if set, else start a local Ray bound to 127.0.0.1.
+
+    The dashboard (127.0.0.1:8265) costs a few hundred MB, so only long-lived jobs such as `serve` ask for it.
+    """
     if ray.is_initialized():
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,7 +26,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     cpus = num_cpus or int(os.environ.get("LSVCR_RAY_CPUS", DEFAULT_LOCAL_CPUS))
     ray.init(
         num_cpus=cpus,
-        include_dashboard=False,
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
         runtime_env=runtime_env,
         _node_ip_address="127.0.0.1",
         configure_logging=True,
