@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 from ray import serve
 
 MAX_K = 100
+HISTORY_COLUMNS = ("hist_video", "hist_video_hot", "hist_video_ts", "hist_cmt_video", "hist_cmt_comments", "hist_cmt_ts")
 
 
 class VideoRequest(BaseModel):
@@ -80,9 +82,12 @@ class Recommender:
         self.popular = np.argsort(-counts, kind="stable")
         self.popular_counts = counts
 
-    def _history(self, user_id: str):
+    def _history(self, user_id: str) -> dict | None:
+        """The user's history columns as a batch of one, or None for an unknown user."""
         row = self.user_row.get(user_id)
-        return None if row is None else self.users.slice(row, 1)
+        if row is None:
+            return None
+        return {col: [self.users[col][row].as_py()] for col in HISTORY_COLUMNS}
 
     @app.get("/v1/health")
     def health(self) -> dict:
@@ -105,11 +110,9 @@ class Recommender:
             top = self.popular[: req.k]
             items = [ScoredItem(id=self.video_ids[i], text=self.video_titles[i], score=float(self.popular_counts[i])) for i in top]
             return Recommendations(user_id=req.user_id, model_version=self.version, cold_start=True, items=items)
-        scores = self.scorer.video_scores(history)[0]  # [V]
+        scores = self.scorer.video_scores(self.scorer.histories(history))[0].numpy()  # [V]
         if req.exclude_seen:
-            seen = np.asarray(history["hist_video"][0].as_py(), dtype=np.int64)
-            scores = scores.copy()
-            scores[seen] = -np.inf
+            scores[np.asarray(history["hist_video"][0], dtype=np.int64)] = -np.inf
         k = min(req.k, int(np.isfinite(scores).sum()))
         top = np.argsort(-scores, kind="stable")[:k]
         items = [ScoredItem(id=self.video_ids[i], text=self.video_titles[i], score=float(scores[i])) for i in top]
@@ -125,9 +128,11 @@ class Recommender:
             return Recommendations(user_id=req.user_id, model_version=self.version, cold_start=False, items=[])
         history = self._history(req.user_id)
         cold = history is None
-        if cold:
-            history = self.users.schema.empty_table()
-        scores = self.scorer.comment_scores(history, video, candidates)[0]  # [N]
+        if cold:  # no history: the current video alone is the context
+            history = {col: [[]] for col in HISTORY_COLUMNS}
+        scores = self.scorer.comment_scores(
+            self.scorer.histories(history), torch.tensor([video]), torch.as_tensor(candidates[None, :])
+        )[0].numpy()  # [N]
         top = np.argsort(-scores, kind="stable")[: req.k]
         items = [ScoredItem(id=self.comment_ids[candidates[i]], text=self.comment_texts[candidates[i]], score=float(scores[i])) for i in top]
         return Recommendations(user_id=req.user_id, model_version=self.version, cold_start=cold, items=items)

@@ -1,0 +1,193 @@
+"""The data contract (DESIGN.md section 4, docs/DATA.md sections 1-2): four tables, their topics and keys,
+their Arrow types, and the validation of one record.
+
+`parse` turns raw bytes from a file line or a Kafka message into a clean record or raises `InvalidRecord`,
+whose `.reason` is a short stable string (it is what the dead-letter topic and the counters carry).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+TABLES = ("videos", "comments", "video_events", "comment_events")
+
+TOPIC_OF = {
+    "videos": "catalog.videos",
+    "comments": "catalog.comments",
+    "video_events": "events.video",
+    "comment_events": "events.comment",
+}
+DEAD_LETTER_TOPIC = "dead-letter"
+
+# Kafka message key: events are keyed by user so that one user's events stay in order on one partition.
+KEY_FIELD = {"videos": "video_id", "comments": "comment_id", "video_events": "user_id", "comment_events": "user_id"}
+# A row's identity in the event log: the log holds each at most once.
+ID_FIELD = {"videos": "video_id", "comments": "comment_id", "video_events": "event_id", "comment_events": "event_id"}
+
+VIDEO_ACTIONS = frozenset({"view", "like", "share", "comment", "finish"})
+COMMENT_ACTIONS = frozenset({"like", "reply", "write"})
+POSITIVE_VIDEO_ACTIONS = frozenset({"like", "share", "comment", "finish"})
+POSITIVE_COMMENT_ACTIONS = frozenset(COMMENT_ACTIONS)
+ACTIONS = {"video_events": VIDEO_ACTIONS, "comment_events": COMMENT_ACTIONS}
+
+ARROW_SCHEMA = {
+    "videos": pa.schema([
+        ("video_id", pa.string()),
+        ("title", pa.string()),
+        ("tags", pa.list_(pa.string())),
+        ("author_id", pa.string()),
+        ("ts", pa.int64()),
+    ]),
+    "comments": pa.schema([
+        ("comment_id", pa.string()),
+        ("video_id", pa.string()),
+        ("author_id", pa.string()),
+        ("text", pa.string()),
+        ("parent_id", pa.string()),  # null for a top-level comment
+        ("ts", pa.int64()),
+    ]),
+    "video_events": pa.schema([
+        ("event_id", pa.string()),
+        ("user_id", pa.string()),
+        ("video_id", pa.string()),
+        ("action", pa.string()),
+        ("watch_ms", pa.int64()),  # null when unknown
+        ("ts", pa.int64()),
+    ]),
+    "comment_events": pa.schema([
+        ("event_id", pa.string()),
+        ("user_id", pa.string()),
+        ("comment_id", pa.string()),
+        ("video_id", pa.string()),
+        ("action", pa.string()),
+        ("ts", pa.int64()),
+    ]),
+}
+
+# Field kinds, in contract order (the order of ARROW_SCHEMA):
+#   id: non-empty str (an int becomes its decimal string); str: any str; tags: list of str;
+#   opt_id: id or null; opt_count: int >= 0 or null; ts: int ms in range; action: one of the table's actions.
+# Nullable fields may be left out and then mean null; every other field is required.
+FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "videos": (("video_id", "id"), ("title", "str"), ("tags", "tags"), ("author_id", "id"), ("ts", "ts")),
+    "comments": (
+        ("comment_id", "id"), ("video_id", "id"), ("author_id", "id"), ("text", "str"),
+        ("parent_id", "opt_id"), ("ts", "ts"),
+    ),
+    "video_events": (
+        ("event_id", "id"), ("user_id", "id"), ("video_id", "id"), ("action", "action"),
+        ("watch_ms", "opt_count"), ("ts", "ts"),
+    ),
+    "comment_events": (
+        ("event_id", "id"), ("user_id", "id"), ("comment_id", "id"), ("video_id", "id"), ("action", "action"),
+        ("ts", "ts"),
+    ),
+}
+
+MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+MAX_TS_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z (exclusive); catches seconds or microseconds sent as ms
+MAX_RECORD_BYTES = 65_536
+
+
+class InvalidRecord(ValueError):
+    """A record that breaks the contract. `reason` is a short machine string, the message says what and where."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+def _check_table(table: str) -> None:
+    if table not in FIELDS:
+        raise ValueError(f"unknown table {table!r}; expected one of {TABLES}")
+
+
+def _as_id(name: str, value: Any) -> str:
+    # bool is an int subclass; True as an id is a producer bug, not the id "1".
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidRecord(f"wrong_type:{name}", f"{name} must be a string or an integer, got {type(value).__name__}")
+    text = value if isinstance(value, str) else str(value)
+    if not text.strip():
+        raise InvalidRecord("empty_id", f"{name} is empty")
+    return text
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRecord(f"wrong_type:{name}", f"{name} must be an integer, got {type(value).__name__}")
+    return value
+
+
+def _clean_field(table: str, name: str, kind: str, value: Any) -> Any:
+    if kind == "id":
+        return _as_id(name, value)
+    if kind == "opt_id":
+        return None if value is None else _as_id(name, value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise InvalidRecord(f"wrong_type:{name}", f"{name} must be a string, got {type(value).__name__}")
+        return value
+    if kind == "tags":
+        if not isinstance(value, list) or not all(isinstance(tag, str) for tag in value):
+            raise InvalidRecord(f"wrong_type:{name}", f"{name} must be a list of strings")
+        return list(value)
+    if kind == "opt_count":
+        if value is None:
+            return None
+        count = _as_int(name, value)
+        if count < 0:
+            raise InvalidRecord(f"negative:{name}", f"{name} must be >= 0, got {count}")
+        return count
+    if kind == "ts":
+        ts = _as_int(name, value)
+        if not MIN_TS_MS <= ts < MAX_TS_MS:
+            raise InvalidRecord("bad_timestamp", f"{name}={ts} is not epoch milliseconds in [2000, 2100)")
+        return ts
+    if kind == "action":
+        if not isinstance(value, str):
+            raise InvalidRecord(f"wrong_type:{name}", f"{name} must be a string, got {type(value).__name__}")
+        if value not in ACTIONS[table]:
+            raise InvalidRecord("unknown_action", f"{value!r} is not one of {sorted(ACTIONS[table])}")
+        return value
+    raise AssertionError(f"unknown field kind {kind}")
+
+
+def validate(table: str, record: dict) -> dict:
+    """Return a clean copy of `record`: exactly the contract fields of `table`, typed; extra fields dropped."""
+    _check_table(table)
+    if not isinstance(record, dict):
+        raise InvalidRecord("not_an_object", f"a {table} record must be a JSON object, got {type(record).__name__}")
+    clean = {}
+    for name, kind in FIELDS[table]:
+        if name not in record:
+            if kind.startswith("opt_"):
+                clean[name] = None
+                continue
+            raise InvalidRecord(f"missing_field:{name}", f"{table} record has no {name}")
+        clean[name] = _clean_field(table, name, kind, record[name])
+    return clean
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse(table: str, raw: bytes | bytearray | memoryview | str, max_bytes: int = MAX_RECORD_BYTES) -> dict:
+    """Decode one raw record (a JSON line or a Kafka message value) and validate it."""
+    _check_table(table)
+    data = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
+    if len(data) > max_bytes:
+        raise InvalidRecord("oversized", f"record has {len(data)} bytes, the limit is {max_bytes}")
+    try:
+        record = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise InvalidRecord("malformed_json", f"not UTF-8 JSON: {err}") from None
+    return validate(table, record)
+
+
+def to_json_line(record: dict) -> str:
+    """Compact JSON for one record, without the newline (UTF-8 text kept as is)."""
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False)
