@@ -1,0 +1,97 @@
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from trainers.data import collate, collate_histories, count_examples, iter_examples, load_text_tables
+
+
+def rows():
+    # Row 0: three videos (the first without a hot comment), one comment record with two comments.
+    # Row 1: a user with empty histories.
+    return {
+        "hist_video": [[5, 6, 7], []],
+        "hist_video_hot": [[-1, 50, 51], []],
+        "hist_video_ts": [[1, 2, 3], []],
+        "hist_cmt_video": [[2], []],
+        "hist_cmt_comments": [[10, 11, -1], []],
+        "hist_cmt_ts": [[4], []],
+    }
+
+
+def test_histories_keep_newest_and_are_right_aligned():
+    out = collate_histories(rows(), max_history=2)
+    assert out["hist_video"].tolist() == [[6, 7], [-1, -1]]
+    assert out["hist_video_hot"].tolist() == [[50, 51], [-1, -1]]
+    assert out["hist_video_mask"].tolist() == [[True, True], [False, False]]
+    assert out["hist_cmt_video"].tolist() == [[2], [-1]]
+    assert out["hist_cmt_comments"].tolist() == [[[10, 11, -1]], [[-1, -1, -1]]]
+    assert out["hist_cmt_mask"].tolist() == [[True], [False]]
+    assert out["hist_video"].dtype == torch.long and out["hist_video_mask"].dtype == torch.bool
+
+
+def test_histories_pad_to_the_longest_row():
+    out = collate_histories(rows(), max_history=5)
+    assert out["hist_video"].tolist() == [[5, 6, 7], [-1, -1, -1]]
+    assert out["hist_video_mask"].tolist() == [[True, True, True], [False, False, False]]
+
+
+def test_all_empty_histories_get_one_padding_slot():
+    empty = {k: [[]] for k in rows()}
+    out = collate_histories(empty, max_history=4)
+    assert out["hist_video"].tolist() == [[-1]]
+    assert out["hist_cmt_comments"].tolist() == [[[-1, -1, -1]]]
+    assert out["hist_cmt_mask"].tolist() == [[False]]
+
+
+def test_comment_records_are_truncated_as_whole_records():
+    batch = {**{k: [[]] for k in rows()}, "hist_cmt_video": [[1, 2, 3]],
+             "hist_cmt_comments": [[10, -1, -1, 20, 21, -1, 30, 31, 32]]}
+    out = collate_histories(batch, max_history=2)
+    assert out["hist_cmt_video"].tolist() == [[2, 3]]
+    assert out["hist_cmt_comments"].tolist() == [[[20, 21, -1], [30, 31, 32]]]
+
+
+def test_numpy_object_columns_give_the_same_tensors():
+    as_lists = collate_histories(rows(), 3)
+    as_numpy = {k: np.array([np.array(v, dtype=np.int32) for v in col] + [None], dtype=object)[:-1]
+                for k, col in rows().items()}
+    for key, value in collate_histories(as_numpy, 3).items():
+        assert torch.equal(value, as_lists[key]), key
+
+
+def test_bad_histories_are_rejected():
+    with pytest.raises(ValueError, match="hist_video_hot"):
+        collate_histories({**rows(), "hist_video_hot": [[1], []]}, 3)
+    with pytest.raises(ValueError, match="3 x 1 records"):
+        collate_histories({**rows(), "hist_cmt_comments": [[10, 11], []]}, 3)
+    with pytest.raises(ValueError, match="no column"):
+        collate_histories({"hist_video": [[1]]}, 3)
+
+
+def test_collate_candidates_and_likes():
+    batch = {**rows(), "target": [3, 4], "query_video": [9, 8], "negatives": [[1, 2, 3], [4]],
+             "target_likes": [5, 0], "negative_likes": [[1, 2, 3], [7]]}
+    out = collate(batch, 3)
+    assert out["target"].tolist() == [3, 4]
+    assert out["query_video"].tolist() == [9, 8]
+    assert out["negatives"].tolist() == [[1, 2, 3], [4, -1, -1]]
+    assert out["target_likes"].tolist() == [5, 0]
+    assert out["negative_likes"].tolist() == [[1, 2, 3], [7, 0, 0]]
+    none = collate({**rows(), "target": [3, 4], "negatives": [[], []]}, 3)
+    assert none["negatives"].tolist() == [[-1], [-1]]
+
+
+def test_reading_the_features_folder(fake_features):
+    total = count_examples(fake_features, "comment", "valid")
+    assert total == 40
+    batches = list(iter_examples(fake_features, "comment", "valid", batch_size=16, max_examples=35))
+    assert [len(b["target"]) for b in batches] == [16, 16, 3]
+    assert batches[0]["negatives"].dtype == object
+    video, comment = load_text_tables(fake_features)
+    assert video.shape == (48, 32) and comment.shape == (192, 32)
+    assert load_text_tables(fake_features)[0] is video  # loaded once per process
+    users = pq.read_table(fake_features / "users.parquet").to_pydict()
+    out = collate_histories(users, 8)
+    assert out["hist_video"].shape[0] == 40
+    assert out["hist_video_mask"].sum(1).tolist() == [min(8, len(v)) for v in users["hist_video"]]

@@ -1,0 +1,71 @@
+import math
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from trainers.checkpoint import save_checkpoint
+from trainers.evaluate import evaluate, format_table
+from trainers.models import SASRec, SASRecConfig
+
+EMPTY = {"hist_video": [], "hist_video_hot": [], "hist_video_ts": [], "hist_cmt_video": [],
+         "hist_cmt_comments": [], "hist_cmt_ts": []}
+
+
+def video_row(target, negatives):
+    return {"user_id": "u", "event_id": f"e{target}", "ts": 10, "target": target, "negatives": negatives, **EMPTY}
+
+
+def comment_row(likes, negative_likes):
+    negatives = list(range(1, 1 + len(negative_likes)))
+    return {"user_id": "u", "event_id": "e", "ts": 10, "query_video": 0, "target": 0, "negatives": negatives,
+            "target_likes": likes, "negative_likes": negative_likes, **EMPTY}
+
+
+def test_popularity_on_a_hand_made_case(tmp_path, features_writer):
+    write_examples, write_embeddings = features_writer
+    write_embeddings(tmp_path, np.eye(4, 2), np.eye(6, 2))
+    write_examples(tmp_path, "video", "train", [video_row(1, [0]), video_row(1, [0]), video_row(2, [0])])
+    # Train counts: video 0 -> 0, 1 -> 2, 2 -> 1, 3 -> 0.
+    write_examples(tmp_path, "video", "test", [video_row(1, [0, 2, 3]),  # 2 beats 0, 1, 0: rank 0
+                                                video_row(3, [0, 1, 2])])  # 0 ties or loses to all: rank 3
+    write_examples(tmp_path, "comment", "test", [
+        comment_row(5, [3, 7]),  # rank 1
+        comment_row(9, []),  # no negatives: skipped
+        comment_row(2, [2]),  # a tie counts against the target: rank 1
+        comment_row(4, [0, 1, 2]),  # rank 0
+    ])
+    results = evaluate(tmp_path, {}, split="test")
+    video = results["video"]["popularity"]
+    assert video["count"] == 2 and video["skipped"] == 0
+    assert video["recall@1"] == pytest.approx(0.5)
+    assert video["recall@5"] == pytest.approx(1.0)
+    assert video["ndcg@5"] == pytest.approx((1 + 1 / math.log2(5)) / 2)
+    assert video["mrr@5"] == pytest.approx((1 + 1 / 4) / 2)
+    comment = results["comment"]["popularity"]
+    assert comment["count"] == 3 and comment["skipped"] == 1
+    assert comment["recall@1"] == pytest.approx(1 / 3)
+    assert comment["mrr@5"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)
+    assert comment["ndcg@5"] == pytest.approx((2 / math.log2(3) + 1) / 3)
+    table = format_table(results)
+    assert "video task" in table and "comment task" in table and "popularity" in table
+    assert "0.5000" in table and "(1 examples without negatives skipped)" in table
+
+
+def test_models_and_popularity_in_one_run(fake_features, tmp_path):
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(num_videos=48, num_comments=192, hidden=16, inner=32, max_history=8))
+    save_checkpoint(tmp_path, "sasrec", model.config, model.state_dict())
+    results = evaluate(fake_features, {"sasrec": tmp_path}, split="test", batch_size=16)
+    assert set(results["video"]) == {"popularity", "sasrec"}
+    empty = sum(len(n) == 0 for n in pads.dataset(fake_features / "examples/comment/test").to_table()
+                .column("negatives").to_pylist())
+    assert empty > 0
+    for name in ("popularity", "sasrec"):
+        assert results["video"][name]["count"] == 40
+        assert results["comment"][name]["count"] == 40 - empty
+        assert results["comment"][name]["skipped"] == empty
+    with pytest.raises(ValueError, match="twice"):
+        evaluate(fake_features, {"popularity": tmp_path})
+    assert format_table({"video": {"m": {"count": 0, "recall@1": None}}}).count(" -") >= 1

@@ -1,0 +1,376 @@
+"""Stage 2, recommendation-oriented fine-tuning, on Ray Train.
+
+    ckpt = finetune(FinetuneConfig(features="FEATURES", out="CKPT"))        # SR model, video + comment
+    ckpt = finetune(FinetuneConfig(features=..., out=..., model="sasrec"))  # the ID-only baseline
+    python -m trainers.finetune features=FEATURES out=CKPT [key=value ...]
+
+Each worker reads its shard of examples/video/train and examples/comment/train (Ray Data); every step takes
+one batch of each task and sums the losses (trainers/losses.py). After each epoch rank 0 evaluates the
+valid split (same code as trainers/evaluate.py) and keeps the best epoch's weights; training stops early
+after `patience` epochs without a better valid NDCG@5 (mean over the two tasks). The best weights are
+reported as the final Ray Train checkpoint and copied to `out` (docs/DATA.md section 4).
+
+In-batch negatives are per worker for now (trainers/losses.py). Gradients are averaged by hand, not by DDP
+(see _average_gradients). The features folder must be readable by every worker (shared storage on a
+cluster): workers memory-map the embeddings and rank 0 reads the valid split from it.
+
+Stage 1 seam: `init` names an earlier checkpoint whose SR parameters are loaded (strict on names and
+shapes) before training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional  # not `str | None`: lsvcr.config coerces typing.Optional only
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import torch
+import torch.distributed as dist
+
+from trainers.checkpoint import CONFIG, TRAIN, WEIGHTS, load_init_weights, save_checkpoint
+from trainers.data import TASKS, collate, count_examples, examples_path, load_text_tables
+from trainers.evaluate import evaluate_fns, scorer_fn
+from trainers.losses import comment_loss, id_text_loss, video_loss
+from trainers.models import MODELS, SASRecConfig, SRConfig, build_model
+from trainers.scoring import Scorer
+
+
+@dataclass
+class FinetuneConfig:
+    features: str  # features folder (docs/DATA.md section 3); on a cluster it must be on shared storage
+    out: str  # checkpoint folder to write
+    model: str = "sr"  # "sr" or "sasrec"
+    text_only: bool = False  # SR without ID embeddings (the sr_text_only baseline)
+    init: Optional[str] = None  # checkpoint folder whose SR weights start training (stage 1 output)
+    epochs: int = 10
+    patience: int = 2  # stop after this many epochs without a better valid NDCG@5
+    batch_size: int = 256  # per worker and task
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    max_grad_norm: float = 5.0  # 0 = no clipping
+    id_text_weight: float = 0.1  # weight of the ID-text contrast (SR with ID embeddings)
+    train_negatives: int = 20  # sampled negatives per video example added to the in-batch ones (0 = none)
+    num_workers: int = 2
+    use_gpu: bool = False
+    seed: int = 0
+    shuffle_buffer: int = 2048  # rows in each worker's local shuffle buffer (0 = file order)
+    max_eval_examples: int = 20000  # valid examples per task evaluated each epoch (0 = all)
+    log_every: int = 50  # steps between progress lines
+    storage_path: Optional[str] = None  # Ray Train storage (shared on a cluster); None = a temporary folder
+    # Model size (defaults: the paper's released configuration).
+    hidden: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    inner: int = 256
+    dropout: float = 0.3
+    max_history: int = 50
+    temperature: float = 0.07
+
+    def __post_init__(self):
+        if not self.features or not self.out:
+            raise ValueError("FinetuneConfig: features and out are required")
+        if self.model not in MODELS:
+            raise ValueError(f"FinetuneConfig.model must be one of {sorted(MODELS)}, got {self.model!r}")
+        if self.model != "sr" and (self.text_only or self.init):
+            raise ValueError("FinetuneConfig: text_only and init only apply to model='sr'")
+        for name in ("epochs", "patience", "batch_size", "num_workers", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("weight_decay", "max_grad_norm", "id_text_weight", "train_negatives", "shuffle_buffer",
+                     "max_eval_examples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"FinetuneConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"FinetuneConfig.lr must be > 0, got {self.lr}")
+
+
+def model_config(config: FinetuneConfig, num_videos: int, num_comments: int, text_dim: int):
+    size = dict(hidden=config.hidden, num_layers=config.num_layers, num_heads=config.num_heads,
+                inner=config.inner, dropout=config.dropout, max_history=config.max_history,
+                temperature=config.temperature, num_videos=num_videos, num_comments=num_comments)
+    if config.model == "sasrec":
+        return SASRecConfig(**size)
+    return SRConfig(**size, text_dim=text_dim, use_id_embedding=not config.text_only)
+
+
+# Columns holding video and comment indices, per task (the item indices that get gradients in training).
+VIDEO_COLUMNS = {"video": ("target", "negatives", "hist_video", "hist_cmt_video"),
+                 "comment": ("query_video", "hist_video", "hist_cmt_video")}
+COMMENT_COLUMNS = {"video": ("hist_video_hot", "hist_cmt_comments"),
+                   "comment": ("target", "negatives", "hist_video_hot", "hist_cmt_comments")}
+
+
+def seen_items(features_dir: str | Path, num_videos: int, num_comments: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bool masks [V], [C] of the items that appear anywhere in the train examples (and so get a trained
+    ID embedding); all other items are scored without their ID embedding."""
+    seen = {"video": np.zeros(num_videos, dtype=bool), "comment": np.zeros(num_comments, dtype=bool)}
+    for task in TASKS:
+        dataset = pads.dataset(examples_path(features_dir, task, "train"), format="parquet")
+        for batch in dataset.to_batches(columns=list(set(VIDEO_COLUMNS[task] + COMMENT_COLUMNS[task]))):
+            for kind, columns in (("video", VIDEO_COLUMNS[task]), ("comment", COMMENT_COLUMNS[task])):
+                for name in columns:
+                    col = batch.column(name)
+                    values = pc.list_flatten(col) if hasattr(col.type, "value_type") else col
+                    idx = values.to_numpy(zero_copy_only=False).astype(np.int64)
+                    idx = idx[idx >= 0]
+                    if len(idx) and idx.max() >= len(seen[kind]):
+                        raise ValueError(f"{task}/train column {name} has {kind} index {idx.max()} beyond "
+                                         f"the {len(seen[kind])} embedded {kind}s")
+                    seen[kind][idx] = True
+    return seen["video"], seen["comment"]
+
+
+# ---- inside each Ray Train worker -----------------------------------------------------------------------
+
+
+def _broadcast_parameters(model: torch.nn.Module) -> None:
+    """Same starting weights on every worker (rank 0's)."""
+    if dist.is_initialized():
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+
+
+def _average_gradients(model: torch.nn.Module, world: int) -> None:
+    """All-reduce the gradients as one flat buffer. Done by hand rather than with DDP because a step may
+    use only part of the model (one task's shard ran out, or a worker has no batch left) and the model is
+    called through several methods rather than forward(); missing gradients count as zeros."""
+    params = list(model.parameters())
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if not dist.is_initialized() or world == 1:
+        for p, g in zip(params, grads):
+            p.grad = g
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        p.grad = flat[offset: offset + p.numel()].view_as(p)
+        offset += p.numel()
+
+
+def _joint_batches(shards: dict, config: FinetuneConfig, epoch: int, device: torch.device):
+    """Pairs (video rows | None, comment rows | None) until every worker has run out of both tasks (the
+    shorter task gives None for the rest of the epoch). All workers take the same number of steps, as
+    the gradient all-reduce needs."""
+    iters = {
+        task: iter(shard.iter_batches(
+            batch_size=config.batch_size, batch_format="numpy",
+            local_shuffle_buffer_size=config.shuffle_buffer or None,
+            local_shuffle_seed=(config.seed + epoch) if config.shuffle_buffer else None))
+        for task, shard in shards.items()
+    }
+    while True:
+        got = {task: next(it, None) for task, it in iters.items()}
+        more = torch.tensor([float(any(rows is not None for rows in got.values()))], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if more.item() == 0:
+            return
+        yield got.get("video"), got.get("comment")
+
+
+def _valid_score(results: dict) -> float | None:
+    """Mean valid NDCG@5 over the tasks that have valid examples."""
+    values = [m["model"]["ndcg@5"] for m in results.values() if m["model"]["ndcg@5"] is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _train_loop(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    torch.set_num_threads(1)
+    config = FinetuneConfig(**loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, loop_config["model_config"])
+    if loop_config["video_seen"] is not None:
+        model.set_seen(torch.tensor(loop_config["video_seen"]), torch.tensor(loop_config["comment_seen"]))
+    if config.init:
+        fresh = load_init_weights(model, config.init)
+        if rank == 0:
+            print(f"finetune: loaded {config.init}; freshly initialised: {fresh}", flush=True)
+    model.set_text_tables(*load_text_tables(config.features))
+    model.to(device)
+    _broadcast_parameters(model)
+    torch.manual_seed(config.seed + 1 + rank)  # dropout masks differ between workers
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    use_id_text = config.model == "sr" and not config.text_only and config.id_text_weight > 0
+    shards = {task: ray.train.get_dataset_shard(task) for task in loop_config["tasks"]}
+    loss_names = ("video", "comment", "id_text")
+    weights = {"video": 1.0, "comment": 1.0, "id_text": config.id_text_weight}
+
+    best = {"score": -math.inf, "epoch": 0, "state": None, "valid": None}
+    history, stale, started = [], 0, time.monotonic()
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        # Loss sums, loss counts, examples; kept on the device so steps need no extra synchronisation.
+        sums = torch.zeros(2 * len(loss_names) + 1, dtype=torch.float64, device=device)
+        epoch_start = time.monotonic()
+        for step, (video_rows, comment_rows) in enumerate(_joint_batches(shards, config, epoch, device), 1):
+            losses = {}
+            video_batch = comment_batch = None
+            if video_rows is not None:
+                video_batch = {k: v.to(device) for k, v in collate(video_rows, config.max_history).items()}
+                losses["video"] = video_loss(model, video_batch, config.train_negatives)
+            if comment_rows is not None:
+                comment_batch = {k: v.to(device) for k, v in collate(comment_rows, config.max_history).items()}
+                losses["comment"] = comment_loss(model, comment_batch)
+            if use_id_text and losses:
+                term = id_text_loss(model, None if video_batch is None else video_batch["target"],
+                                    None if comment_batch is None else comment_batch["target"],
+                                    config.temperature)
+                if term is not None:
+                    losses["id_text"] = term
+            optimizer.zero_grad(set_to_none=True)
+            if losses:
+                sum(weights[name] * value for name, value in losses.items()).backward()
+            _average_gradients(model, world)
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            for i, name in enumerate(loss_names):
+                if name in losses:
+                    sums[i] += losses[name].detach()
+                    sums[len(loss_names) + i] += 1
+            sums[-1] += sum(len(r["target"]) for r in (video_rows, comment_rows) if r is not None)
+            if rank == 0 and step % config.log_every == 0:
+                parts = " ".join(f"{k}_loss {v.item():.4f}" for k, v in losses.items())
+                print(f"finetune: epoch {epoch} step {step} {parts}", flush=True)
+        if dist.is_initialized():
+            dist.all_reduce(sums)  # totals over workers
+        sums = sums.cpu()
+        epoch_s = time.monotonic() - epoch_start
+        means = {f"{name}_loss": (float(sums[i] / sums[len(loss_names) + i]) if sums[len(loss_names) + i] else None)
+                 for i, name in enumerate(loss_names)}
+        loss = sum(weights[name] * means[f"{name}_loss"] for name in loss_names if means[f"{name}_loss"] is not None)
+        record = {"epoch": epoch, "loss": loss, **means, "examples": int(sums[-1]), "epoch_s": round(epoch_s, 3),
+                  "examples_per_s": float(sums[-1]) / max(epoch_s, 1e-9)}
+
+        stop = torch.zeros(1, device=device)
+        if rank == 0:
+            valid = evaluate_fns(config.features, {"model": scorer_fn(Scorer.from_model(config.model, model,
+                                                                                         config.features))},
+                                 "valid", max_examples=config.max_eval_examples)
+            model.train()
+            score = _valid_score(valid)
+            record["valid_ndcg@5"] = score
+            record["valid"] = {task: valid[task]["model"] for task in valid}
+            # Without valid examples every epoch counts as the best so far (the last one is kept).
+            if score is None or score > best["score"]:
+                best.update(score=-math.inf if score is None else score, epoch=epoch, valid=record["valid"],
+                            state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                stale = 0
+            else:
+                stale += 1
+            stop[0] = float(stale >= config.patience)
+            print(f"finetune: epoch {epoch} done: " + " ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in record.items() if k != "valid" and v is not None) + f" best_epoch {best['epoch']}",
+                flush=True)
+        if dist.is_initialized():
+            dist.broadcast(stop, src=0)
+        history.append(record)
+        ray.train.report({k: v for k, v in record.items() if k != "valid"})
+        if stop.item():
+            break
+
+    final = {"best_epoch": best["epoch"], "epochs_run": len(history), "train_s": time.monotonic() - started}
+    if rank != 0:
+        ray.train.report(final)
+        return
+    train_info = {
+        "finetune_config": dataclasses.asdict(config),
+        **final,
+        "valid": best["valid"],
+        "history": history,
+        "workers": world,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, config.model, model.config, best["state"], train_info)
+        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+# ---- driver ---------------------------------------------------------------------------------------------
+
+
+def finetune(config: FinetuneConfig) -> str:
+    """Train with Ray Train and write CKPT (model.safetensors, config.json, train.json) to config.out;
+    returns that folder."""
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lsvcr.ray_runtime import init_ray
+
+    features = os.path.abspath(config.features)
+    config = dataclasses.replace(config, features=features,
+                                 init=os.path.abspath(config.init) if config.init else None)
+    video_text, comment_text = load_text_tables(features)  # memory maps: only the shapes are read here
+    counts = {task: count_examples(features, task, "train") for task in TASKS}
+    tasks = [task for task in TASKS if counts[task] > 0]
+    if not tasks:
+        raise ValueError(f"{features}: no train examples for either task")
+    model_cfg = model_config(config, video_text.shape[0], comment_text.shape[0], video_text.shape[1])
+    video_seen = comment_seen = None
+    if config.model == "sr" and not config.text_only:
+        video_seen, comment_seen = seen_items(features, video_text.shape[0], comment_text.shape[0])
+    print(f"finetune: model {config.model}, train examples {counts}, {video_text.shape[0]} videos, "
+          f"{comment_text.shape[0]} comments, {config.num_workers} workers", flush=True)
+
+    init_ray()
+    # Materialised once on the driver: each epoch then only re-splits blocks instead of re-reading files.
+    datasets = {task: ray.data.read_parquet(str(examples_path(features, task, "train"))).materialize()
+                for task in tasks}
+    resources = {"CPU": 1, "GPU": 1} if config.use_gpu else {"CPU": 1}
+    storage = config.storage_path or tempfile.mkdtemp(prefix="lsvcr-finetune-")
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"config": dataclasses.asdict(config), "model_config": dataclasses.asdict(model_cfg),
+                           "tasks": tasks, "video_seen": video_seen, "comment_seen": comment_seen},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                               resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(name=f"finetune-{config.model}-{int(time.time())}", storage_path=storage),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("finetune: training ended without a checkpoint")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as ckpt:
+        for name in (WEIGHTS, CONFIG, TRAIN):
+            shutil.copy2(os.path.join(ckpt, name), out / name)
+    if not config.storage_path:
+        shutil.rmtree(storage, ignore_errors=True)
+    print(f"finetune: wrote {out} (best epoch {result.metrics.get('best_epoch')} of "
+          f"{result.metrics.get('epochs_run')})", flush=True)
+    return str(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from lsvcr.config import load_config
+
+    args = sys.argv[1:] if argv is None else argv
+    path = args[0] if args and "=" not in args[0] else None
+    finetune(load_config(FinetuneConfig, path, [a for a in args if "=" in a]))
+
+
+if __name__ == "__main__":
+    main()

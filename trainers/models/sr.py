@@ -1,0 +1,230 @@
+"""The LSVCR sequential recommendation (SR) model (DESIGN.md section 6).
+
+Inputs are index tensors from trainers/data.py (right-aligned histories, -1 = padding or "none"); the text
+embedding matrices of the features folder are attached with `set_text_tables` (not part of the checkpoint:
+they belong to the features folder and grow as new items arrive).
+
+Every vector the task methods return is L2-normalised; score = dot / temperature, i.e. cosine / temperature.
+
+Choices beyond DESIGN.md:
+- items and history elements share one item vector per kind: adapted text (Linear D -> H) plus, with ID
+  embeddings, sigmoid(gate) * ID embedding, the ID part zero for items not seen in training (`set_seen`)
+  or newer than the ID table;
+- the cross "mix" attention and both poolings have a learned null slot, so an empty history (or an empty
+  other history) is well defined: a user without video history gets one learned cold-start vector;
+- comment task: the query video's vector attends over the fused comment-history states; the result, the
+  video-task user vector (before normalisation) and the query video vector go through a small MLP to give
+  the user-in-context vector. So a user without comment history still gets a context from their videos.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainers.models.layers import CausalEncoder, NullAttention, position_ids, safe_lookup
+
+
+@dataclass
+class SRConfig:
+    num_videos: int = 0  # size of the video ID table (rows of video_emb.npy at training time)
+    num_comments: int = 0  # size of the comment ID table
+    text_dim: int = 384
+    hidden: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    inner: int = 256
+    dropout: float = 0.3
+    max_history: int = 50
+    max_position: int = 0  # size of the position tables; 0 means max_history
+    temperature: float = 0.07
+    use_id_embedding: bool = True  # gated ID embeddings (stage 2); False = the text-only model
+    random_positions: bool = False  # stage 1: randomized sorted position ids while training
+
+    def __post_init__(self):
+        if self.max_position == 0:
+            self.max_position = self.max_history
+        positive = ("text_dim", "hidden", "num_layers", "num_heads", "inner", "max_history", "max_position")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"SRConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_videos < 0 or self.num_comments < 0:
+            raise ValueError("SRConfig.num_videos and num_comments must be >= 0")
+        if self.use_id_embedding and (self.num_videos < 1 or self.num_comments < 1):
+            raise ValueError("SRConfig: use_id_embedding needs num_videos >= 1 and num_comments >= 1")
+        if self.hidden % self.num_heads:
+            raise ValueError(f"SRConfig.hidden {self.hidden} is not divisible by num_heads {self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"SRConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.temperature <= 0:
+            raise ValueError(f"SRConfig.temperature must be > 0, got {self.temperature}")
+        if self.max_position < self.max_history:
+            raise ValueError("SRConfig.max_position must be >= max_history")
+
+    @property
+    def text_only(self) -> bool:
+        return not self.use_id_embedding
+
+
+class SRModel(nn.Module):
+    def __init__(self, config: SRConfig):
+        super().__init__()
+        self.config = config
+        self.temperature = config.temperature
+        h = config.hidden
+        self.video_adapter = nn.Linear(config.text_dim, h)
+        self.comment_adapter = nn.Linear(config.text_dim, h)
+        if config.use_id_embedding:
+            self.video_id = nn.Embedding(config.num_videos, h)
+            self.comment_id = nn.Embedding(config.num_comments, h)
+            nn.init.normal_(self.video_id.weight, std=0.02)
+            nn.init.normal_(self.comment_id.weight, std=0.02)
+            # Per-dimension gates (sigmoid) on the ID part; items never seen in training get no ID part.
+            self.video_gate = nn.Parameter(torch.zeros(h))
+            self.comment_gate = nn.Parameter(torch.zeros(h))
+            self.register_buffer("video_seen", torch.zeros(config.num_videos, dtype=torch.bool))
+            self.register_buffer("comment_seen", torch.zeros(config.num_comments, dtype=torch.bool))
+        # Element merges: [video part; comment part] -> hidden.
+        self.video_merge = nn.Linear(2 * h, h)
+        self.comment_merge = nn.Linear(2 * h, h)
+        self.video_pos = nn.Embedding(config.max_position, h)
+        self.comment_pos = nn.Embedding(config.max_position, h)
+        nn.init.normal_(self.video_pos.weight, std=0.02)
+        nn.init.normal_(self.comment_pos.weight, std=0.02)
+        self.drop = nn.Dropout(config.dropout)
+        args = (h, config.num_heads, config.inner, config.num_layers, config.dropout)
+        self.video_encoder = CausalEncoder(*args)
+        self.comment_encoder = CausalEncoder(*args)
+        # Mix layer: each history's states attend to the other's (no causal mask: both are the past).
+        self.mix_video = NullAttention(h, config.num_heads, config.dropout)
+        self.mix_comment = NullAttention(h, config.num_heads, config.dropout)
+        self.video_fuse = nn.Sequential(nn.Linear(2 * h, h), nn.LayerNorm(h))
+        self.comment_fuse = nn.Sequential(nn.Linear(2 * h, h), nn.LayerNorm(h))
+        # Video task: additive attention pooling, w^T tanh(W s), over [null; video states].
+        self.pool_null = nn.Parameter(torch.zeros(h))
+        self.pool_proj = nn.Linear(h, h)
+        self.pool_score = nn.Linear(h, 1, bias=False)
+        # Comment task: the query video attends over the comment-history states; the result, the video-task
+        # user vector and the query video vector are merged into the user-in-context vector.
+        self.query_proj = nn.Linear(h, h)
+        self.comment_attn = NullAttention(h, config.num_heads, config.dropout)
+        self.context_mlp = nn.Sequential(nn.Linear(3 * h, h), nn.GELU(), nn.Linear(h, h))
+        self.register_buffer("video_text", torch.zeros(0, config.text_dim), persistent=False)
+        self.register_buffer("comment_text", torch.zeros(0, config.text_dim), persistent=False)
+
+    # ---- data the model does not own -------------------------------------------------------------------
+
+    def set_text_tables(self, video_text: torch.Tensor, comment_text: torch.Tensor) -> None:
+        """Attach the text embedding matrices [V, D] and [C, D] (rows = item index)."""
+        for name, table in (("video", video_text), ("comment", comment_text)):
+            if table.ndim != 2 or table.shape[1] != self.config.text_dim:
+                raise ValueError(f"{name} text table has shape {tuple(table.shape)}, "
+                                 f"expected [N, {self.config.text_dim}]")
+        device = self.video_adapter.weight.device
+        self.video_text = video_text.to(device=device, dtype=torch.float32)
+        self.comment_text = comment_text.to(device=device, dtype=torch.float32)
+
+    def set_seen(self, video_seen: torch.Tensor, comment_seen: torch.Tensor) -> None:
+        """Mark which item indices have a trained ID embedding (bool [num_videos], [num_comments])."""
+        if not self.config.use_id_embedding:
+            return
+        self.video_seen.copy_(torch.as_tensor(video_seen, dtype=torch.bool))
+        self.comment_seen.copy_(torch.as_tensor(comment_seen, dtype=torch.bool))
+
+    # ---- item vectors (before normalisation) -----------------------------------------------------------
+
+    def _text(self, table: torch.Tensor, idx: torch.Tensor, kind: str) -> torch.Tensor:
+        if table.shape[0] == 0:
+            raise RuntimeError(f"no {kind} text table attached: call set_text_tables first")
+        return table[idx.clamp(min=0)]  # [..., D]
+
+    def video_vec(self, idx: torch.Tensor) -> torch.Tensor:
+        """Adapted title text (+ gated ID) per video index: [...] -> [..., H]; zeros where idx < 0."""
+        x = self.video_adapter(self._text(self.video_text, idx, "video"))
+        if self.config.use_id_embedding:
+            x = x + torch.sigmoid(self.video_gate) * safe_lookup(self.video_id, idx, self.video_seen)
+        return x * (idx >= 0).unsqueeze(-1)
+
+    def comment_vec(self, idx: torch.Tensor) -> torch.Tensor:
+        """Adapted comment text (+ gated ID) per comment index: [...] -> [..., H]; zeros where idx < 0."""
+        x = self.comment_adapter(self._text(self.comment_text, idx, "comment"))
+        if self.config.use_id_embedding:
+            x = x + torch.sigmoid(self.comment_gate) * safe_lookup(self.comment_id, idx, self.comment_seen)
+        return x * (idx >= 0).unsqueeze(-1)
+
+    def id_text_vectors(self, kind: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ID embedding, adapted text embedding) of the same items, both L2-normalised [N, H] (for the
+        stage 2 ID-text contrast)."""
+        if not self.config.use_id_embedding:
+            raise RuntimeError("id_text_vectors needs use_id_embedding=True")
+        if kind == "video":
+            ids, text = self.video_id(idx), self.video_adapter(self._text(self.video_text, idx, kind))
+        elif kind == "comment":
+            ids, text = self.comment_id(idx), self.comment_adapter(self._text(self.comment_text, idx, kind))
+        else:
+            raise ValueError(f"kind must be 'video' or 'comment', got {kind!r}")
+        return F.normalize(ids, dim=-1), F.normalize(text, dim=-1)
+
+    # ---- histories -------------------------------------------------------------------------------------
+
+    def encode_histories(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal encoder states of each history before the mix: ([B, Lv, H], [B, Lc, H])."""
+        cfg = self.config
+        randomize = cfg.random_positions and self.training
+        v_mask, c_mask = batch["hist_video_mask"], batch["hist_cmt_mask"]
+        # Video element: merge(title vector, hot comment vector) + position.
+        v_elem = self.video_merge(
+            torch.cat([self.video_vec(batch["hist_video"]), self.comment_vec(batch["hist_video_hot"])], -1)
+        )  # [B, Lv, H]
+        v_elem = v_elem + self.video_pos(position_ids(v_mask, cfg.max_position, randomize))
+        # Comment-section element: merge(video vector, mean of up to 3 comment vectors) + position.
+        cmts = batch["hist_cmt_comments"]  # [B, Lc, 3]
+        count = (cmts >= 0).sum(-1, keepdim=True).clamp(min=1)  # [B, Lc, 1]
+        cmt_mean = self.comment_vec(cmts).sum(-2) / count  # [B, Lc, H]
+        c_elem = self.comment_merge(torch.cat([self.video_vec(batch["hist_cmt_video"]), cmt_mean], -1))
+        c_elem = c_elem + self.comment_pos(position_ids(c_mask, cfg.max_position, randomize))
+        v_states = self.video_encoder(self.drop(v_elem), v_mask)
+        c_states = self.comment_encoder(self.drop(c_elem), c_mask)
+        return v_states, c_states
+
+    def _fused_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Own + mixed states of both histories, projected to hidden: ([B, Lv, H], [B, Lc, H])."""
+        v_mask, c_mask = batch["hist_video_mask"], batch["hist_cmt_mask"]
+        v_states, c_states = self.encode_histories(batch)
+        v_mixed = self.mix_video(v_states, c_states, c_mask)  # video states attend to comment states
+        c_mixed = self.mix_comment(c_states, v_states, v_mask)  # and back
+        v_fused = self.video_fuse(torch.cat([v_states, v_mixed], -1))
+        c_fused = self.comment_fuse(torch.cat([c_states, c_mixed], -1))
+        return v_fused, c_fused
+
+    def _pool_video(self, v_fused: torch.Tensor, v_mask: torch.Tensor) -> torch.Tensor:
+        """Additive attention pooling over [null; video states] -> [B, H] (null = cold-start user)."""
+        batch = v_fused.shape[0]
+        states = torch.cat([self.pool_null.expand(batch, 1, -1), v_fused], 1)  # [B, 1 + Lv, H]
+        mask = torch.cat([torch.ones_like(v_mask[:, :1]), v_mask], 1)  # [B, 1 + Lv]
+        logits = self.pool_score(torch.tanh(self.pool_proj(states))).squeeze(-1)  # [B, 1 + Lv]
+        weights = logits.masked_fill(~mask, float("-inf")).softmax(-1)
+        return (weights.unsqueeze(-1) * states).sum(1)  # [B, H]
+
+    # ---- the four methods serving and evaluation use ------------------------------------------------
+
+    def user_video_vector(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        v_fused, _ = self._fused_states(batch)
+        return F.normalize(self._pool_video(v_fused, batch["hist_video_mask"]), dim=-1)  # [B, H]
+
+    def video_item_vectors(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.video_vec(idx), dim=-1)  # [N, H]
+
+    def comment_context_vector(self, batch: dict[str, torch.Tensor], query_video: torch.Tensor) -> torch.Tensor:
+        v_fused, c_fused = self._fused_states(batch)
+        user = self._pool_video(v_fused, batch["hist_video_mask"])  # [B, H]
+        query = self.video_vec(query_video)  # [B, H]
+        attended = self.comment_attn(self.query_proj(query).unsqueeze(1), c_fused, batch["hist_cmt_mask"])
+        context = self.context_mlp(torch.cat([attended.squeeze(1), user, query], -1))
+        return F.normalize(context, dim=-1)  # [B, H]
+
+    def comment_item_vectors(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.comment_vec(idx), dim=-1)  # [N, H]
