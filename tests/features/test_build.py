@@ -1,0 +1,196 @@
+"""build_features end to end through Ray on a small hand-written log, checked by hand and against build_local."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from features import sequences as seq
+from features.build import FeaturesConfig, build_features
+from features.embeddings import HashEncoder
+from lsvcr.config import ConfigError, load_config
+
+# Videos: v1=0 (ts 10), v2=1 (20), v3=2 (30), v4=3 (35, no comments). Comments: c1=0, c2=1 under v1; c3=2 under
+# v2; cx is under an unknown video. Hot comments: v1 @13 -> c1 (alone), v1 @17 -> c2 (liked @16), v2 @36 -> c3.
+LOG = dict(
+    videos=[("v1", "cats", ["pets"], 10), ("v2", "dogs", [], 20), ("v3", "news", ["daily"], 30),
+            ("v4", "quiet", [], 35)],
+    comments=[("c1", "v1", "so cute", 12), ("c2", "v1", "love it", 15), ("c3", "v2", "good dog", 25),
+              ("cx", "vzz", "lost", 14)],
+    video_events=[
+        ("ve1", "u1", "v1", "finish", 13), ("ve2", "u1", "v2", "view", 14), ("ve3", "u1", "v1", "like", 17),
+        ("ve4", "u1", "v2", "share", 36), ("ve5", "u1", "v4", "like", 36), ("ve6", "u1", "v3", "finish", 41),
+        ("ve7", "u1", "vzz", "like", 42), ("ve8", "u2", "v4", "like", 50),
+    ],
+    comment_events=[
+        ("ce1", "u9", "c2", "v1", "like", 16), ("ce2", "u1", "c1", "v1", "like", 30),
+        ("ce3", "u1", "c2", "v1", "reply", 36), ("ce4", "u3", "c3", "v2", "like", 27),
+        ("ce5", "u3", "c1", "v1", "reply", 31), ("ce6", "u3", "cq", "v1", "like", 33),
+    ],
+)
+HIST = ["hist_video", "hist_video_hot", "hist_video_ts", "hist_cmt_video", "hist_cmt_comments", "hist_cmt_ts"]
+
+
+def read(path):
+    return pq.read_table(path)
+
+
+def rows_by_event(folder):
+    return {r["event_id"]: r for r in read(folder).to_pylist()}
+
+
+def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_writer):
+    log = eventlog_writer(tmp_path / "eventlog", tables(**LOG))
+    out = tmp_path / "features"
+    config = FeaturesConfig(eventlog=str(log), out=str(out), num_negatives=2, encoder="hash", encoder_dim=32)
+    manifest = build_features(config)
+
+    # Catalog and embeddings.
+    videos, comments = read(out / "videos.parquet"), read(out / "comments.parquet")
+    assert videos["video_id"].to_pylist() == ["v1", "v2", "v3", "v4"]
+    assert comments["comment_id"].to_pylist() == ["c1", "c2", "c3"]
+    video_emb = np.load(out / "video_emb.npy", mmap_mode="r")
+    comment_emb = np.load(out / "comment_emb.npy", mmap_mode="r")
+    assert video_emb.shape == (4, 32) and comment_emb.shape == (3, 32) and video_emb.dtype == np.float32
+    assert np.allclose(np.linalg.norm(video_emb, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(video_emb, HashEncoder(32).encode(["cats pets", "dogs", "news daily", "quiet"]), atol=1e-6)
+    assert np.allclose(comment_emb[2], HashEncoder(32).encode(["good dog"])[0], atol=1e-6)
+
+    # Video task. ve1 @13 and ve8 (u2's only event) have empty histories and are dropped.
+    train, valid, test = (rows_by_event(out / "examples" / "video" / s) for s in ("train", "valid", "test"))
+    assert sorted(train) == ["ve3", "ve4"] and sorted(valid) == ["ve5"] and sorted(test) == ["ve6"]
+    assert [train["ve3"][c] for c in HIST] == [[0], [0], [13], [], [], []]
+    assert [train["ve4"][c] for c in HIST] == [[0, 0], [0, 1], [13, 17], [0], [0, -1, -1], [30]]
+    assert [valid["ve5"][c] for c in HIST] == [c for c in (train["ve4"][h] for h in HIST)]
+    assert [test["ve6"][c] for c in HIST] == [[0, 0, 1, 3], [0, 1, 2, -1], [13, 17, 36, 36], [0], [0, 1, -1], [36]]
+    assert (train["ve3"]["target"], valid["ve5"]["target"], test["ve6"]["target"]) == (0, 3, 2)
+    assert train["ve3"]["negatives"] == []  # only the target was published before 17
+    # Before 36: videos 0, 1, 2 and 3 (v4 at 35); 1 is the target.
+    assert len(train["ve4"]["negatives"]) == 2 and set(train["ve4"]["negatives"]) <= {0, 2, 3}
+    assert len(valid["ve5"]["negatives"]) == 2 and set(valid["ve5"]["negatives"]) <= {0, 1, 2}
+    assert len(test["ve6"]["negatives"]) == 2 and set(test["ve6"]["negatives"]) <= {0, 1, 3}
+
+    # Comment task. ce1 (u9) and ce4 (u3's first) have empty histories; ce6's comment is unknown.
+    train, valid, test = (rows_by_event(out / "examples" / "comment" / s) for s in ("train", "valid", "test"))
+    assert sorted(train) == ["ce2", "ce5"] and valid == {} and sorted(test) == ["ce3"]
+    ce2, ce3, ce5 = train["ce2"], test["ce3"], train["ce5"]
+    assert [ce2[c] for c in HIST] == [[0, 0], [0, 1], [13, 17], [], [], []]
+    assert (ce2["query_video"], ce2["target"], ce2["negatives"], ce2["negative_likes"], ce2["target_likes"]) == \
+        (0, 0, [1], [1], 0)
+    assert [ce3[c] for c in HIST] == [[0, 0], [0, 1], [13, 17], [0], [0, -1, -1], [30]]
+    assert (ce3["negatives"], ce3["negative_likes"], ce3["target_likes"]) == ([0], [1], 1)
+    assert [ce5[c] for c in HIST] == [[], [], [], [1], [2, -1, -1], [27]]
+    assert (ce5["query_video"], ce5["target"], ce5["negatives"], ce5["negative_likes"], ce5["target_likes"]) == \
+        (0, 0, [1], [1], 1)
+
+    # Empty splits still have a file with the schema.
+    assert read(out / "examples" / "comment" / "valid").schema.equals(seq.COMMENT_EXAMPLE_SCHEMA)
+    assert read(out / "examples" / "video" / "train").schema.equals(seq.VIDEO_EXAMPLE_SCHEMA)
+
+    # Users as of the end of the log.
+    users = {r["user_id"]: r for r in read(out / "users.parquet").to_pylist()}
+    assert sorted(users) == ["u1", "u2", "u3", "u9"]
+    assert [users["u1"][c] for c in HIST] == [[0, 0, 1, 3, 2], [0, 1, 2, -1, -1], [13, 17, 36, 36, 41], [0],
+                                              [0, 1, -1], [36]]
+    assert [users["u2"][c] for c in HIST] == [[3], [-1], [50], [], [], []]
+    assert [users["u9"][c] for c in HIST] == [[], [], [], [0], [1, -1, -1], [16]]
+    assert [users["u3"][c] for c in HIST] == [[], [], [], [1, 0], [2, -1, -1, 0, -1, -1], [27, 31]]
+
+    # Manifest.
+    assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
+    assert manifest["tasks"]["video"] == {"train": {"count": 2, "ts_min": 17, "ts_max": 36},
+                                          "valid": {"count": 1, "ts_min": 36, "ts_max": 36},
+                                          "test": {"count": 1, "ts_min": 41, "ts_max": 41}}
+    assert manifest["tasks"]["comment"]["train"] == {"count": 2, "ts_min": 30, "ts_max": 31}
+    assert manifest["tasks"]["comment"]["valid"]["count"] == 0
+    assert manifest["dropped"] == {"comments_unknown_video": 1, "video_events_unknown_video": 1,
+                                   "comment_events_unknown_comment": 1, "video_examples_empty_history": 2,
+                                   "comment_examples_empty_history": 2}
+    assert manifest["events"]["video_events_not_positive"] == 1
+    assert (manifest["num_videos"], manifest["num_comments"], manifest["num_users"]) == (4, 3, 4)
+    assert (manifest["embedding_dim"], manifest["encoder"], manifest["max_history"], manifest["num_negatives"]) == \
+        (32, "hash", 50, 2)
+
+    # The Ray build equals the one-process reference, negatives included.
+    local = seq.build_local(*(tables(**LOG)[t] for t in ("videos", "comments", "video_events", "comment_events")),
+                            num_negatives=2)
+    for task in ("video", "comment"):
+        for split in ("train", "valid", "test"):
+            got = read(out / "examples" / task / split)
+            assert got.sort_by("event_id").equals(local[f"{task}/{split}"].sort_by("event_id")), (task, split)
+    assert read(out / "users.parquet").sort_by("user_id").equals(local["users"].sort_by("user_id"))
+
+    # A rerun into the same folder replaces the outputs rather than adding to them.
+    build_features(config)
+    assert read(out / "examples" / "video" / "train").num_rows == 2
+
+
+def test_build_features_without_comment_tables(tmp_path, ray_session, tables, eventlog_writer):
+    t = tables(videos=LOG["videos"], video_events=LOG["video_events"])  # no comments, no comment events
+    log = eventlog_writer(tmp_path / "eventlog", t)
+    manifest = build_features(FeaturesConfig(eventlog=str(log), out=str(tmp_path / "f"), encoder="hash"))
+    assert manifest["num_comments"] == 0
+    assert np.load(tmp_path / "f" / "comment_emb.npy").shape == (0, 64)
+    test = rows_by_event(tmp_path / "f" / "examples" / "video" / "test")
+    assert sorted(test) == ["ve6"]
+    assert test["ve6"]["hist_video_hot"] == [-1, -1, -1, -1]  # no video has a comment
+    assert manifest["tasks"]["comment"]["train"]["count"] == 0
+
+
+def test_build_features_rejects_a_missing_eventlog(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_features(FeaturesConfig(eventlog=str(tmp_path / "nope"), out=str(tmp_path / "f"), encoder="hash"))
+
+
+def test_config_validation_and_overrides():
+    cfg = load_config(FeaturesConfig, None, ["eventlog=a", "out=b", "max_history=7",
+                                             "positive_video_actions=like,finish"])
+    assert cfg.max_history == 7 and cfg.positive_video_actions == ("like", "finish")
+    assert FeaturesConfig(eventlog="a", out="b").encoder == "minilm"
+    with pytest.raises(ConfigError, match="positive_video_actions"):
+        FeaturesConfig(eventlog="a", out="b", positive_video_actions=("view", "poke"))
+    with pytest.raises(ConfigError, match="encoder"):
+        FeaturesConfig(eventlog="a", out="b", encoder="nope")
+    with pytest.raises(ConfigError, match="max_history"):
+        FeaturesConfig(eventlog="a", out="b", max_history=0)
+    with pytest.raises(ConfigError, match="differ"):
+        FeaturesConfig(eventlog="a", out="a")
+
+
+def test_build_local_matches_hand_values_without_ray(tables):
+    local = seq.build_local(*(tables(**LOG)[t] for t in ("videos", "comments", "video_events", "comment_events")),
+                            num_negatives=2)
+    assert sorted(local["video/train"]["event_id"].to_pylist()) == ["ve3", "ve4"]
+    assert local["comment/test"]["event_id"].to_pylist() == ["ce3"]
+    assert local["video/train"].schema.equals(seq.VIDEO_EXAMPLE_SCHEMA)
+    assert local["comment/test"].schema.equals(seq.COMMENT_EXAMPLE_SCHEMA)
+    assert local["users"].schema.equals(seq.USERS_SCHEMA)
+    empty = seq.build_local(*(tables()[t] for t in ("videos", "comments", "video_events", "comment_events")))
+    assert empty["video/test"].num_rows == 0 and empty["users"].num_rows == 0
+
+
+def test_future_events_do_not_change_past_examples(tables):
+    """Appending events, comments and likes at ts >= 100 leaves every example before 100 as it was."""
+    future = dict(
+        videos=LOG["videos"] + [("v5", "later", [], 100)],
+        comments=LOG["comments"] + [("c9", "v1", "late comment", 100), ("c8", "v2", "later still", 120)],
+        video_events=LOG["video_events"] + [("f1", "u1", "v5", "like", 101), ("f2", "u2", "v1", "finish", 100)],
+        comment_events=LOG["comment_events"] + [
+            ("f3", "u1", "c9", "v1", "like", 110), ("f4", "u9", "c3", "v2", "like", 100),
+            ("f5", "u3", "c8", "v2", "reply", 130), *[(f"f{i}", "o", "c1", "v1", "like", 100 + i) for i in range(6, 12)],
+        ],
+    )
+    names = ("videos", "comments", "video_events", "comment_events")
+    past = seq.build_local(*(tables(**LOG)[t] for t in names), num_negatives=2)["rows"]
+    full = seq.build_local(*(tables(**future)[t] for t in names), num_negatives=2)["rows"]
+    keep = [c for c in past.column_names if c != "split"]  # only the split may move: later examples exist now
+
+    def examples_before_100(rows):
+        rows = rows.filter(pa.compute.and_(pa.compute.less(rows["ts"], 100),
+                                           pa.compute.not_equal(rows["row_kind"], "user")))
+        return rows.select(keep).sort_by("event_id")
+
+    assert examples_before_100(past).num_rows == 11  # 6 video + 5 comment events with known items
+    assert examples_before_100(full).equals(examples_before_100(past))

@@ -1,0 +1,328 @@
+"""Point-in-time feature logic on hand-written logs; every expected value below is worked out by hand."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from features import sequences as seq
+
+
+def by_event(table: pa.Table) -> dict[str, dict]:
+    return {row["event_id"]: row for row in table.to_pylist()}
+
+
+# ------------------------------------------------------------------------------------------------ catalog
+
+
+def test_index_videos_orders_by_ts_then_id_and_builds_text(tables):
+    t = tables(videos=[("v1", "cats", ["pets"], 10), ("v2", "dogs", [], 20), ("va", "ants", ["tiny", "red"], 20),
+                       ("v3", "first", [], 5)])
+    videos = seq.index_videos(t["videos"])
+    assert videos["video_id"].to_pylist() == ["v3", "v1", "v2", "va"]
+    assert videos["video_idx"].to_pylist() == [0, 1, 2, 3]
+    assert videos["video_idx"].type == pa.int32()
+    assert videos["text"].to_pylist() == ["first", "cats pets", "dogs", "ants tiny red"]
+    assert videos.column_names == ["video_idx", "video_id", "title", "tags", "author_id", "ts", "text"]
+
+
+def test_index_comments_drops_unknown_video_and_orders_ties_by_id(tables):
+    t = tables(
+        videos=[("v3", "first", [], 5), ("v1", "cats", [], 10), ("v2", "dogs", [], 20), ("va", "ants", [], 20)],
+        comments=[("c1", "v1", "hi", 12), ("c2", "vzz", "lost", 13), ("c3", "va", "yo", 12), ("c0", "v2", "x", 30)],
+    )
+    videos = seq.index_videos(t["videos"])  # v3=0, v1=1, v2=2, va=3
+    comments, dropped = seq.index_comments(t["comments"], videos)
+    assert dropped == 1
+    assert comments["comment_id"].to_pylist() == ["c1", "c3", "c0"]
+    assert comments["comment_idx"].to_pylist() == [0, 1, 2]
+    assert comments["video_idx"].to_pylist() == [1, 3, 2]
+    assert comments.column_names == ["comment_idx", "comment_id", "video_id", "video_idx", "author_id", "text",
+                                     "parent_id", "ts"]
+
+
+def test_duplicate_catalog_ids_are_a_clear_error(tables):
+    t = tables(videos=[("v1", "a", [], 1), ("v1", "b", [], 2)])
+    with pytest.raises(ValueError, match="duplicates.*v1"):
+        seq.index_videos(t["videos"])
+
+
+def test_event_rows_status_and_catalog_video_of_comment(tables):
+    t = tables(
+        videos=[("v1", "a", [], 1), ("v2", "b", [], 2)],
+        comments=[("c1", "v2", "x", 3)],
+        video_events=[("e1", "u", "v2", "like", 5), ("e2", "u", "v1", "view", 6), ("e3", "u", "vz", "finish", 7),
+                      ("e4", "u", "vz", "view", 8)],
+        # e6 names the wrong video: the catalog's video of c1 (v2) wins.
+        comment_events=[("e5", "u", "cz", "v1", "like", 5), ("e6", "u", "c1", "v1", "reply", 6)],
+    )
+    videos = seq.index_videos(t["videos"])
+    comments, _ = seq.index_comments(t["comments"], videos)
+    rows = seq.video_event_rows(t["video_events"], videos["video_id"].combine_chunks(), ["like", "finish"])
+    assert rows["status"].to_pylist() == ["ok", "not_used", "unknown_video", "not_used"]
+    assert rows["video_idx"].to_pylist() == [1, 0, -1, -1]
+    assert rows["comment_idx"].to_pylist() == [-1, -1, -1, -1]
+    rows = seq.comment_event_rows(t["comment_events"], comments["comment_id"].combine_chunks(),
+                                  comments["video_idx"].to_numpy(), ["reply"])
+    # e5 is a like of an unknown comment: used for popularity, so it counts as unknown rather than unused.
+    assert rows["status"].to_pylist() == ["unknown_comment", "ok"]
+    assert rows["video_idx"].to_pylist() == [-1, 1]
+    assert rows["positive"].to_pylist() == [False, True]
+    assert rows["like"].to_pylist() == [True, False]
+    with pytest.raises(ValueError, match="missing columns"):
+        seq.video_event_rows(t["video_events"].drop_columns(["action"]), videos["video_id"].combine_chunks(), ["like"])
+
+
+# ------------------------------------------------------------------------------------------------ stage A
+
+# One video v1 (idx 0) with comments c1 (idx 0, ts 12), c2 (idx 1, ts 15), c3 (idx 2, ts 50).
+# Likes: c1 @30 @35 @45; c2 @16 @40 @42 @45; c3 @51 @52 @53 @54 @60.
+HOT_LOG = dict(
+    videos=[("v1", "cats", [], 10)],
+    comments=[("c1", "v1", "a", 12), ("c2", "v1", "b", 15), ("c3", "v1", "c", 50)],
+    comment_events=[
+        *[(f"l1_{ts}", "o", "c1", "v1", "like", ts) for ts in (30, 35, 45)],
+        *[(f"l2_{ts}", "o", "c2", "v1", "like", ts) for ts in (16, 40, 42, 45)],
+        *[(f"l3_{ts}", "o", "c3", "v1", "like", ts) for ts in (51, 52, 53, 54, 60)],
+    ],
+)
+
+
+def video_group(t, positive_comment_actions=("like", "reply", "write")):
+    videos = seq.index_videos(t["videos"])
+    comments, _ = seq.index_comments(t["comments"], videos)
+    group = pa.concat_tables([
+        seq.video_event_rows(t["video_events"], videos["video_id"].combine_chunks(), ["like", "finish"]),
+        seq.comment_event_rows(t["comment_events"], comments["comment_id"].combine_chunks(),
+                               comments["video_idx"].to_numpy(), list(positive_comment_actions)),
+        seq.publication_rows(comments),
+    ])
+    return group.filter(pa.compute.equal(group["status"], "ok"))
+
+
+def test_hot_comment_as_of_each_video_event(tables):
+    times = [10, 12, 13, 16, 17, 31, 36, 41, 46, 60, 61]
+    t = tables(**HOT_LOG, video_events=[(f"v@{ts}", "u", "v1", "like", ts) for ts in times])
+    out = by_event(seq.annotate_video_group(video_group(t), num_negatives=99, seed=0))
+    hot = {ts: out[f"v@{ts}"]["hot"] for ts in times}
+    assert hot == {
+        10: -1,  # nothing published yet
+        12: -1,  # c1 is published at 12, not strictly before
+        13: 0,  # c1 alone, no likes
+        16: 0,  # c1 0, c2 0 (its like at 16 is not before 16): tie -> earlier published c1
+        17: 1,  # c2 1
+        31: 0,  # c1 1, c2 1: tie -> c1
+        36: 0,  # c1 2, c2 1
+        41: 0,  # c1 2, c2 2: tie -> c1
+        46: 1,  # c1 3, c2 4
+        60: 1,  # c2 4, c3 4 (51..54; 60 not before): tie -> c2 published earlier
+        61: 2,  # c3 5
+    }
+    # Only positive events come out: the likes of user "o" are positive comment events too.
+    assert len(out) == len(times) + 12
+
+
+def test_video_without_comments_has_no_hot_comment(tables):
+    t = tables(videos=[("v1", "cats", [], 10)], video_events=[("e1", "u", "v1", "finish", 20)])
+    out = seq.annotate_video_group(video_group(t), num_negatives=99, seed=0)
+    assert out["hot"].to_pylist() == [-1]
+    assert out["negatives"].to_pylist() == [[]]
+
+
+def test_comment_candidates_and_likes_before_ts(tables):
+    t = tables(**{**HOT_LOG, "comment_events": HOT_LOG["comment_events"] + [
+        ("q1", "u", "c2", "v1", "reply", 16),
+        ("q2", "u", "c1", "v1", "reply", 41),
+        ("q3", "u", "c3", "v1", "write", 50),
+        ("q4", "u", "c3", "v1", "reply", 61),
+    ]})
+    out = by_event(seq.annotate_video_group(video_group(t), num_negatives=99, seed=0))
+    got = {e: (out[e]["negatives"], out[e]["negative_likes"], out[e]["target_likes"]) for e in ("q1", "q2", "q3", "q4")}
+    assert got == {
+        "q1": ([0], [0], 0),  # c1, c2 published before 16; c2's like at 16 does not count
+        "q2": ([1], [2], 2),  # c2 liked @16 @40; c1 liked @30 @35
+        "q3": ([0, 1], [3, 4], 0),  # c3 is published at 50, so it is no candidate of itself and has no likes
+        "q4": ([0, 1], [3, 4], 5),  # c3 liked @51..54 and @60
+    }
+    assert out["q1"]["hot"] == -1 and out["q1"]["comment_idx"] == 1 and out["q1"]["video_idx"] == 0
+
+
+def test_comment_negatives_are_sampled_by_seed_and_event_id(tables):
+    t = tables(**{**HOT_LOG, "comment_events": HOT_LOG["comment_events"] + [("q4", "u", "c3", "v1", "reply", 61)]})
+    first = by_event(seq.annotate_video_group(video_group(t), num_negatives=1, seed=7))["q4"]
+    again = by_event(seq.annotate_video_group(video_group(t), num_negatives=1, seed=7))["q4"]
+    assert first["negatives"] == again["negatives"]
+    assert first["negatives"] in ([0], [1])
+    # The likes follow the sampled comment: c1 has 3 likes before 61, c2 has 4.
+    assert first["negative_likes"] == ([3] if first["negatives"] == [0] else [4])
+    assert first["target_likes"] == 5
+
+
+def test_likes_only_count_when_like_is_not_positive(tables):
+    """With likes not positive, like events still make hot comments but are no examples."""
+    t = tables(**HOT_LOG, video_events=[("v@17", "u", "v1", "like", 17)])
+    out = seq.annotate_video_group(video_group(t, positive_comment_actions=("reply",)), num_negatives=99, seed=0)
+    assert out["event_id"].to_pylist() == ["v@17"]
+    assert out["hot"].to_pylist() == [1]
+
+
+def test_hot_comments_match_the_definition_on_a_random_log(tables):
+    """The sweep against the definition written out plainly, on many ties (times drawn from 0..19)."""
+    rng = np.random.default_rng(1)
+    comments = [(f"c{i}", "v1", "x", int(rng.integers(0, 20))) for i in range(6)]
+    likes = [(f"l{i}", "o", f"c{rng.integers(0, 6)}", "v1", "like", int(rng.integers(0, 20))) for i in range(40)]
+    views = [(f"w{i}", "u", "v1", "like", i) for i in range(21)]
+    t = tables(videos=[("v1", "cats", [], 0)], comments=comments, video_events=views, comment_events=likes)
+    out = by_event(seq.annotate_video_group(video_group(t), num_negatives=99, seed=0))
+    order = sorted(range(6), key=lambda i: (comments[i][3], comments[i][0]))  # comment_idx -> position in `comments`
+    for i in range(21):
+        published = [k for k in range(6) if comments[order[k]][3] < i]
+        n_likes = {k: sum(1 for like in likes if like[2] == comments[order[k]][0] and like[5] < i) for k in published}
+        expected = min(published, key=lambda k: (-n_likes[k], k)) if published else -1
+        assert out[f"w{i}"]["hot"] == expected, i
+
+
+# ------------------------------------------------------------------------------------------------ stage B
+
+
+def annotated(user, video_rows=(), comment_rows=()):
+    """video_rows: (event_id, video_idx, ts, hot); comment_rows: (event_id, video_idx, comment_idx, ts)."""
+    rows = [dict(kind=0, event_id=e, user_id=user, video_idx=v, comment_idx=-1, ts=ts, hot=h, negatives=[],
+                 target_likes=0, negative_likes=[]) for e, v, ts, h in video_rows]
+    rows += [dict(kind=1, event_id=e, user_id=user, video_idx=v, comment_idx=c, ts=ts, hot=-1, negatives=[7, 8],
+                  target_likes=3, negative_likes=[1, 2]) for e, v, c, ts in comment_rows]
+    rows = rows[::-1]  # user_rows must not rely on input order
+    return pa.Table.from_pylist(rows, schema=seq.ANNOTATED_SCHEMA)
+
+
+U1_VIDEO = [("a", 0, 13, 0), ("b", 0, 17, 1), ("d", 4, 36, -1), ("c", 1, 36, 2), ("e", 3, 41, -1)]
+U1_COMMENT = [("f", 0, 0, 30), ("g", 0, 1, 36), ("h", 0, 1, 37), ("i", 1, 2, 38), ("j", 0, 5, 39), ("k", 0, 6, 45)]
+HIST = ["hist_video", "hist_video_hot", "hist_video_ts", "hist_cmt_video", "hist_cmt_comments", "hist_cmt_ts"]
+
+
+def hist(row):
+    return tuple(row[c] for c in HIST)
+
+
+def test_user_rows_histories_ties_and_splits():
+    rows = seq.user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=50)
+    got = by_event(rows.filter(pa.compute.not_equal(rows["row_kind"], "user")))
+    none = ([], [], [], [], [], [])
+    # Video task, by (ts, event_id): a@13, b@17, c@36, d@36, e@41.
+    assert hist(got["a"]) == none
+    assert hist(got["b"]) == ([0], [0], [13], [], [], [])
+    # c and d share ts 36: neither sees the other, nor the comment event g@36.
+    assert hist(got["c"]) == ([0, 0], [0, 1], [13, 17], [0], [0, -1, -1], [30])
+    assert hist(got["d"]) == hist(got["c"])
+    # v0's record: c0, c1 (twice: kept once), c5 -> latest 3 [0, 1, 5] @39; v1's record @38 comes first.
+    assert hist(got["e"]) == ([0, 0, 1, 4], [0, 1, 2, -1], [13, 17, 36, 36], [1, 0], [2, -1, -1, 0, 1, 5], [38, 39])
+    assert {e: got[e]["split"] for e in "abcde"} == {"a": "dropped", "b": "train", "c": "train", "d": "valid",
+                                                  "e": "test"}
+    assert {e: got[e]["target"] for e in "abcde"} == {"a": 0, "b": 0, "c": 1, "d": 4, "e": 3}
+    # Comment task.
+    assert hist(got["f"]) == ([0, 0], [0, 1], [13, 17], [], [], [])
+    assert hist(got["g"]) == ([0, 0], [0, 1], [13, 17], [0], [0, -1, -1], [30])
+    assert hist(got["h"])[3:] == ([0], [0, 1, -1], [36])
+    assert hist(got["h"])[0] == [0, 0, 1, 4]
+    assert hist(got["i"])[3:] == ([0], [0, 1, -1], [37])
+    assert hist(got["j"])[3:] == ([0, 1], [0, 1, -1, 2, -1, -1], [37, 38])
+    assert hist(got["k"]) == ([0, 0, 1, 4, 3], [0, 1, 2, -1, -1], [13, 17, 36, 36, 41], [1, 0],
+                              [2, -1, -1, 0, 1, 5], [38, 39])
+    assert [got[e]["split"] for e in "fghijk"] == ["train"] * 4 + ["valid", "test"]
+    assert (got["i"]["query_video"], got["i"]["target"]) == (1, 2)
+    assert (got["f"]["negatives"], got["f"]["negative_likes"], got["f"]["target_likes"]) == ([7, 8], [1, 2], 3)
+    assert got["a"]["query_video"] == -1
+
+    user = rows.filter(pa.compute.equal(rows["row_kind"], "user")).to_pylist()
+    assert len(user) == 1 and user[0]["user_id"] == "u1"
+    # As of the end: v0's record is [1, 5, 6] @45 (c0 pushed out by c6), after v1's @38.
+    assert hist(user[0]) == ([0, 0, 1, 4, 3], [0, 1, 2, -1, -1], [13, 17, 36, 36, 41], [1, 0],
+                             [2, -1, -1, 1, 5, 6], [38, 45])
+    assert rows.schema == seq.USER_ROWS_SCHEMA
+
+
+def test_user_rows_keep_the_latest_max_history():
+    rows = seq.user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=2)
+    got = by_event(rows.filter(pa.compute.not_equal(rows["row_kind"], "user")))
+    assert hist(got["e"]) == ([1, 4], [2, -1], [36, 36], [1, 0], [2, -1, -1, 0, 1, 5], [38, 39])
+    user = seq.user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=1).to_pylist()[-1]
+    assert hist(user) == ([3], [-1], [41], [0], [1, 5, 6], [45])
+
+
+def test_user_with_only_comment_events():
+    rows = seq.user_rows(annotated("u3", comment_rows=[("x1", 2, 3, 27), ("x2", 2, 4, 28), ("x3", 0, 0, 31)]),
+                         max_history=50)
+    got = by_event(rows.filter(pa.compute.not_equal(rows["row_kind"], "user")))
+    assert hist(got["x1"]) == ([], [], [], [], [], [])
+    assert hist(got["x2"]) == ([], [], [], [2], [3, -1, -1], [27])
+    assert hist(got["x3"]) == ([], [], [], [2], [3, 4, -1], [28])
+    assert [got[e]["split"] for e in ("x1", "x2", "x3")] == ["dropped", "train", "test"]
+    user = rows.to_pylist()[-1]
+    assert user["row_kind"] == "user" and user["user_id"] == "u3"
+    assert hist(user) == ([], [], [], [2, 0], [3, 4, -1, 0, -1, -1], [28, 31])
+
+
+def test_single_kept_example_is_train():
+    rows = seq.user_rows(annotated("u4", video_rows=[("a", 1, 10, -1), ("b", 2, 20, -1)]), max_history=50)
+    got = by_event(rows.filter(pa.compute.not_equal(rows["row_kind"], "user")))
+    assert (got["a"]["split"], got["b"]["split"]) == ("dropped", "train")
+
+
+@pytest.mark.parametrize("n, expected", [
+    (0, []), (1, ["train"]), (2, ["train", "test"]), (3, ["train", "valid", "test"]),
+    (5, ["train", "train", "train", "valid", "test"]),
+])
+def test_assign_splits(n, expected):
+    assert seq.assign_splits(n) == expected
+
+
+# ------------------------------------------------------------------------------------------------ negatives
+
+
+def video_rows(rows):
+    """rows: (event_id, ts, target) -> stage B video rows with empty negatives."""
+    return pa.Table.from_pylist([dict(row_kind="video", split="train", user_id="u", event_id=e, ts=ts, target=t,
+                                      query_video=-1, negatives=[]) for e, ts, t in rows], schema=seq.USER_ROWS_SCHEMA)
+
+
+VIDEO_TS = np.array([10, 20, 20, 30, 40])  # video_idx 0..4
+
+
+def test_video_negatives_published_before_ts_never_the_target():
+    batch = video_rows([("n1", 25, 1), ("n2", 10, 0), ("n3", 41, 4), ("n4", 35, 4)])
+    out = by_event(seq.add_video_negatives(batch, VIDEO_TS, num_negatives=5, seed=0))
+    assert out["n1"]["negatives"] == [0, 2]  # videos 0, 1, 2 are before 25; 1 is the target
+    assert out["n2"]["negatives"] == []  # nothing before 10
+    assert out["n3"]["negatives"] == [0, 1, 2, 3]
+    assert out["n4"]["negatives"] == [0, 1, 2, 3]  # the target, published at 40, is not before 35 anyway
+    windowed = by_event(seq.add_video_negatives(batch, VIDEO_TS, num_negatives=5, seed=0, window_ms=15))
+    assert windowed["n3"]["negatives"] == [3]  # published in [26, 41): videos 3 and 4 (the target)
+
+
+def test_video_negatives_sample_is_fixed_by_seed_and_event_id():
+    batch = video_rows([("n3", 41, 4), ("n5", 41, 4)])
+    a = by_event(seq.add_video_negatives(batch, VIDEO_TS, num_negatives=2, seed=3))
+    b = by_event(seq.add_video_negatives(batch.take([1, 0]), VIDEO_TS, num_negatives=2, seed=3))
+    assert a == b  # independent of batch order
+    for row in a.values():
+        assert len(row["negatives"]) == 2 and set(row["negatives"]) <= {0, 1, 2, 3}
+    seen = {tuple(seq.add_video_negatives(batch, VIDEO_TS, num_negatives=2, seed=s)["negatives"][0].as_py())
+            for s in range(20)}
+    assert len(seen) > 1  # the seed matters
+
+
+def test_sample_excluding_and_stable_seed():
+    rng = np.random.default_rng(0)
+    assert seq.sample_excluding(rng, 0, 10, 3, 100).tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert seq.sample_excluding(rng, 5, 8, 0, 100).tolist() == [5, 6, 7]
+    assert seq.sample_excluding(rng, 5, 5, 5, 3).tolist() == []
+    picks = seq.sample_excluding(rng, 0, 1000, 500, 50)
+    assert len(set(picks.tolist())) == 50 and 500 not in picks.tolist()
+    assert seq.stable_seed(0, "video", "e1") == seq.stable_seed(0, "video", "e1")
+    assert len({seq.stable_seed(0, "video", "e1"), seq.stable_seed(1, "video", "e1"),
+                seq.stable_seed(0, "comment", "e1"), seq.stable_seed(0, "video", "e2")}) == 4
+
+
+def test_gather_ranges():
+    offsets, flat = seq.gather_ranges(np.array([10, 11, 12, 13]), np.array([1, 0, 2]), np.array([3, 0, 4]))
+    assert offsets.tolist() == [0, 2, 2, 4]
+    assert flat.tolist() == [11, 12, 12, 13]
