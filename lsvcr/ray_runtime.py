@@ -11,15 +11,15 @@ import ray
 DEFAULT_LOCAL_CPUS = 4
 
 
-def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> None:
     """Join the cluster in RAY_ADDRESS if set, else start a local Ray bound to 127.0.0.1.
 
-    The dashboard (127.0.0.1:8265) costs a few hundred MB, so only long-lived jobs such as `serve` ask for it.
+    The dashboard (127.0.0.1:8265) is on by default: Ray Train's state checks and the Jobs API need it.
     """
     if ray.is_initialized():
         return
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    passed = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_DATA_LOGGING_CONFIG", "RAY_TRAIN_ENABLE_PRINT_PATCH")
+    runtime_env = {"env_vars": {k: os.environ[k] for k in passed if k in os.environ}}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
         return

@@ -4,7 +4,6 @@ The deployment loads everything in `__init__` (checkpoint, item matrices, titles
 with the same `trainers.scoring.Scorer` that offline evaluation uses, so online and offline scores agree.
 """
 
-from __future__ import annotations
 
 import os
 import time
@@ -141,11 +140,11 @@ class Recommender:
 APP_NAME = "lsvcr"
 
 
-def start(features: str, checkpoint: str, host: str = "127.0.0.1", port: int = 8000, dashboard: bool = False) -> str:
+def start(features: str, checkpoint: str, host: str = "127.0.0.1", port: int = 8000) -> str:
     """Deploy the app on a local (or RAY_ADDRESS) Ray and return its base URL."""
     from lsvcr.ray_runtime import init_ray
 
-    init_ray(dashboard=dashboard)
+    init_ray()
     serve.start(http_options={"host": host, "port": port})
     serve.run(Recommender.bind(features, checkpoint), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
@@ -156,7 +155,7 @@ def stop() -> None:
 
 
 def serve_forever(features: str, checkpoint: str, host: str = "127.0.0.1", port: int = 8000) -> None:
-    url = start(features, checkpoint, host, port, dashboard=True)
+    url = start(features, checkpoint, host, port)
     print(f"[serve] {url}  (API docs {url}/docs, Ray dashboard http://127.0.0.1:8265)  Ctrl-C stops", flush=True)
     try:
         while True:
