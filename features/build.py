@@ -25,11 +25,10 @@ import pyarrow.parquet as pq
 
 from features import sequences as seq
 from features.embeddings import ENCODERS, embed_texts
+from ingestion.schema import COMMENT_ACTIONS, POSITIVE_COMMENT_ACTIONS, POSITIVE_VIDEO_ACTIONS, VIDEO_ACTIONS
 from lsvcr.config import ConfigError
 
 SCHEMA_VERSION = 1
-VIDEO_ACTIONS = ("view", "like", "share", "comment", "finish")
-COMMENT_ACTIONS = ("like", "reply", "write")
 TASKS = ("video", "comment")
 USERS_PARTS = "_users_parts"  # user rows written by the workers, merged into users.parquet at the end
 
@@ -43,8 +42,8 @@ class FeaturesConfig:
     seed: int = 0
     # Video negatives come from videos published in [ts - window, ts); 0 means no lower bound.
     negative_window_ms: int = 0
-    positive_video_actions: tuple[str, ...] = ("like", "share", "comment", "finish")
-    positive_comment_actions: tuple[str, ...] = ("like", "reply", "write")
+    positive_video_actions: tuple[str, ...] = tuple(sorted(POSITIVE_VIDEO_ACTIONS))
+    positive_comment_actions: tuple[str, ...] = tuple(sorted(POSITIVE_COMMENT_ACTIONS))
     encoder: str = "minilm"
     encoder_dim: int = 64  # only for encoders whose size is free (hash)
     embed_batch_size: int = 256
@@ -70,7 +69,7 @@ class FeaturesConfig:
             actions = getattr(self, name)
             bad = sorted(set(actions) - set(known))
             if bad or not actions:
-                raise ConfigError(f"FeaturesConfig.{name}: {list(actions)} must be a non-empty subset of {list(known)}")
+                raise ConfigError(f"FeaturesConfig.{name}: {list(actions)} must be a non-empty subset of {sorted(known)}")
         if self.encoder not in ENCODERS:
             raise ConfigError(f"FeaturesConfig.encoder: unknown {self.encoder!r}; known: {sorted(ENCODERS)}")
         if self.embed_device != "cpu" and not self.embed_device.startswith("cuda"):

@@ -28,26 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-# Event-log tables (docs/DATA.md section 2). Kept here rather than imported from ingestion/ so that the
-# feature stage depends only on the documented layout.
-EVENTLOG_SCHEMA = {
-    "videos": pa.schema([
-        ("video_id", pa.string()), ("title", pa.string()), ("tags", pa.list_(pa.string())),
-        ("author_id", pa.string()), ("ts", pa.int64()),
-    ]),
-    "comments": pa.schema([
-        ("comment_id", pa.string()), ("video_id", pa.string()), ("author_id", pa.string()),
-        ("text", pa.string()), ("parent_id", pa.string()), ("ts", pa.int64()),
-    ]),
-    "video_events": pa.schema([
-        ("event_id", pa.string()), ("user_id", pa.string()), ("video_id", pa.string()),
-        ("action", pa.string()), ("watch_ms", pa.int64()), ("ts", pa.int64()),
-    ]),
-    "comment_events": pa.schema([
-        ("event_id", pa.string()), ("user_id", pa.string()), ("comment_id", pa.string()),
-        ("video_id", pa.string()), ("action", pa.string()), ("ts", pa.int64()),
-    ]),
-}
+from ingestion.schema import ARROW_SCHEMA, POSITIVE_COMMENT_ACTIONS, POSITIVE_VIDEO_ACTIONS
+
+# The event-log tables (docs/DATA.md section 2), as the ingestion stage writes them.
+EVENTLOG_SCHEMA = ARROW_SCHEMA
 
 COMMENTS_PER_RECORD = 3
 
@@ -573,8 +557,8 @@ def build_local(
     num_negatives: int = 99,
     seed: int = 0,
     window_ms: int = 0,
-    positive_video_actions: tuple[str, ...] = ("like", "share", "comment", "finish"),
-    positive_comment_actions: tuple[str, ...] = ("like", "reply", "write"),
+    positive_video_actions: tuple[str, ...] = tuple(sorted(POSITIVE_VIDEO_ACTIONS)),
+    positive_comment_actions: tuple[str, ...] = tuple(sorted(POSITIVE_COMMENT_ACTIONS)),
 ) -> dict[str, pa.Table]:
     """The whole feature pipeline in one process on in-memory tables: the reference the Ray build must match
     (and the single-process baseline of the features benchmark).

@@ -90,6 +90,7 @@ def cmd_evaluate(a) -> None:
     checkpoints = dict(item.split("=", 1) for item in a.checkpoint)
     results = evaluate(a.features, checkpoints, split=a.split)
     print(format_table(results))
+    print(json.dumps(results, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
         print(f"[evaluate] wrote {a.json}")

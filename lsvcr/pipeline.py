@@ -131,8 +131,12 @@ def demo(users: int = 2000, seed: int = 0, epochs: int | None = None, serve_seco
     steps("serve with Ray Serve and ask for recommendations")
     from serving.app import show_samples, start, stop
 
-    url = start(out["features"], out["checkpoints"]["sr_no_align"])
+    from trainers.evaluate import format_table
+
+    url = start(out["features"], out["checkpoints"]["sr_no_align"], access_log=serve_seconds > 0)
     try:
+        print("\nTest-split metrics (video: the target among 99 sampled videos; comment: among the other comments"
+              f" under the same video, up to 99):\n{format_table(out['results'])}")
         show_samples(url, out["features"], n_users=2)
         if serve_seconds > 0:
             print(f"[demo] serving at {url} for {serve_seconds:.0f}s (docs at {url}/docs)", flush=True)

@@ -140,13 +140,16 @@ class Recommender:
 APP_NAME = "lsvcr"
 
 
-def start(features: str, checkpoint: str, host: str = "127.0.0.1", port: int = 8000) -> str:
+def start(features: str, checkpoint: str, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True) -> str:
     """Deploy the app on a local (or RAY_ADDRESS) Ray and return its base URL."""
+    from ray.serve.schema import LoggingConfig
+
     from lsvcr.ray_runtime import init_ray
 
     init_ray()
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(Recommender.bind(features, checkpoint), name=APP_NAME, route_prefix="/")
+    logging_config = None if access_log else LoggingConfig(log_level="WARNING", enable_access_log=False)
+    serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
+    serve.run(Recommender.bind(features, checkpoint), name=APP_NAME, route_prefix="/", logging_config=logging_config)
     return f"http://{host}:{port}"
 
 
@@ -165,28 +168,27 @@ def serve_forever(features: str, checkpoint: str, host: str = "127.0.0.1", port:
 
 
 def show_samples(url: str, features: str, n_users: int = 2, k: int = 5) -> None:
-    """Print what the service recommends to the users with the longest histories, by title."""
+    """Print, by title, what the service recommends to the users with the longest histories."""
     import httpx
 
     users = pq.read_table(Path(features) / "users.parquet", columns=["user_id", "hist_video"])
-    titles = pq.read_table(Path(features) / "videos.parquet", columns=["video_id", "title"])
-    title_of = titles["title"].to_pylist()
-    lengths = np.array([len(h) for h in users["hist_video"].to_pylist()])
+    titles = pq.read_table(Path(features) / "videos.parquet", columns=["title"])["title"].to_pylist()
+    histories = users["hist_video"].to_pylist()
+    longest = np.argsort([-len(h) for h in histories], kind="stable")[:n_users]
     with httpx.Client(base_url=url, timeout=30) as client:
-        for row in np.argsort(-lengths, kind="stable")[:n_users]:
+        for row in longest:
             user_id = users["user_id"][int(row)].as_py()
-            history = users["hist_video"][int(row)].as_py()
             print(f"\nuser {user_id}: last watched")
-            for v in history[-3:]:
-                print(f"    - {title_of[v]}")
-            reply = client.post("/v1/recommend/videos", json={"user_id": user_id, "k": k})
-            reply.raise_for_status()
+            for v in histories[row][-3:]:
+                print(f"    - {titles[v]}")
+            videos = client.post("/v1/recommend/videos", json={"user_id": user_id, "k": k})
+            videos.raise_for_status()
             print("  recommended videos:")
-            for item in reply.json()["items"]:
+            for item in videos.json()["items"]:
                 print(f"    {item['score']:7.3f}  {item['text']}")
-            video_id = reply.json()["items"][0]["id"]
-            reply = client.post("/v1/recommend/comments", json={"user_id": user_id, "video_id": video_id, "k": 3})
-            reply.raise_for_status()
-            print(f"  comments to show under \"{titles['title'][titles['video_id'].to_pylist().index(video_id)].as_py()}\":")
-            for item in reply.json()["items"]:
+            top = videos.json()["items"][0]
+            comments = client.post("/v1/recommend/comments", json={"user_id": user_id, "video_id": top["id"], "k": 3})
+            comments.raise_for_status()
+            print(f'  comments to show this user under "{top["text"]}":')
+            for item in comments.json()["items"]:
                 print(f"    {item['score']:7.3f}  {item['text']}")
