@@ -115,6 +115,12 @@ def cmd_demo(a) -> None:
     demo(users=a.users, seed=a.seed, epochs=a.epochs, serve_seconds=a.serve_seconds)
 
 
+def cmd_benchmark(a) -> None:
+    from lsvcr.benchmark import run
+
+    run(a.name, a.overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lsvcr", description="LSVCR-stream: streaming joint video and comment recommendation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--serve-seconds", type=float, default=0.0, help="keep serving this long after the demo")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("benchmark", help="measure one part and write benchmarks/results/NAME.json")
+    p.add_argument("name", help="ingest, features, train, quality, serve or continuous")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_benchmark)
     return parser
 
 

@@ -1,0 +1,86 @@
+"""`lsvcr benchmark NAME`: run one benchmark, write benchmarks/results/NAME.json and refresh BENCHMARKS.md.
+
+Each benchmark is a module with `run(overrides: list[str]) -> dict` returning a flat dict of figures with
+units in the key names (DESIGN.md section 10). This file adds `machine`, `git_commit` and `when`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+BENCHMARKS = {
+    "ingest": "ingestion.benchmark",
+    "features": "features.benchmark",
+    "train": "trainers.benchmark",
+    "quality": "trainers.quality",
+    "serve": "serving.benchmark",
+    "continuous": "trainers.continuous_benchmark",
+}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> dict:
+    mem_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    return {"cores": os.cpu_count(), "ram_gb": round(mem_kb / 2**20, 1)}
+
+
+def git_commit(root: Path = ROOT) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout
+        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_results(name: str, figures: dict, root: Path = ROOT) -> Path:
+    """Write the results file and replace this benchmark's section of BENCHMARKS.md."""
+    result = {**figures, "machine": machine(), "git_commit": git_commit(root),
+              "when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    path = root / "benchmarks" / "results" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    _refresh_markdown(root / "BENCHMARKS.md", name, result)
+    return path
+
+
+def _refresh_markdown(md: Path, name: str, result: dict) -> None:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    rows = "\n".join(f"| `{k}` | {_fmt(v)} |" for k, v in result.items() if k != "notes")
+    notes = f"\n\n{result['notes']}" if result.get("notes") else ""
+    section = (f"{start}\n## {name}\n\n`lsvcr benchmark {name}` on {result['when']} at {result['git_commit']} "
+               f"({result['machine']['cores']} cores, {result['machine']['ram_gb']} GB)\n\n| key | value |\n|---|---|\n"
+               f"{rows}{notes}\n{end}")
+    text = md.read_text() if md.exists() else "# Benchmarks\n\nEvery figure is measured by `lsvcr benchmark NAME`; raw files in benchmarks/results/.\n"
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    md.write_text(text)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4g}"
+    if isinstance(value, dict):
+        return "`" + json.dumps(value, separators=(",", ":")) + "`"
+    return str(value)
+
+
+def run(name: str, overrides: list[str]) -> Path:
+    if name not in BENCHMARKS:
+        raise SystemExit(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    try:
+        module = importlib.import_module(BENCHMARKS[name])
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"benchmark {name!r} is not implemented yet ({err})") from None
+    figures = module.run(overrides)
+    path = write_results(name, figures)
+    print(json.dumps(json.loads(path.read_text()), indent=2))
+    print(f"[benchmark] wrote {path} and BENCHMARKS.md")
+    return path
