@@ -99,7 +99,31 @@ def cmd_evaluate(a) -> None:
 def cmd_serve(a) -> None:
     from serving.app import serve_forever
 
-    serve_forever(features=a.features, checkpoint=a.checkpoint, host=a.host, port=a.port)
+    if a.checkpoint:
+        serve_forever(checkpoint=a.checkpoint, features=a.features, host=a.host, port=a.port)
+    else:
+        serve_forever(registry=a.registry, host=a.host, port=a.port)
+
+
+def cmd_registry(a) -> None:
+    from trainers.registry import Registry, RegistryError
+
+    registry = Registry(a.registry)
+    try:
+        if a.action == "publish":
+            if not a.checkpoint:
+                raise RegistryError("publish needs --checkpoint DIR")
+            print(f"[registry] published {registry.publish(a.checkpoint, a.features)} (now current)")
+        elif a.action == "rollback":
+            print(f"[registry] current version is now {registry.rollback(a.to)}")
+        else:
+            current = registry.current()
+            for version in registry.versions():
+                m = registry.manifest(version)
+                mark = "*" if version == current else " "
+                print(f"{mark} {version}  {m['model']:7s} {m['published_at']}  {m['source']}")
+    except RegistryError as err:
+        raise SystemExit(f"[registry] {err}") from None
 
 
 def cmd_run(a) -> None:
@@ -174,12 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the metrics here")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("serve", help="serve recommendations with Ray Serve")
-    p.add_argument("--features", default=str(run_dir() / "features"))
-    p.add_argument("--checkpoint", default=str(run_dir() / "checkpoints" / "sr"))
+    p = sub.add_parser("serve", help="serve recommendations with Ray Serve, following the model registry")
+    p.add_argument("--registry", default=str(run_dir() / "registry"))
+    p.add_argument("--checkpoint", help="serve this checkpoint instead of the registry's current version")
+    p.add_argument("--features", default=str(run_dir() / "features"), help="with --checkpoint")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("registry", help="model versions: list, publish, rollback")
+    p.add_argument("action", choices=["list", "publish", "rollback"])
+    p.add_argument("--registry", default=str(run_dir() / "registry"))
+    p.add_argument("--checkpoint", help="publish: the checkpoint folder")
+    p.add_argument("--features", default=str(run_dir() / "features"), help="publish: its features folder")
+    p.add_argument("--to", help="rollback: this version (default: the one before the current)")
+    p.set_defaults(func=cmd_registry)
 
     p = sub.add_parser("run", help="replay, ingest, features, train and evaluate one dataset folder")
     p.add_argument("--data", required=True)

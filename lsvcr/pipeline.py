@@ -128,12 +128,15 @@ def demo(users: int = 2000, seed: int = 0, epochs: int | None = None, serve_seco
     out = run_pipeline(PipelineConfig(data=str(data), work=str(root / "work"), results=str(root / "results.json"),
                                       epochs=epochs), steps)
 
-    steps("serve with Ray Serve and ask for recommendations")
+    steps("publish to the model registry, serve with Ray Serve, ask for recommendations")
     from serving.app import show_samples, start, stop
-
     from trainers.evaluate import format_table
+    from trainers.registry import Registry
 
-    url = start(out["features"], out["checkpoints"]["sr_no_align"], access_log=serve_seconds > 0)
+    registry = root / "registry"
+    version = Registry(registry).publish(out["checkpoints"]["sr_no_align"], out["features"])
+    print(f"[demo] published sr_no_align as {version} in {registry}")
+    url = start(registry=str(registry), access_log=serve_seconds > 0)
     try:
         print("\nTest-split metrics (video: the target among 99 sampled videos; comment: among the other comments"
               f" under the same video, up to 99):\n{format_table(out['results'])}")

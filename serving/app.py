@@ -1,32 +1,41 @@
 """Ray Serve application: FastAPI ingress in front of the SR model.
 
-The deployment loads everything in `__init__` (checkpoint, item matrices, titles, user histories) and answers
-with the same `trainers.scoring.Scorer` that offline evaluation uses, so online and offline scores agree.
+The deployment follows a model registry (trainers/registry.py): a watcher thread notices a new CURRENT
+version, loads it completely beside the old one and swaps one reference, so requests in flight finish on
+the model they started with. A version that fails to load is refused with a logged reason and the old one
+keeps serving. Scores come from `trainers.scoring.Scorer`, the code offline evaluation uses.
 """
 
-
-import os
+import logging
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, Field
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from serving.state import ModelState, load_state
+
+log = logging.getLogger("ray.serve")
+
 MAX_K = 100
-HISTORY_COLUMNS = ("hist_video", "hist_video_hot", "hist_video_ts", "hist_cmt_video", "hist_cmt_comments", "hist_cmt_ts")
+MAX_BODY_BYTES = 16 * 1024
 
 
 class VideoRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
     user_id: str = Field(min_length=1, max_length=256)
     k: int = Field(10, ge=1, le=MAX_K)
     exclude_seen: bool = True
 
 
 class CommentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
     user_id: str = Field(min_length=1, max_length=256)
     video_id: str = Field(min_length=1, max_length=256)
     k: int = Field(10, ge=1, le=MAX_K)
@@ -41,7 +50,7 @@ class ScoredItem(BaseModel):
 class Recommendations(BaseModel):
     user_id: str
     model_version: str
-    cold_start: bool = Field(description="true when the user is unknown and the answer is popular items")
+    cold_start: bool = Field(description="true when the user is unknown: popular videos, or comments ranked by the video alone")
     items: list[ScoredItem]
 
 
@@ -52,95 +61,154 @@ app = FastAPI(
 )
 
 
-@serve.deployment(max_ongoing_requests=32)
+@app.middleware("http")
+async def limit_body_size(request: Request, call_next):
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        return JSONResponse(status_code=413, content={"detail": f"request body over {MAX_BODY_BYTES} bytes"})
+    return await call_next(request)
+
+
+@app.exception_handler(RequestValidationError)
+async def explain_validation_error(request: Request, err: RequestValidationError):
+    errors = err.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return JSONResponse(status_code=400, content={"detail": "request body is not valid JSON"})
+    readable = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in errors]
+    return JSONResponse(status_code=422, content={"detail": readable})
+
+
+def _merge(histories: list[dict]) -> dict:
+    """Batches of one -> one batch, in order."""
+    return {col: [row for h in histories for row in h[col]] for col in histories[0]}
+
+
+@serve.deployment(max_ongoing_requests=64)
 @serve.ingress(app)
 class Recommender:
-    def __init__(self, features: str, checkpoint: str):
-        from trainers.scoring import Scorer
+    def __init__(self, registry: str | None = None, checkpoint: str | None = None, features: str | None = None,
+                 poll_s: float = 1.0):
+        """Serve the registry's CURRENT version (and follow it), or one fixed checkpoint + features folder."""
+        self.refusals: list[dict] = []
+        self._stop = threading.Event()
+        self.registry = None
+        if registry:
+            from trainers.registry import Registry
 
-        features_dir = Path(features)
-        self.scorer = Scorer(checkpoint, features)
-        self.version = Path(checkpoint).name
-        self.loaded_at = time.time()
-        videos = pq.read_table(features_dir / "videos.parquet", columns=["video_id", "title"])
-        self.video_ids = np.asarray(videos["video_id"].to_pylist(), dtype=object)
-        self.video_titles = videos["title"].to_pylist()
-        self.video_index = {vid: i for i, vid in enumerate(self.video_ids)}
-        comments = pq.read_table(features_dir / "comments.parquet", columns=["comment_id", "video_idx", "text"])
-        self.comment_ids = comments["comment_id"].to_pylist()
-        self.comment_texts = comments["text"].to_pylist()
-        comment_video = comments["video_idx"].to_numpy()
-        order = np.argsort(comment_video, kind="stable")
-        starts = np.searchsorted(comment_video[order], np.arange(len(self.video_ids) + 1))
-        self.comments_of_video = [order[starts[v]:starts[v + 1]] for v in range(len(self.video_ids))]
-        self.users = pq.read_table(features_dir / "users.parquet")
-        self.user_row = {uid: i for i, uid in enumerate(self.users["user_id"].to_pylist())}
-        # Cold start: the videos users engaged with most, an answer that needs no history.
-        counts = np.bincount(np.concatenate([np.asarray(h, dtype=np.int64) for h in self.users["hist_video"].to_pylist()] or [np.zeros(0, np.int64)]),
-                             minlength=len(self.video_ids))
-        self.popular = np.argsort(-counts, kind="stable")
-        self.popular_counts = counts
+            self.registry = Registry(registry)
+            version = self.registry.current()
+            if version is None:
+                raise RuntimeError(f"registry {registry} has no CURRENT version: publish one first")
+            self.state = self._load_version(version)
+            threading.Thread(target=self._watch, args=(poll_s,), daemon=True, name="registry-watch").start()
+        elif checkpoint and features:
+            self.state = load_state(Path(checkpoint).name, checkpoint, features)
+        else:
+            raise ValueError("Recommender needs a registry, or a checkpoint and a features folder")
 
-    def _history(self, user_id: str) -> dict | None:
-        """The user's history columns as a batch of one, or None for an unknown user."""
-        row = self.user_row.get(user_id)
-        if row is None:
-            return None
-        return {col: [self.users[col][row].as_py()] for col in HISTORY_COLUMNS}
+    def _load_version(self, version: str) -> ModelState:
+        manifest = self.registry.manifest(version)
+        return load_state(version, self.registry.path(version), manifest["features"])
+
+    def _watch(self, poll_s: float) -> None:
+        while not self._stop.wait(poll_s):
+            self.check_registry()
+
+    def check_registry(self) -> None:
+        version = self.registry.current()
+        if version is None or version == self.state.version or any(r["version"] == version for r in self.refusals):
+            return
+        try:
+            new_state = self._load_version(version)
+        except Exception as err:  # any failure to load keeps the old model serving
+            reason = f"{type(err).__name__}: {err}"
+            self.refusals.append({"version": version, "reason": reason, "at": time.time()})
+            log.error(f"refusing model version {version}, still serving {self.state.version}: {reason}")
+            return
+        self.state = new_state  # one reference swap: requests in flight keep the state they read
+        log.warning(f"now serving model version {version}")
+
+    def __del__(self):
+        self._stop.set()
 
     @app.get("/v1/health")
     def health(self) -> dict:
-        return {"status": "ok", "model_version": self.version}
+        return {"status": "ok", "model_version": self.state.version}
 
     @app.get("/v1/model")
     def model(self) -> dict:
+        state = self.state
         return {
-            "model_version": self.version,
-            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
-            "videos": len(self.video_ids),
-            "comments": len(self.comment_ids),
-            "users": len(self.user_row),
+            "model_version": state.version,
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.loaded_at)),
+            "videos": len(state.video_ids),
+            "comments": len(state.comment_ids),
+            "users": len(state.users),
+            "refused_versions": self.refusals[-5:],
         }
 
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _video_scores(self, requests: list[tuple[ModelState, dict]]) -> list[np.ndarray]:
+        """Score several users against the full corpus in one matmul: [B, V], split per request."""
+        by_state: dict[int, list[int]] = {}
+        for i, (state, _) in enumerate(requests):
+            by_state.setdefault(id(state), []).append(i)
+        out: list[np.ndarray] = [None] * len(requests)
+        for rows in by_state.values():  # requests straddling a swap are scored by their own version
+            state = requests[rows[0]][0]
+            scores = state.scorer.video_scores(state.scorer.histories(_merge([requests[i][1] for i in rows])))
+            for i, row in zip(rows, scores.numpy()):
+                out[i] = row
+        return out
+
     @app.post("/v1/recommend/videos", response_model=Recommendations)
-    def recommend_videos(self, req: VideoRequest) -> Recommendations:
-        history = self._history(req.user_id)
+    async def recommend_videos(self, req: VideoRequest) -> Recommendations:
+        state = self.state
+        history = state.history(req.user_id)
         if history is None:
-            top = self.popular[: req.k]
-            items = [ScoredItem(id=self.video_ids[i], text=self.video_titles[i], score=float(self.popular_counts[i])) for i in top]
-            return Recommendations(user_id=req.user_id, model_version=self.version, cold_start=True, items=items)
-        scores = self.scorer.video_scores(self.scorer.histories(history))[0].numpy()  # [V]
+            items = [ScoredItem(id=state.video_ids[i], text=state.video_titles[i], score=float(state.popular_counts[i]))
+                     for i in state.popular[: req.k]]
+            return Recommendations(user_id=req.user_id, model_version=state.version, cold_start=True, items=items)
+        scores = await self._video_scores((state, history))  # [V]
         if req.exclude_seen:
             scores[np.asarray(history["hist_video"][0], dtype=np.int64)] = -np.inf
         k = min(req.k, int(np.isfinite(scores).sum()))
-        top = np.argsort(-scores, kind="stable")[:k]
-        items = [ScoredItem(id=self.video_ids[i], text=self.video_titles[i], score=float(scores[i])) for i in top]
-        return Recommendations(user_id=req.user_id, model_version=self.version, cold_start=False, items=items)
+        top = torch.topk(torch.from_numpy(scores), k).indices.numpy()
+        items = [ScoredItem(id=state.video_ids[i], text=state.video_titles[i], score=float(scores[i])) for i in top]
+        return Recommendations(user_id=req.user_id, model_version=state.version, cold_start=False, items=items)
 
     @app.post("/v1/recommend/comments", response_model=Recommendations)
-    def recommend_comments(self, req: CommentRequest) -> Recommendations:
-        video = self.video_index.get(req.video_id)
+    async def recommend_comments(self, req: CommentRequest) -> Recommendations:
+        state = self.state
+        video = state.video_index.get(req.video_id)
         if video is None:
             raise HTTPException(status_code=404, detail=f"unknown video_id {req.video_id!r}")
-        candidates = self.comments_of_video[video]
-        if len(candidates) == 0:
-            return Recommendations(user_id=req.user_id, model_version=self.version, cold_start=False, items=[])
-        history = self._history(req.user_id)
+        history = state.history(req.user_id)
         cold = history is None
-        if cold:  # no history: the current video alone is the context
-            history = {col: [[]] for col in HISTORY_COLUMNS}
-        scores = self.scorer.comment_scores(
-            self.scorer.histories(history), torch.tensor([video]), torch.as_tensor(candidates[None, :])
-        )[0].numpy()  # [N]
-        top = np.argsort(-scores, kind="stable")[: req.k]
-        items = [ScoredItem(id=self.comment_ids[candidates[i]], text=self.comment_texts[candidates[i]], score=float(scores[i])) for i in top]
-        return Recommendations(user_id=req.user_id, model_version=self.version, cold_start=cold, items=items)
+        candidates = state.comments_of_video[video]
+        if len(candidates) == 0:
+            return Recommendations(user_id=req.user_id, model_version=state.version, cold_start=cold, items=[])
+        scores = state.scorer.comment_scores(
+            state.scorer.histories(ModelState.empty_history() if cold else history),
+            torch.tensor([video]), torch.as_tensor(candidates[None, :]),
+        )[0]  # [N]
+        top = torch.topk(scores, min(req.k, len(candidates))).indices.numpy()
+        items = [ScoredItem(id=state.comment_ids[candidates[i]], text=state.comment_texts[candidates[i]],
+                            score=float(scores[i])) for i in top]
+        return Recommendations(user_id=req.user_id, model_version=state.version, cold_start=cold, items=items)
 
 
 APP_NAME = "lsvcr"
 
 
-def start(features: str, checkpoint: str, host: str = "127.0.0.1", port: int = 8000, access_log: bool = True) -> str:
+def build_app(args: dict):
+    """Application builder for `serve deploy` / `serve run serving.app:build_app registry=DIR`."""
+    return Recommender.bind(registry=args.get("registry"), checkpoint=args.get("checkpoint"),
+                            features=args.get("features"), poll_s=float(args.get("poll_s", 1.0)))
+
+
+def start(registry: str | None = None, checkpoint: str | None = None, features: str | None = None,
+          host: str = "127.0.0.1", port: int = 8000, access_log: bool = True, poll_s: float = 1.0) -> str:
     """Deploy the app on a local (or RAY_ADDRESS) Ray and return its base URL."""
     from ray.serve.schema import LoggingConfig
 
@@ -149,7 +217,8 @@ def start(features: str, checkpoint: str, host: str = "127.0.0.1", port: int = 8
     init_ray()
     logging_config = None if access_log else LoggingConfig(log_level="WARNING", enable_access_log=False)
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
-    serve.run(Recommender.bind(features, checkpoint), name=APP_NAME, route_prefix="/", logging_config=logging_config)
+    serve.run(build_app({"registry": registry, "checkpoint": checkpoint, "features": features, "poll_s": poll_s}),
+              name=APP_NAME, route_prefix="/", logging_config=logging_config)
     return f"http://{host}:{port}"
 
 
@@ -157,9 +226,12 @@ def stop() -> None:
     serve.shutdown()
 
 
-def serve_forever(features: str, checkpoint: str, host: str = "127.0.0.1", port: int = 8000) -> None:
-    url = start(features, checkpoint, host, port)
-    print(f"[serve] {url}  (API docs {url}/docs, Ray dashboard http://127.0.0.1:8265)  Ctrl-C stops", flush=True)
+def serve_forever(registry: str | None = None, checkpoint: str | None = None, features: str | None = None,
+                  host: str = "127.0.0.1", port: int = 8000) -> None:
+    url = start(registry, checkpoint, features, host, port)
+    source = f"registry {registry}" if registry else f"checkpoint {checkpoint}"
+    print(f"[serve] {url} serving {source}\n[serve] API docs {url}/docs, Ray dashboard http://127.0.0.1:8265;"
+          " Ctrl-C stops", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -170,6 +242,7 @@ def serve_forever(features: str, checkpoint: str, host: str = "127.0.0.1", port:
 def show_samples(url: str, features: str, n_users: int = 2, k: int = 5) -> None:
     """Print, by title, what the service recommends to the users with the longest histories."""
     import httpx
+    import pyarrow.parquet as pq
 
     users = pq.read_table(Path(features) / "users.parquet", columns=["user_id", "hist_video"])
     titles = pq.read_table(Path(features) / "videos.parquet", columns=["title"])["title"].to_pylist()

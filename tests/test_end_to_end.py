@@ -46,7 +46,7 @@ def test_serve_answers_both_routes_and_rejects_bad_requests(pipeline_run):
     _, out = pipeline_run
     users = pq.read_table(f"{out['features']}/users.parquet", columns=["user_id"])["user_id"].to_pylist()
     videos = pq.read_table(f"{out['features']}/videos.parquet", columns=["video_id"])["video_id"].to_pylist()
-    url = start(out["features"], out["checkpoints"]["sr_no_align"], port=18765)
+    url = start(checkpoint=out["checkpoints"]["sr_no_align"], features=out["features"], port=18765)
     try:
         with httpx.Client(base_url=url, timeout=30) as client:
             assert client.get("/v1/health").json()["status"] == "ok"
@@ -64,7 +64,7 @@ def test_serve_answers_both_routes_and_rejects_bad_requests(pipeline_run):
             assert reply.status_code == 200
 
             assert client.post("/v1/recommend/videos", json={"user_id": users[0], "k": 0}).status_code == 422
-            assert client.post("/v1/recommend/videos", content=b"{not json").status_code == 422
+            assert client.post("/v1/recommend/videos", content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
             assert client.post("/v1/recommend/comments", json={"user_id": users[0], "video_id": "no-such-video"}).status_code == 404
     finally:
         stop()

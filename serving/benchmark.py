@@ -1,0 +1,203 @@
+"""`lsvcr benchmark serve`: throughput and latency of the Ray Serve app on a 50k-video catalog.
+
+A synthetic features folder (random unit text vectors, 50k videos, a few comments each, 2k users with
+histories) and a randomly initialised SR checkpoint stand in for trained ones: scoring cost does not depend
+on the weights' values. The baseline is a minimal single-process uvicorn server that scores each request with
+the same `ModelState` code, measured in the same run at the same concurrency.
+"""
+
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lsvcr.config import load_config
+
+
+@dataclasses.dataclass
+class ServeBenchConfig:
+    videos: int = 50_000
+    comments_per_video: int = 2
+    users: int = 2_000
+    text_dim: int = 384
+    concurrency: tuple[int, ...] = (1, 8, 32)
+    seconds: float = 10.0
+    port: int = 18800
+    baseline_port: int = 18801
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.videos < 100 or self.users < 1 or self.seconds <= 0 or not self.concurrency:
+            raise ValueError("videos >= 100, users >= 1, seconds > 0 and a concurrency list are needed")
+        self.concurrency = tuple(int(c) for c in self.concurrency)
+
+
+def synthetic_features(out: Path, cfg: ServeBenchConfig) -> Path:
+    """A features folder in the docs/DATA.md layout with random text vectors and histories."""
+    from features.sequences import USERS_SCHEMA
+
+    rng = np.random.default_rng(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def unit(n):
+        x = rng.standard_normal((n, cfg.text_dim)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    n_comments = cfg.videos * cfg.comments_per_video
+    np.save(out / "video_emb.npy", unit(cfg.videos))
+    np.save(out / "comment_emb.npy", unit(n_comments))
+    ts = np.arange(cfg.videos, dtype=np.int64) * 1000 + 1_700_000_000_000
+    pq.write_table(pa.table({
+        "video_idx": pa.array(np.arange(cfg.videos, dtype=np.int32)),
+        "video_id": [f"v{i:07d}" for i in range(cfg.videos)],
+        "title": [f"video number {i}" for i in range(cfg.videos)],
+        "ts": ts,
+    }), out / "videos.parquet")
+    comment_video = np.repeat(np.arange(cfg.videos, dtype=np.int32), cfg.comments_per_video)
+    pq.write_table(pa.table({
+        "comment_idx": pa.array(np.arange(n_comments, dtype=np.int32)),
+        "comment_id": [f"c{i:08d}" for i in range(n_comments)],
+        "video_idx": pa.array(comment_video),
+        "text": [f"comment number {i}" for i in range(n_comments)],
+    }), out / "comments.parquet")
+    rows = []
+    for u in range(cfg.users):
+        n = int(rng.integers(5, 51))
+        videos = rng.choice(cfg.videos, size=n, replace=False).astype(np.int32)
+        records = int(rng.integers(0, 11))
+        cmt_videos = rng.choice(cfg.videos, size=records, replace=False).astype(np.int32)
+        rows.append({
+            "user_id": f"u{u:06d}",
+            "hist_video": videos.tolist(),
+            "hist_video_hot": (videos * cfg.comments_per_video).tolist(),
+            "hist_video_ts": sorted(ts[videos].tolist()),
+            "hist_cmt_video": cmt_videos.tolist(),
+            "hist_cmt_comments": [int(v) * cfg.comments_per_video + j if j < 1 else -1 for v in cmt_videos for j in range(3)],
+            "hist_cmt_ts": sorted(ts[cmt_videos].tolist()),
+        })
+    pq.write_table(pa.Table.from_pylist(rows, schema=USERS_SCHEMA), out / "users.parquet")
+    (out / "manifest.json").write_text(json.dumps({"max_history": 50, "synthetic": True}))
+    return out
+
+
+def random_checkpoint(features: Path, out: Path, cfg: ServeBenchConfig) -> Path:
+    import torch
+
+    from trainers.checkpoint import save_checkpoint
+    from trainers.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    model = build_model("sr", {"num_videos": cfg.videos, "num_comments": cfg.videos * cfg.comments_per_video,
+                               "text_dim": cfg.text_dim})
+    return save_checkpoint(out, "sr", model.config, model.state_dict(), {})
+
+
+def load(url: str, users: list[str], concurrency: int, seconds: float) -> dict:
+    """Closed-loop load: `concurrency` clients each send the next request when the last one returns."""
+    latencies: list[float] = []
+    failures = [0]
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        rng = np.random.default_rng(i)
+        with httpx.Client(base_url=url, timeout=30) as c:
+            while time.monotonic() < deadline:
+                user = users[int(rng.integers(len(users)))]
+                start = time.perf_counter()
+                try:
+                    ok = c.post("/v1/recommend/videos", json={"user_id": user, "k": 10}).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                elapsed = time.perf_counter() - start
+                with lock:
+                    latencies.append(elapsed)
+                    failures[0] += not ok
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - started
+    ms = np.array(latencies) * 1000
+    return {"rps": len(ms) / wall, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "requests": len(ms), "failed": failures[0]}
+
+
+def _wait_ready(url: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/v1/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout_s}s")
+
+
+def run(overrides: list[str]) -> dict:
+    from serving.app import start, stop
+    from trainers.registry import Registry
+
+    cfg = load_config(ServeBenchConfig, None, overrides)
+    work = Path(tempfile.mkdtemp(prefix="lsvcr-serve-bench-"))
+    print(f"[bench serve] synthetic catalog: {cfg.videos:,} videos, {cfg.users:,} users in {work}", flush=True)
+    features = synthetic_features(work / "features", cfg)
+    users = [f"u{u:06d}" for u in range(cfg.users)]
+    registry = Registry(work / "registry")
+    registry.publish(random_checkpoint(features, work / "ckpt1", cfg), features)
+
+    figures: dict = {"videos": cfg.videos}
+    url = start(registry=str(work / "registry"), port=cfg.port, access_log=False, poll_s=0.5)
+    try:
+        _wait_ready(url)
+        load(url, users, 4, 2.0)  # warm-up
+        for c in cfg.concurrency:
+            r = load(url, users, c, cfg.seconds)
+            print(f"[bench serve] ray serve, concurrency {c}: {r}", flush=True)
+            figures.update({f"rps_c{c}": r["rps"], f"p50_ms_c{c}": r["p50_ms"], f"p99_ms_c{c}": r["p99_ms"]})
+        top = max(cfg.concurrency)
+        figures.update(rps=figures[f"rps_c{top}"], p50_ms=figures[f"p50_ms_c{top}"],
+                       p99_ms=figures[f"p99_ms_c{top}"], concurrency=top)
+        # Hot swap during load: publish a second version halfway and count failed requests.
+        swap = {}
+        publisher = threading.Timer(cfg.seconds / 2, lambda: swap.setdefault(
+            "version", registry.publish(random_checkpoint(features, work / "ckpt2", dataclasses.replace(cfg, seed=cfg.seed + 1)), features)))
+        publisher.start()
+        r = load(url, users, top, cfg.seconds)
+        publisher.join()
+        figures["swap_failed_requests"] = r["failed"]
+        figures["swap_requests"] = r["requests"]
+    finally:
+        stop()
+
+    base_url = f"http://127.0.0.1:{cfg.baseline_port}"
+    server = subprocess.Popen([sys.executable, "-m", "serving.minimal_server", str(registry.path(registry.versions()[0])),
+                               str(features), str(cfg.baseline_port)])
+    try:
+        _wait_ready(base_url)
+        load(base_url, users, 4, 2.0)
+        r = load(base_url, users, max(cfg.concurrency), cfg.seconds)
+        print(f"[bench serve] minimal uvicorn, concurrency {max(cfg.concurrency)}: {r}", flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    figures.update(baseline_rps=r["rps"], baseline_p99_ms=r["p99_ms"], ratio_vs_baseline=figures["rps"] / r["rps"])
+    figures["notes"] = (
+        f"Closed-loop Python load generator (threads, httpx) on the same 2 cores as the server, "
+        f"{cfg.seconds:.0f}s per level, full-corpus top-10 over {cfg.videos:,} videos per request. "
+        "Baseline: one uvicorn process, same scoring code, no batching."
+    )
+    return figures

@@ -1,0 +1,40 @@
+"""The serve benchmark's baseline: one uvicorn process scoring each request with the same ModelState code.
+
+    python -m serving.minimal_server CHECKPOINT FEATURES PORT
+"""
+
+import sys
+
+import numpy as np
+import torch
+import uvicorn
+from fastapi import FastAPI
+
+from serving.app import Recommendations, ScoredItem, VideoRequest
+from serving.state import load_state
+
+
+def make_app(checkpoint: str, features: str) -> FastAPI:
+    state = load_state("baseline", checkpoint, features)
+    app = FastAPI()
+
+    @app.get("/v1/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.post("/v1/recommend/videos")
+    def recommend(req: VideoRequest) -> Recommendations:
+        history = state.history(req.user_id)
+        scores = state.scorer.video_scores(state.scorer.histories(history or state.empty_history()))[0].numpy()
+        if history and req.exclude_seen:
+            scores[np.asarray(history["hist_video"][0], dtype=np.int64)] = -np.inf
+        top = torch.topk(torch.from_numpy(scores), req.k).indices.numpy()
+        items = [ScoredItem(id=state.video_ids[i], text=state.video_titles[i], score=float(scores[i])) for i in top]
+        return Recommendations(user_id=req.user_id, model_version=state.version, cold_start=history is None, items=items)
+
+    return app
+
+
+if __name__ == "__main__":
+    checkpoint, features, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    uvicorn.run(make_app(checkpoint, features), host="127.0.0.1", port=port, log_level="warning")

@@ -1,0 +1,153 @@
+"""The Serve app on real Ray Serve: offline parity, registry hot swap under load, refusals, bad requests."""
+
+import threading
+import time
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.serving.conftest import make_checkpoint
+from trainers.registry import Registry
+
+pytestmark = pytest.mark.integration
+PORT = 18790
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, serving_features):
+    from serving.app import start, stop
+
+    root = tmp_path_factory.mktemp("registry")
+    registry = Registry(root / "registry")
+    registry.publish(make_checkpoint(serving_features, root / "ckpt1", seed=1), serving_features)
+    url = start(registry=str(root / "registry"), port=PORT, poll_s=0.2, access_log=False)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        yield client, registry, root
+    stop()
+
+
+def _wait_for_version(client, version, timeout_s=20.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.get("/v1/model").json()["model_version"] == version:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"app did not switch to {version} within {timeout_s}s")
+
+
+def test_answers_match_offline_scoring(served, serving_features):
+    from trainers.scoring import Scorer
+
+    client, registry, _ = served
+    _wait_for_version(client, registry.current())
+    scorer = Scorer(registry.path(registry.current()), serving_features)
+    users = pq.read_table(serving_features / "users.parquet").to_pylist()
+    video_ids = pq.read_table(serving_features / "videos.parquet", columns=["video_id"])["video_id"].to_pylist()
+    comments = pq.read_table(serving_features / "comments.parquet", columns=["comment_id", "video_idx"]).to_pylist()
+    for user in users[:5]:
+        hist = scorer.histories({k: [v] for k, v in user.items() if k.startswith("hist_")})
+        offline = scorer.video_scores(hist)[0]
+        top = torch.topk(offline, 10)
+        body = client.post("/v1/recommend/videos", json={"user_id": user["user_id"], "k": 10, "exclude_seen": False}).json()
+        assert [item["id"] for item in body["items"]] == [video_ids[i] for i in top.indices.tolist()]
+        np.testing.assert_allclose([item["score"] for item in body["items"]], top.values.numpy(), atol=1e-5)
+
+        video = user["hist_video"][-1]
+        candidates = [i for i, c in enumerate(comments) if c["video_idx"] == video]
+        if not candidates:
+            continue
+        offline = scorer.comment_scores(hist, torch.tensor([video]), torch.tensor([candidates]))[0]
+        order = torch.argsort(offline, descending=True, stable=True)[:3]
+        body = client.post("/v1/recommend/comments", json={"user_id": user["user_id"], "video_id": video_ids[video], "k": 3}).json()
+        assert [item["id"] for item in body["items"]] == [comments[candidates[i]]["comment_id"] for i in order.tolist()]
+        np.testing.assert_allclose([item["score"] for item in body["items"]], offline[order].numpy(), atol=1e-5)
+
+
+def test_hot_swap_under_load_fails_no_request(served, serving_features):
+    client, registry, root = served
+    user = pq.read_table(serving_features / "users.parquet", columns=["user_id"])["user_id"][0].as_py()
+    old = registry.current()
+    results, stop = [], threading.Event()
+
+    def load():
+        with httpx.Client(base_url=str(client.base_url), timeout=30) as c:
+            while not stop.is_set() and len(results) < 5000:
+                sent = time.monotonic()
+                r = c.post("/v1/recommend/videos", json={"user_id": user, "k": 5})
+                results.append((sent, r.status_code, r.json().get("model_version") if r.status_code == 200 else None))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    new = registry.publish(make_checkpoint(serving_features, root / f"ckpt-swap", seed=2), serving_features)
+    _wait_for_version(client, new)
+    swapped_at = time.monotonic()
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert new != old
+    assert len(results) > 20
+    assert [r for r in results if r[1] != 200] == []
+    assert {r[2] for r in results if r[0] < swapped_at} <= {old, new}
+    after = [r[2] for r in results if r[0] > swapped_at]
+    assert after and set(after) == {new}
+
+
+def test_version_that_does_not_fit_is_refused_and_old_one_keeps_serving(served, serving_features):
+    client, registry, root = served
+    good = registry.current()
+    _wait_for_version(client, good)
+    # Loads fine on its own (so the registry takes it) but its text size does not fit the features folder.
+    bad = registry.publish(make_checkpoint(serving_features, root / "ckpt-misfit", seed=3, text_dim=7), serving_features)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        info = client.get("/v1/model").json()
+        if any(r["version"] == bad for r in info["refused_versions"]):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("misfit version was not refused")
+    assert info["model_version"] == good
+    reply = client.post("/v1/recommend/videos", json={"user_id": "anyone", "k": 2})
+    assert reply.status_code == 200 and reply.json()["model_version"] == good
+    registry.rollback(to=good)
+
+
+def test_rollback_is_followed(served, serving_features):
+    client, registry, root = served
+    first, current = registry.versions()[0], registry.current()
+    registry.rollback(to=first)
+    _wait_for_version(client, first)
+    registry.rollback(to=current)
+    _wait_for_version(client, current)
+
+
+BAD_REQUESTS = [
+    ("POST", "/v1/recommend/videos", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
+    ("POST", "/v1/recommend/videos", {"json": {"k": 5}}, 422),  # missing user_id
+    ("POST", "/v1/recommend/videos", {"json": {"user_id": 12, "k": 5}}, 422),  # wrong type
+    ("POST", "/v1/recommend/videos", {"json": {"user_id": "u", "k": "5"}}, 422),  # number as string
+    ("POST", "/v1/recommend/videos", {"json": {"user_id": "u", "k": 0}}, 422),  # k too small
+    ("POST", "/v1/recommend/videos", {"json": {"user_id": "u", "k": 10_000}}, 422),  # k too large
+    ("POST", "/v1/recommend/videos", {"json": {"user_id": "", "k": 5}}, 422),  # empty id
+    ("POST", "/v1/recommend/videos", {"json": {"user_id": "u", "k": 5, "surprise": 1}}, 422),  # unknown field
+    ("POST", "/v1/recommend/videos", {"json": ["u", 5]}, 422),  # not an object
+    ("POST", "/v1/recommend/videos", {"content": b'{"user_id": "' + b"x" * 20000 + b'"}', "headers": {"content-type": "application/json"}}, 413),
+    ("POST", "/v1/recommend/comments", {"json": {"user_id": "u", "video_id": "no-such-video"}}, 404),
+    ("POST", "/v1/recommend/comments", {"json": {"user_id": "u"}}, 422),  # missing video_id
+    ("GET", "/v1/recommend/videos", {}, 405),
+    ("POST", "/v1/recommend/nothing", {"json": {}}, 404),
+]
+
+
+@pytest.mark.parametrize("method,path,kwargs,status", BAD_REQUESTS)
+def test_bad_requests_get_a_clear_4xx(served, method, path, kwargs, status):
+    client, _, _ = served
+    reply = client.request(method, path, **kwargs)
+    assert reply.status_code == status
+    assert reply.json()["detail"]
