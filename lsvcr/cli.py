@@ -74,14 +74,22 @@ def cmd_features(a) -> None:
 def cmd_train(a) -> None:
     from lsvcr.config import load_config
     from lsvcr.ray_runtime import init_ray
+
+    init_ray()
+    if a.stage == "align":
+        from trainers.align import AlignConfig, align
+
+        out = a.out or str(run_dir() / "checkpoints" / "aligned")
+        cfg = load_config(AlignConfig, a.config, [f"features={a.features}", f"out={out}", *a.overrides])
+        print(f"[train] aligned checkpoint: {align(cfg)}")
+        return
     from trainers.finetune import FinetuneConfig, finetune
 
-    values = [f"features={a.features}", f"out={a.out}", f"model={a.model}", *a.overrides]
+    out = a.out or str(run_dir() / "checkpoints" / a.model)
+    values = [f"features={a.features}", f"out={out}", f"model={a.model}", *a.overrides]
     if a.init:
         values.append(f"init={a.init}")
-    cfg = load_config(FinetuneConfig, a.config, values)
-    init_ray()
-    print(f"[train] checkpoint: {finetune(cfg)}")
+    print(f"[train] checkpoint: {finetune(load_config(FinetuneConfig, a.config, values))}")
 
 
 def cmd_evaluate(a) -> None:
@@ -182,12 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.set_defaults(func=cmd_features)
 
-    p = sub.add_parser("train", help="train with Ray Train")
-    p.add_argument("stage", choices=["finetune"])
+    p = sub.add_parser("train", help="train with Ray Train: stage 1 `align` (SR + LLM), stage 2 `finetune`")
+    p.add_argument("stage", choices=["align", "finetune"])
     p.add_argument("--features", default=str(run_dir() / "features"))
-    p.add_argument("--out", default=str(run_dir() / "checkpoints" / "sr"))
-    p.add_argument("--model", default="sr", choices=["sr", "sasrec"])
-    p.add_argument("--init", help="checkpoint to start from (an aligned stage 1 model)")
+    p.add_argument("--out", help="checkpoint folder (default .run/checkpoints/<aligned|model>)")
+    p.add_argument("--model", default="sr", choices=["sr", "sasrec"], help="finetune: which model")
+    p.add_argument("--init", help="finetune: start from this checkpoint (an aligned stage 1 model)")
     _add_overrides(p)
     p.set_defaults(func=cmd_train)
 

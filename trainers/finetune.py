@@ -202,6 +202,8 @@ def _train_loop(loop_config: dict) -> None:
         model.set_seen(torch.tensor(loop_config["video_seen"]), torch.tensor(loop_config["comment_seen"]))
     if config.init:
         fresh = load_init_weights(model, config.init)
+        if "video_id.weight" in fresh:
+            model.zero_id_embeddings()  # start exactly at the stage 1 function (see SRModel)
         if rank == 0:
             print(f"finetune: loaded {config.init}; freshly initialised: {fresh}", flush=True)
     model.set_text_tables(*load_text_tables(config.features))

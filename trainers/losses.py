@@ -1,14 +1,107 @@
-"""Stage 2 losses (DESIGN.md section 6), written against the model methods shared by SR and SASRec.
+"""Losses of both stages (DESIGN.md section 6), written against the model methods shared by SR and SASRec.
 
-In-batch negatives are those of this worker's batch only; gathering them across workers (differentiable
-all-gather) is a later issue.
+Stage 2 (`video_loss`, `comment_loss`, `id_text_loss`) uses this worker's batch for in-batch negatives.
+Stage 1 (`info_nce`, `seq_sup_contrast`, `vc_contrast`, `global_mean`) gathers negatives from every worker
+with a differentiable all-gather (`gather_rows`) and scales each worker's loss so that the *average* of the
+workers' gradients (what trainers/finetune._average_gradients computes) equals the gradient of one worker
+running the whole global batch: worker loss = (sum over its rows) x world / (global row count).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GatherPadded(torch.autograd.Function):
+    """all_gather of equally sized (padded) tensors; backward sums the gradients of every worker's loss
+    for this worker's slice (so keys used as negatives elsewhere still get their gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank = dist.get_rank()
+        return torch.stack(parts)  # [W, n_max, ...]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank]
+
+
+def gather_sizes(n: int, device: torch.device) -> list[int]:
+    """Row counts of every worker, in rank order ([n] when not distributed)."""
+    if _world() == 1:
+        return [n]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(_world())]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=device))
+    return [int(s.item()) for s in sizes]
+
+
+def gather_rows(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Rows of every worker concatenated in rank order: [n_rank, ...] -> [sum n, ...], differentiable.
+    Workers may hold different row counts (the last batch of an epoch): each pads to the largest, and the
+    padding is cut off again, so callers never see it."""
+    if _world() == 1:
+        return x
+    sizes = sizes or gather_sizes(len(x), x.device)
+    if max(sizes) == 0:
+        return x
+    padded = torch.cat([x, x.new_zeros((max(sizes) - len(x), *x.shape[1:]))]) if len(x) < max(sizes) else x
+    stacked = _GatherPadded.apply(padded)  # [W, n_max, ...]
+    return torch.cat([stacked[r, :n] for r, n in enumerate(sizes)])
+
+
+def global_mean(values: torch.Tensor) -> torch.Tensor:
+    """Per-row losses [n] of this worker -> sum x world / global n (see the module docstring); 0 (with a
+    graph) when no worker has a row."""
+    total = sum(gather_sizes(len(values), values.device))
+    return values.sum() * _world() / max(total, 1)
+
+
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float,
+             ids: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE with negatives from every worker. queries, keys [n, H] L2-normalised (key i is the positive
+    of query i); ids [n] (optional) item ids of the keys: another key with the same id is the same item, not
+    a negative, and is masked out. Returns the worker's share of the global mean (module docstring)."""
+    if queries.shape != keys.shape:
+        raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} differ in shape")
+    sizes = gather_sizes(len(queries), queries.device)
+    rank = dist.get_rank() if _world() > 1 else 0
+    offset = sum(sizes[:rank])
+    all_keys = gather_rows(keys, sizes)  # [N, H]
+    logits = queries @ all_keys.T / temperature  # [n, N]
+    labels = torch.arange(len(queries), device=queries.device) + offset
+    if ids is not None:
+        all_ids = gather_rows(ids, sizes)  # [N] (integers: no gradient)
+        same = ids[:, None] == all_ids[None, :]
+        same[torch.arange(len(ids), device=ids.device), labels] = False
+        logits = logits.masked_fill(same, float("-inf"))
+    return global_mean(F.cross_entropy(logits, labels, reduction="none"))
+
+
+def seq_sup_contrast(sr: torch.Tensor, llm: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sequential-supplemental contrast, both directions: SR user vectors [n, H] vs LLM preference vectors
+    [n, H] of the same examples (L2-normalised), negatives from every worker."""
+    return (info_nce(sr, llm, temperature) + info_nce(llm, sr, temperature)) / 2
+
+
+def vc_contrast(llm: torch.Tensor, video_hist: torch.Tensor, comment_hist: torch.Tensor, is_video: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+    """Video-comment preference contrast: a 2-way softmax per example over [LLM . SR video-history vector,
+    LLM . SR comment-history vector] (all [n, H], L2-normalised) whose answer is the video-history side for a
+    video-task example (is_video [n] True) and the comment-history side for a comment-task example."""
+    logits = torch.stack([(llm * video_hist).sum(-1), (llm * comment_hist).sum(-1)], -1) / temperature  # [n, 2]
+    labels = (~is_video).long()
+    return global_mean(F.cross_entropy(logits, labels, reduction="none"))
 
 
 def in_batch_logits(queries: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor,
@@ -57,6 +150,12 @@ def id_text_loss(model: nn.Module, video_idx: torch.Tensor | None, comment_idx: 
         if len(idx) < 2:
             continue
         ids, text = model.id_text_vectors(kind, idx)  # [N, H] each
+        # ID rows still at zero (stage 2 from a stage 1 checkpoint starts them there) have no direction
+        # to contrast yet; the rec losses move them first.
+        keep = ids.detach().norm(dim=-1) > 0
+        if int(keep.sum()) < 2:
+            continue
+        ids, text, idx = ids[keep], text[keep], idx[keep]
         logits = ids @ text.T / temperature
         labels = torch.arange(len(idx), device=idx.device)
         terms.append((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2)

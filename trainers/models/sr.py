@@ -228,3 +228,33 @@ class SRModel(nn.Module):
 
     def comment_item_vectors(self, idx: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.comment_vec(idx), dim=-1)  # [N, H]
+
+    # ---- stage 1 -----------------------------------------------------------------------------------------
+
+    def stage1_vectors(self, batch: dict[str, torch.Tensor], query_video: torch.Tensor | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """One pass over the histories for the stage 1 losses, all L2-normalised [B, H]:
+        "user" (the video-task user vector, or with query_video the comment-task user-in-context vector),
+        "video_history" (the pooled video-history states) and "comment_history" (mean of the fused
+        comment-history states; zero for an empty comment history) for the video-comment contrast."""
+        v_fused, c_fused = self._fused_states(batch)
+        pooled = self._pool_video(v_fused, batch["hist_video_mask"])  # [B, H]
+        c_mask = batch["hist_cmt_mask"].unsqueeze(-1)  # [B, Lc, 1]
+        comment_history = (c_fused * c_mask).sum(1) / c_mask.sum(1).clamp(min=1)  # [B, H]
+        if query_video is None:
+            user = pooled
+        else:
+            query = self.video_vec(query_video)  # [B, H]
+            attended = self.comment_attn(self.query_proj(query).unsqueeze(1), c_fused, batch["hist_cmt_mask"])
+            user = self.context_mlp(torch.cat([attended.squeeze(1), pooled, query], -1))
+        return {"user": F.normalize(user, dim=-1), "video_history": F.normalize(pooled, dim=-1),
+                "comment_history": F.normalize(comment_history, dim=-1)}
+
+    def zero_id_embeddings(self) -> None:
+        """Start the ID tables at zero, so a stage 2 model initialised from a text-only stage 1 checkpoint
+        computes exactly the stage 1 function until training moves them (their gradient through the gate
+        is not zero)."""
+        if self.config.use_id_embedding:
+            with torch.no_grad():
+                self.video_id.weight.zero_()
+                self.comment_id.weight.zero_()

@@ -1,0 +1,111 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from trainers.align import AlignConfig, save_aligned, sr_config, stage1_losses, total_loss
+from trainers.checkpoint import load_init_weights
+from trainers.data import collate, iter_examples, load_text_tables
+from trainers.finetune import FinetuneConfig, model_config
+from trainers.models import build_model
+from trainers.models.llm import ItemTexts, LLMRecommender, load_base
+from trainers.models.sr import SRModel
+
+SIZE = dict(hidden=16, num_heads=2, inner=32, num_layers=1, max_history=8, dropout=0.0)
+
+
+def first_rows(features, task, n=6):
+    return next(iter_examples(features, task, "train", batch_size=n))
+
+
+def setup(fake_features, tiny_llm, tmp_path, **overrides):
+    config = AlignConfig(features=str(fake_features), out=str(tmp_path), llm=str(tiny_llm), llm_mode="lora",
+                         max_prompt_tokens=128, **SIZE, **overrides)
+    torch.manual_seed(0)
+    sr = SRModel(sr_config(config, 32))
+    sr.set_text_tables(*load_text_tables(fake_features))
+    base, tokenizer = load_base(str(tiny_llm))
+    from trainers.align import llm_config
+
+    llm = LLMRecommender(base, tokenizer, llm_config(config))
+    return config, sr, llm
+
+
+def test_config_validation_and_auto_mode():
+    assert AlignConfig(features="f", out="o").mode == "frozen"
+    assert AlignConfig(features="f", out="o", use_gpu=True).mode == "lora"
+    with pytest.raises(ValueError, match="llm_mode"):
+        AlignConfig(features="f", out="o", llm_mode="full")
+
+
+def test_gradient_flow_lora_sr_and_adapters_base_frozen(fake_features, tiny_llm, tmp_path):
+    config, sr, llm = setup(fake_features, tiny_llm, tmp_path)
+    batches = {task: first_rows(fake_features, task) for task in ("video", "comment")}
+    losses = stage1_losses(sr, llm, batches, config, ItemTexts.from_features(fake_features), torch.device("cpu"))
+    losses.pop("tokens")
+    assert set(losses) == {"lm", "rec_video", "rec_comment", "seq_sup", "vc"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    total_loss(losses, config).backward()
+    for name in ("video_adapter.weight", "comment_adapter.weight", "pool_proj.weight", "context_mlp.0.weight",
+                 "video_encoder.blocks.0.attn.q.weight", "comment_encoder.blocks.0.attn.q.weight"):
+        assert dict(sr.named_parameters())[name].grad.abs().sum() > 0, name
+    params = dict(llm.named_parameters())
+    lora_b = [n for n in params if "lora_B" in n]
+    assert lora_b and all(params[n].grad.abs().sum() > 0 for n in lora_b)  # B starts at 0, so A's grad is 0
+    assert params["adapter.weight"].grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in params.items() if "lora_" not in n and not n.startswith("adapter."))
+
+
+def test_without_vc_contrast_the_term_is_absent(fake_features, tiny_llm, tmp_path):
+    config, sr, llm = setup(fake_features, tiny_llm, tmp_path, vc_contrast=False)
+    batches = {"video": first_rows(fake_features, "video"), "comment": None}
+    losses = stage1_losses(sr, llm, batches, config, ItemTexts.from_features(fake_features), torch.device("cpu"))
+    assert "vc" not in losses and losses["rec_comment"].item() == 0.0
+
+
+def test_frozen_mode_trains_only_the_adapter_on_precomputed_states(fake_features, tmp_path):
+    config = AlignConfig(features=str(fake_features), out=str(tmp_path), llm_mode="frozen", **SIZE)
+    sr = SRModel(sr_config(config, 32))
+    sr.set_text_tables(*load_text_tables(fake_features))
+    adapter = torch.nn.Linear(24, 16)
+    rows = first_rows(fake_features, "video")
+    rows["llm_state"] = np.random.default_rng(0).normal(size=(len(rows["target"]), 24)).astype(np.float32)
+    losses = stage1_losses(sr, adapter, {"video": rows}, config, None, torch.device("cpu"))
+    assert "lm" not in losses
+    total_loss(losses, config).backward()
+    assert adapter.weight.grad.abs().sum() > 0
+
+
+def test_stage2_init_reproduces_stage1_outputs_exactly(fake_features, tiny_llm, tmp_path):
+    config, sr, llm = setup(fake_features, tiny_llm, tmp_path)
+    with torch.no_grad():  # move the weights away from their initial values
+        for p in sr.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_aligned(tmp_path / "aligned", sr, llm, config, {"step": 1, "epoch": 1}, {})
+    assert (tmp_path / "aligned" / "llm" / "lora" / "adapter_config.json").is_file()
+    video_text, comment_text = load_text_tables(fake_features)
+    ft = FinetuneConfig(features=str(fake_features), out="unused", init=str(tmp_path / "aligned"),
+                        **{k: v for k, v in SIZE.items()})
+    for text_only in (False, True):
+        cfg = model_config(dataclasses.replace(ft, text_only=text_only), video_text.shape[0],
+                           comment_text.shape[0], video_text.shape[1])
+        stage2 = build_model("sr", dataclasses.asdict(cfg))
+        stage2.set_seen(torch.ones(video_text.shape[0], dtype=torch.bool),
+                        torch.ones(comment_text.shape[0], dtype=torch.bool))
+        fresh = load_init_weights(stage2, tmp_path / "aligned")
+        if "video_id.weight" in fresh:
+            stage2.zero_id_embeddings()  # as trainers/finetune.py does
+        stage2.set_text_tables(video_text, comment_text)
+        sr.eval()
+        stage2.eval()
+        for task in ("video", "comment"):
+            batch = collate(first_rows(fake_features, task), 8)
+            if task == "video":
+                expected, got = sr.user_video_vector(batch), stage2.user_video_vector(batch)
+                items = torch.arange(10)
+                assert torch.equal(sr.video_item_vectors(items), stage2.video_item_vectors(items))
+            else:
+                expected = sr.comment_context_vector(batch, batch["query_video"])
+                got = stage2.comment_context_vector(batch, batch["query_video"])
+            assert torch.equal(expected, got), (task, text_only)

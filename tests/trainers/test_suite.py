@@ -1,0 +1,16 @@
+import pytest
+
+from trainers.suite import MODEL_NAMES, STAGE1, STAGE2, train_all
+
+
+def test_names_cover_baselines_and_ablations():
+    assert MODEL_NAMES == ("popularity", "sasrec", "sr_no_align", "sr_text_only", "lsvcr_no_vc_contrast", "lsvcr")
+    assert set(STAGE1) == {"lsvcr", "lsvcr_no_vc_contrast"} and STAGE1["lsvcr_no_vc_contrast"] == {"vc_contrast": False}
+    assert STAGE2["sasrec"] == {"model": "sasrec"} and STAGE2["sr_text_only"] == {"text_only": True}
+
+
+def test_bad_requests_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown models"):
+        train_all(tmp_path, tmp_path / "out", models=["gpt"])
+    with pytest.raises(ValueError, match="key=value"):
+        train_all(tmp_path, tmp_path / "out", models=["sasrec"], finetune=["epochs"])

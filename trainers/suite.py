@@ -1,0 +1,87 @@
+"""Train the baselines, the ablations and full LSVCR on one features folder, then evaluate them on one split.
+
+    results = train_all("FEATURES", "RUN/models", models=MODEL_NAMES, align=["max_steps=500"],
+                        finetune=["epochs=10"])
+    # -> {"checkpoints": {name: folder}, "metrics": {"video": {name: {...}}, "comment": {...}}}
+
+| name | what |
+|---|---|
+| popularity | no training: train-split counts (video), likes before t (comment) |
+| sasrec | stage 2 only, IDs only |
+| sr_no_align | the SR model, stage 2 only |
+| sr_text_only | the SR model without ID embeddings, stage 2 only |
+| lsvcr_no_vc_contrast | stage 1 without the video-comment contrast, then stage 2 |
+| lsvcr | stage 1 (all losses), then stage 2 |
+
+Every model sees the same features folder and splits. `align` / `finetune` are key=value overrides applied to
+every stage 1 / stage 2 run (model sizes must agree between the two stages). Checkpoints go to
+OUT/<name> (stage 1 outputs to OUT/<name>_aligned); an existing checkpoint is reused when `reuse` is set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainers.align import AlignConfig, align
+from trainers.evaluate import evaluate
+from trainers.finetune import FinetuneConfig, finetune
+
+MODEL_NAMES = ("popularity", "sasrec", "sr_no_align", "sr_text_only", "lsvcr_no_vc_contrast", "lsvcr")
+STAGE2 = {"sasrec": {"model": "sasrec"}, "sr_no_align": {}, "sr_text_only": {"text_only": True},
+          "lsvcr_no_vc_contrast": {}, "lsvcr": {}}
+STAGE1 = {"lsvcr_no_vc_contrast": {"vc_contrast": False}, "lsvcr": {}}
+SIZE_KEYS = ("hidden", "num_layers", "num_heads", "inner", "dropout", "max_history", "temperature")
+
+
+def _overrides(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def train_all(features: str | Path, out: str | Path, models: tuple[str, ...] | list[str] = MODEL_NAMES,
+              align: list[str] | None = None, finetune: list[str] | None = None, split: str = "test",
+              reuse: bool = False) -> dict:
+    """Train `models` (names from MODEL_NAMES) and evaluate them with popularity on `split`; also writes
+    OUT/metrics.json. Returns {"checkpoints": {...}, "metrics": {...}}."""
+    from lsvcr.config import load_config
+
+    unknown = sorted(set(models) - set(MODEL_NAMES))
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; known: {list(MODEL_NAMES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage1, stage2 = _overrides(align), _overrides(finetune)
+    # Stage 2 loads stage 1's weights strictly: one set of model sizes for both.
+    shared = {k: v for k, v in {**stage2, **stage1}.items() if k in SIZE_KEYS}
+    checkpoints = {}
+    for name in models:
+        if name == "popularity":
+            continue
+        target = out / name
+        if reuse and (target / "model.safetensors").is_file():
+            checkpoints[name] = str(target)
+            continue
+        init = None
+        if name in STAGE1:
+            aligned = out / f"{name}_aligned"
+            if not (reuse and (aligned / "model.safetensors").is_file()):
+                config = load_config(AlignConfig, None, {**stage1, **shared, **STAGE1[name],
+                                                         "features": str(features), "out": str(aligned)})
+                print(f"suite: stage 1 for {name}", flush=True)
+                align(config)
+            init = str(aligned)
+        values = {**stage2, **shared, **STAGE2[name], "features": str(features), "out": str(target)}
+        if init:
+            values["init"] = init
+        print(f"suite: stage 2 for {name}", flush=True)
+        checkpoints[name] = finetune(load_config(FinetuneConfig, None, values))
+    metrics = evaluate(features, checkpoints, split=split, popularity="popularity" in models)
+    result = {"split": split, "checkpoints": checkpoints, "metrics": metrics}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
