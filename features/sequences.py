@@ -375,6 +375,16 @@ def assign_splits(n: int) -> list[str]:
     return ["train"] * n
 
 
+SPLIT_POLICIES = ("leave_last_out", "global_time")
+
+
+def global_time_splits(ts: np.ndarray, valid_ts: int, test_ts: int) -> np.ndarray:
+    """Global time cut: ts < valid_ts -> train, valid_ts <= ts < test_ts -> valid, ts >= test_ts -> test."""
+    if valid_ts > test_ts:
+        raise ValueError(f"valid_ts {valid_ts} must be <= test_ts {test_ts}")
+    return np.where(ts < valid_ts, "train", np.where(ts < test_ts, "valid", "test")).astype(object)
+
+
 def _comment_snapshots(
     rec_video: np.ndarray, rec_comment: np.ndarray, rec_ts: np.ndarray, applied: np.ndarray, max_history: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -451,13 +461,21 @@ def user_histories(group: pa.Table, query_ts: np.ndarray, max_history: int) -> d
     return out
 
 
-def user_rows(group: pa.Table, max_history: int) -> pa.Table:
+def user_rows(
+    group: pa.Table, max_history: int, split: str = "leave_last_out", valid_ts: int = 0, test_ts: int = 0,
+    emit_after_ts: int | None = None,
+) -> pa.Table:
     """Stage B, one user's annotated positive events -> examples of both tasks plus one "user" row.
 
-    Examples whose two histories are both empty are marked split="dropped"; the split is assigned after
-    that, over the kept examples in (ts, event_id) order, so every user with at least two kept examples of a
-    task gets a test example of that task. The user row holds the histories as of the end of the log.
+    Examples whose two histories are both empty are marked split="dropped". With split="leave_last_out" the
+    split is assigned after that, over the kept examples in (ts, event_id) order, so every user with at least
+    two kept examples of a task gets a test example of that task; with "global_time" it is the example's
+    side of the cuts valid_ts / test_ts (global_time_splits). The user row holds the histories as of the end
+    of the group (the build's cut). With emit_after_ts, only examples with ts > emit_after_ts come out (an
+    incremental build: older ones were written before), plus the user row.
     """
+    if split not in SPLIT_POLICIES:
+        raise ValueError(f"unknown split policy {split!r}; expected one of {SPLIT_POLICIES}")
     group = sort_by_time(group.cast(ANNOTATED_SCHEMA))
     n = len(group)
     kind = group["kind"].to_numpy()
@@ -466,11 +484,15 @@ def user_rows(group: pa.Table, max_history: int) -> pa.Table:
 
     lengths = [pc.list_value_length(hist[c]).to_numpy(zero_copy_only=False) for c in ("hist_video", "hist_cmt_video")]
     empty = (lengths[0] == 0) & (lengths[1] == 0)
-    split = np.full(n + 1, "", dtype=object)
+    split_of = np.full(n + 1, "", dtype=object)
     for task_kind in (KIND_VIDEO_EVENT, KIND_COMMENT_EVENT):
         rows = np.flatnonzero((kind == task_kind) & ~empty[:n])  # already in (ts, event_id) order
-        split[rows] = assign_splits(len(rows))
-        split[np.flatnonzero((kind == task_kind) & empty[:n])] = "dropped"
+        if split == "leave_last_out":
+            split_of[rows] = assign_splits(len(rows))
+        else:
+            split_of[rows] = global_time_splits(group["ts"].to_numpy()[rows], valid_ts, test_ts)
+        split_of[np.flatnonzero((kind == task_kind) & empty[:n])] = "dropped"
+    split = split_of
 
     is_video = kind == KIND_VIDEO_EVENT
     row_kind = np.where(is_video, "video", "comment").astype(object)
@@ -490,6 +512,9 @@ def user_rows(group: pa.Table, max_history: int) -> pa.Table:
         "target_likes": pa.array(np.append(group["target_likes"].to_numpy(), 0).astype(np.int32)),
         "negative_likes": pa.concat_arrays([group["negative_likes"].combine_chunks(), empty_list]),
     }, schema=USER_ROWS_SCHEMA)
+    if emit_after_ts is not None:
+        keep = np.append(group["ts"].to_numpy() > emit_after_ts, True)
+        table = table.filter(pa.array(keep))
     return table
 
 
@@ -559,12 +584,17 @@ def build_local(
     window_ms: int = 0,
     positive_video_actions: tuple[str, ...] = tuple(sorted(POSITIVE_VIDEO_ACTIONS)),
     positive_comment_actions: tuple[str, ...] = tuple(sorted(POSITIVE_COMMENT_ACTIONS)),
+    split: str = "leave_last_out",
+    valid_ts: int = 0,
+    test_ts: int = 0,
+    cut_ts: int | None = None,
 ) -> dict[str, pa.Table]:
     """The whole feature pipeline in one process on in-memory tables: the reference the Ray build must match
     (and the single-process baseline of the features benchmark).
 
-    Returns {"videos", "comments", "rows" (stage B output, with negatives), "users", "video/<split>",
-    "comment/<split>"}.
+    `cut_ts`: only events (and comment publications) at or before it are used, as in a build whose
+    watermark is cut_ts. Returns {"videos", "comments", "rows" (stage B output, with negatives), "users",
+    "video/<split>", "comment/<split>"}.
     """
     videos = index_videos(videos)
     comments, _ = index_comments(comments, videos)
@@ -574,9 +604,12 @@ def build_local(
                            comments["video_idx"].to_numpy(), list(positive_comment_actions)),
     ])
     interactions = pa.concat_tables([events.filter(pc.equal(events["status"], "ok")), publication_rows(comments)])
+    if cut_ts is not None:
+        interactions = interactions.filter(pc.less_equal(interactions["ts"], cut_ts))
     annotated = _concat([annotate_video_group(g, num_negatives, seed) for g in group_slices(interactions, "video_idx")],
                         ANNOTATED_SCHEMA)
-    rows = _concat([user_rows(g, max_history) for g in group_slices(annotated, "user_id")], USER_ROWS_SCHEMA)
+    rows = _concat([user_rows(g, max_history, split, valid_ts, test_ts) for g in group_slices(annotated, "user_id")],
+                   USER_ROWS_SCHEMA)
     video_rows = rows.filter(pc.equal(rows["row_kind"], "video"))
     rows = pa.concat_tables([
         add_video_negatives(video_rows, videos["ts"].to_numpy(), num_negatives, seed, window_ms),
@@ -587,6 +620,35 @@ def build_local(
         for split in SPLITS:
             out[f"{task}/{split}"] = select_rows(rows, task, split)
     return out
+
+
+def global_cuts(ts: np.ndarray, valid_frac: float, test_frac: float) -> tuple[int, int]:
+    """(valid_ts, test_ts) such that about the last test_frac of the times are test and the valid_frac
+    before them valid: the times at those quantiles of `ts` (sorted copy; ties fall on the later side)."""
+    ts = np.sort(np.asarray(ts, np.int64))
+    if len(ts) == 0:
+        return 0, 0
+    n = len(ts)
+
+    def cut(frac: float) -> int:
+        at = int(np.floor(n * (1.0 - frac)))
+        return int(ts[at]) if at < n else int(ts[-1]) + 1  # a zero fraction: nothing at or after the cut
+
+    return cut(valid_frac + test_frac), cut(test_frac)
+
+
+def without_candidates(batch: pa.Table) -> pa.Table:
+    """Annotated rows as an incremental build keeps them: the history fields only (candidate lists emptied,
+    they belong to the example that was already written)."""
+    empty = pa.array([[]] * len(batch), pa.list_(pa.int32()))
+    batch = batch.cast(ANNOTATED_SCHEMA)
+    batch = batch.set_column(batch.schema.get_field_index("negatives"), "negatives", empty)
+    return batch.set_column(batch.schema.get_field_index("negative_likes"), "negative_likes", empty)
+
+
+def unique_values(batch: pa.Table, column: str) -> pa.Table:
+    """Distinct values of one column (per batch; the caller merges)."""
+    return pa.table({column: pc.unique(batch[column])})
 
 
 def count_by(batch: pa.Table, keys: list[str]) -> pa.Table:

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.json  # noqa: F401  (pa.json)
 import pyarrow.parquet as pq
 import pytest
 
@@ -194,3 +195,134 @@ def test_future_events_do_not_change_past_examples(tables):
 
     assert examples_before_100(past).num_rows == 11  # 6 video + 5 comment events with known items
     assert examples_before_100(full).equals(examples_before_100(past))
+
+
+# ------------------------------------------------------------------------------------------------ hive layout, incremental
+
+
+def write_hive(root, tables, day_of):
+    """EVENTLOG/<table>/date=<day>/part-0.parquet, one partition per day_of(ts); plus hidden junk to skip."""
+    for name, table in tables.items():
+        days = sorted({day_of(ts) for ts in table["ts"].to_pylist()})
+        for day in days:
+            part = table.filter(pa.compute.equal(pa.array([day_of(ts) for ts in table["ts"].to_pylist()]), day))
+            folder = root / name / f"date={day}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pq.write_table(part, folder / f"part-{len(list(folder.glob('*')))}.parquet")
+        (root / name / ".part-9.parquet.tmp").write_text("half written")
+        (root / name / "_tmp").mkdir(exist_ok=True)
+        (root / name / "_tmp" / "part-0.parquet").write_text("not a parquet file")
+    return root
+
+
+def test_eventlog_files_reads_flat_and_hive_layouts(tmp_path, tables):
+    from features.build import eventlog_files
+
+    t = tables(**LOG)
+    write_hive(tmp_path, {"video_events": t["video_events"]}, lambda ts: f"2024-01-0{1 + ts // 20}")
+    pq.write_table(t["video_events"].slice(0, 1), tmp_path / "video_events" / "part-flat.parquet")
+    files = [f.split("video_events/")[1] for f in eventlog_files(tmp_path, "video_events")]
+    assert files == ["date=2024-01-01/part-0.parquet", "date=2024-01-02/part-0.parquet",
+                     "date=2024-01-03/part-0.parquet", "part-flat.parquet"]
+    assert eventlog_files(tmp_path, "comments") == []
+
+
+def split_log(log, upto):
+    """The rows of a LOG-like dict with ts <= upto (first) and > upto (second)."""
+    first = {k: [r for r in rows if r[-1] <= upto] for k, rows in log.items()}
+    second = {k: [r for r in rows if r[-1] > upto] for k, rows in log.items()}
+    return first, second
+
+
+def read_all(out):
+    return {f"{task}/{split}": read(out / "examples" / task / split).sort_by("event_id")
+            for task in ("video", "comment") for split in ("train", "valid", "test")} | \
+        {"users": read(out / "users.parquet").sort_by("user_id")}
+
+
+def test_incremental_build_equals_a_full_rebuild(tmp_path, ray_session, tables):
+    from ingestion.generator import GeneratorConfig, generate
+
+    data = tmp_path / "gen"
+    generate(data, GeneratorConfig(users=30, days=4, min_videos=40, comments_per_video=3, seed=5))
+    full_tables = {name: pa.json.read_json(data / f"{name}.jsonl", parse_options=pa.json.ParseOptions(
+        explicit_schema=seq.EVENTLOG_SCHEMA[name])).select(seq.EVENTLOG_SCHEMA[name].names)
+        for name in seq.EVENTLOG_SCHEMA}
+    ts = np.sort(full_tables["video_events"]["ts"].to_numpy())
+    day_ms = 86_400_000
+    split_at = int(ts[len(ts) * 2 // 3])  # the first build sees two thirds of the video events
+    valid_ts, test_ts = int(ts[len(ts) // 2]), int(ts[len(ts) * 5 // 6])
+    settings = dict(encoder="hash", encoder_dim=16, num_negatives=5, embed_cache=str(tmp_path / "cache"),
+                    split="global_time", split_valid_ts=valid_ts, split_test_ts=test_ts, lateness_ms=3_600_000)
+
+    def day(ts):
+        return f"d{ts // day_ms}"
+
+    log = tmp_path / "eventlog"
+    first = {n: t.filter(pa.compute.less_equal(t["ts"], split_at)) for n, t in full_tables.items()}
+    write_hive(log, first, day)
+    inc = FeaturesConfig(eventlog=str(log), out=str(tmp_path / "inc"), incremental=True, **settings)
+    m1 = build_features(inc)
+    assert m1["mode"] == "full" and m1["cut_ts"] == split_at - 3_600_000
+    n_first = sum(v["count"] for v in m1["tasks"]["video"].values())
+
+    # New partitions: everything after split_at, in files of their own (some share a day with old files).
+    second = {n: t.filter(pa.compute.greater(t["ts"], split_at)) for n, t in full_tables.items()}
+    for name, table in second.items():
+        for d in sorted({day(x) for x in table["ts"].to_pylist()}):
+            part = table.filter(pa.compute.equal(pa.array([day(x) for x in table["ts"].to_pylist()]), d))
+            folder = log / name / f"date={d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pq.write_table(part, folder / "part-new.parquet")
+    m2 = build_features(inc)
+    assert m2["mode"] == "incremental" and m2["previous_cut_ts"] == m1["cut_ts"]
+    assert sum(v["count"] for v in m2["tasks"]["video"].values()) > n_first
+
+    full = FeaturesConfig(eventlog=str(log), out=str(tmp_path / "full"), **settings)
+    m3 = build_features(full)
+    assert m3["mode"] == "full" and m3["cut_ts"] == m2["cut_ts"]
+    got, expected = read_all(tmp_path / "inc"), read_all(tmp_path / "full")
+    for key in expected:
+        assert got[key].equals(expected[key]), key
+    assert m2["tasks"] == m3["tasks"] and m2["dropped"] == m3["dropped"]
+    assert m3["embeddings"]["video_embedded"] == 0  # the cache already had every text
+    assert np.array_equal(np.load(tmp_path / "inc" / "comment_emb.npy"), np.load(tmp_path / "full" / "comment_emb.npy"))
+
+    # An event later than the lateness bound (at or before the cut) forces a full rebuild, with the same rows.
+    late = full_tables["video_events"].slice(0, 1).to_pylist()[0] | {"event_id": "late-1", "ts": m2["cut_ts"] - 5}
+    folder = log / "video_events" / "date=late"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([late], schema=seq.EVENTLOG_SCHEMA["video_events"]), folder / "p.parquet")
+    m4 = build_features(inc)
+    assert m4["mode"] == "full"
+    m5 = build_features(full)
+    got, expected = read_all(tmp_path / "inc"), read_all(tmp_path / "full")
+    for key in expected:
+        assert got[key].equals(expected[key]), key
+    assert m4["tasks"] == m5["tasks"]
+
+
+def test_incremental_needs_a_fixed_global_cut():
+    with pytest.raises(ConfigError, match="incremental"):
+        FeaturesConfig(eventlog="a", out="b", incremental=True)
+    with pytest.raises(ConfigError, match="incremental"):
+        FeaturesConfig(eventlog="a", out="b", incremental=True, split="global_time")
+    with pytest.raises(ConfigError, match="split"):
+        FeaturesConfig(eventlog="a", out="b", split="by_coin")
+    with pytest.raises(ConfigError, match="frac"):
+        FeaturesConfig(eventlog="a", out="b", split_valid_frac=0.6, split_test_frac=0.5)
+
+
+def test_global_time_split_by_fractions(tmp_path, ray_session, tables, eventlog_writer):
+    log = eventlog_writer(tmp_path / "eventlog", tables(**LOG))
+    manifest = build_features(FeaturesConfig(eventlog=str(log), out=str(tmp_path / "f"), encoder="hash",
+                                             num_negatives=2, split="global_time", split_valid_frac=0.25,
+                                             split_test_frac=0.25, embed_cache="off"))
+    # Used positive events by ts: video 13 17 36 36 41 50 (ve7's video is unknown), comment 16 27 30 31 36:
+    # sorted 13 16 17 27 30 31 36 36 36 41 50 (11); valid from index floor(11 * 0.5) = 5 -> 31,
+    # test from index floor(11 * 0.75) = 8 -> 36.
+    assert (manifest["split_valid_ts"], manifest["split_test_ts"]) == (31, 36)
+    video = {s: sorted(rows_by_event(tmp_path / "f" / "examples" / "video" / s)) for s in ("train", "valid", "test")}
+    assert video == {"train": ["ve3"], "valid": [], "test": ["ve4", "ve5", "ve6"]}
+    comment = {s: sorted(rows_by_event(tmp_path / "f" / "examples" / "comment" / s)) for s in ("train", "valid", "test")}
+    assert comment == {"train": ["ce2"], "valid": ["ce5"], "test": ["ce3"]}

@@ -326,3 +326,132 @@ def test_gather_ranges():
     offsets, flat = seq.gather_ranges(np.array([10, 11, 12, 13]), np.array([1, 0, 2]), np.array([3, 0, 4]))
     assert offsets.tolist() == [0, 2, 2, 4]
     assert flat.tolist() == [11, 12, 12, 13]
+
+
+# ------------------------------------------------------------------------------------------------ splits
+
+
+def test_user_rows_global_time_split():
+    # Kept video examples b@17, c@36, d@36, e@41; cuts valid at 36, test at 41.
+    rows = seq.user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=50, split="global_time",
+                         valid_ts=36, test_ts=41)
+    got = by_event(rows.filter(pa.compute.not_equal(rows["row_kind"], "user")))
+    assert {e: got[e]["split"] for e in "abcde"} == {"a": "dropped", "b": "train", "c": "valid", "d": "valid",
+                                                  "e": "test"}
+    # Comment events f@30 g@36 h@37 i@38 j@39 k@45: only k is at or after 41.
+    assert [got[e]["split"] for e in "fghijk"] == ["train", "valid", "valid", "valid", "valid", "test"]
+    with pytest.raises(ValueError, match="split policy"):
+        seq.user_rows(annotated("u1", U1_VIDEO), max_history=5, split="random")
+
+
+def test_user_rows_emit_after_ts_keeps_later_examples_and_the_user_row():
+    rows = seq.user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=50, emit_after_ts=38)
+    assert rows["event_id"].to_pylist()[:-1] == ["j", "e", "k"]  # ts 39, 41, 45
+    assert rows["row_kind"].to_pylist()[-1] == "user"
+    full = by_event(seq.user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=50))
+    assert hist(by_event(rows)["e"]) == hist(full["e"])
+
+
+def test_global_cuts():
+    ts = np.array([50, 10, 20, 30, 40, 60, 70, 80, 90, 100])
+    # 10 times: valid+test = 30% -> index 7 of the sorted times (80); test 10% -> index 9 (100).
+    assert seq.global_cuts(ts, 0.2, 0.1) == (80, 100)
+    assert seq.global_cuts(ts, 0.0, 0.0) == (101, 101)  # nothing valid or test
+    assert seq.global_cuts(np.array([], np.int64), 0.1, 0.1) == (0, 0)
+    splits = seq.global_time_splits(np.array([79, 80, 99, 100]), 80, 100).tolist()
+    assert splits == ["train", "valid", "valid", "test"]
+
+
+# ------------------------------------------------------------------------------------------------ late events
+
+
+def test_late_events_in_the_file_order_change_nothing(tables):
+    """Events that arrive after later ones (late) are placed by their ts: the rows equal an in-order log."""
+    from tests.features.test_build import LOG
+
+    names = ("videos", "comments", "video_events", "comment_events")
+    in_order = seq.build_local(*(tables(**LOG)[t] for t in names), num_negatives=2)["rows"]
+    late = {**LOG, "video_events": LOG["video_events"][::-1], "comment_events": LOG["comment_events"][3:] +
+            LOG["comment_events"][:3], "comments": LOG["comments"][::-1]}
+    shuffled = seq.build_local(*(tables(**late)[t] for t in names), num_negatives=2)["rows"]
+    key = [("row_kind", "ascending"), ("event_id", "ascending"), ("user_id", "ascending")]
+    assert shuffled.sort_by(key).equals(in_order.sort_by(key))
+
+
+def test_cut_ts_leaves_out_events_after_the_watermark(tables):
+    from tests.features.test_build import LOG
+
+    names = ("videos", "comments", "video_events", "comment_events")
+    out = seq.build_local(*(tables(**LOG)[t] for t in names), num_negatives=2, cut_ts=36)
+    rows = out["rows"].filter(pa.compute.not_equal(out["rows"]["row_kind"], "user"))
+    assert max(rows["ts"].to_pylist()) == 36
+    # u1's state as of 36: video events 13, 14 (view: not positive), 17, 36, 36 -> four; comment ce2@30, ce3@36.
+    by_user = {r["user_id"]: r for r in out["users"].to_pylist()}
+    u1 = by_user["u1"]
+    assert u1["hist_video_ts"] == [13, 17, 36, 36] and u1["hist_cmt_ts"] == [36]
+    assert "u2" not in by_user  # u2's only event is at 50
+
+
+# ------------------------------------------------------------------------------------------------ property
+
+
+def random_log(rng: np.random.Generator, n_users=6, n_videos=8, n_comments=14, n_video_events=60,
+               n_comment_events=50, t_max=60):
+    """A small log with many equal timestamps, unknown ids, videos without comments and comment-only users."""
+    videos = [(f"v{i}", f"title {i}", [f"t{i % 3}"], int(rng.integers(0, t_max))) for i in range(n_videos)]
+    # Comments only under the first half of the videos: the rest have none.
+    comments = [(f"c{i}", f"v{int(rng.integers(0, n_videos // 2))}", f"text {i}", int(rng.integers(0, t_max)))
+                for i in range(n_comments)]
+    video_of = {c: v for c, v, _, _ in comments}
+    video_events = [(f"e{i}", f"u{int(rng.integers(0, n_users - 1))}", f"v{int(rng.integers(0, n_videos + 1))}",
+                     str(rng.choice(["view", "like", "finish", "share"])), int(rng.integers(0, t_max)))
+                    for i in range(n_video_events)]
+    comment_events = []
+    for i in range(n_comment_events):
+        c = f"c{int(rng.integers(0, n_comments + 1))}"  # c{n_comments} is unknown
+        # The last user has comment events only.
+        comment_events.append((f"k{i}", f"u{int(rng.integers(0, n_users))}", c, video_of.get(c, "v0"),
+                               str(rng.choice(["like", "reply", "write"])), int(rng.integers(0, t_max))))
+    return dict(videos=videos, comments=comments, video_events=video_events, comment_events=comment_events)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_nothing_at_or_after_an_example_enters_it(tables, seed):
+    """On random logs: every history element, hot comment and candidate is strictly before the example."""
+    log = random_log(np.random.default_rng(seed))
+    t = tables(**log)
+    max_history = 4
+    out = seq.build_local(t["videos"], t["comments"], t["video_events"], t["comment_events"],
+                          max_history=max_history, num_negatives=3, seed=seed)
+    video_ts = out["videos"]["ts"].to_pylist()
+    comment_ts = out["comments"]["ts"].to_pylist()
+    comment_video = out["comments"]["video_idx"].to_pylist()
+    # When each user interacted with each comment (positive comment events), to check comment records.
+    touched: dict[tuple, list[int]] = {}
+    for e, u, c, _, a, ts in log["comment_events"]:
+        touched.setdefault((u, c), []).append(ts)
+    comment_ids = out["comments"]["comment_id"].to_pylist()
+    n_examples = 0
+    for task in ("video", "comment"):
+        for split in seq.SPLITS:
+            for row in out[f"{task}/{split}"].to_pylist():
+                n_examples += 1
+                ts = row["ts"]
+                assert len(row["hist_video"]) <= max_history and len(row["hist_cmt_video"]) <= max_history
+                assert all(h < ts for h in row["hist_video_ts"] + row["hist_cmt_ts"])
+                assert row["hist_video_ts"] == sorted(row["hist_video_ts"])
+                for hot, h_ts in zip(row["hist_video_hot"], row["hist_video_ts"]):
+                    assert hot == -1 or comment_ts[hot] < h_ts  # hot as of the history element's time
+                comments = [c for c in row["hist_cmt_comments"] if c >= 0]
+                assert all(min(touched[(row["user_id"], comment_ids[c])]) < ts for c in comments)
+                if task == "video":
+                    assert row["target"] not in row["negatives"]
+                    assert all(video_ts[n] < ts for n in row["negatives"])
+                    eligible = sum(1 for i, v in enumerate(video_ts) if v < ts and i != row["target"])
+                    assert len(row["negatives"]) == min(3, eligible)
+                else:
+                    assert row["target"] not in row["negatives"]
+                    assert all(comment_ts[n] < ts and comment_video[n] == row["query_video"]
+                               for n in row["negatives"])
+                    assert comment_video[row["target"]] == row["query_video"]
+    assert n_examples > 20  # the property is checked on a real number of examples

@@ -1,0 +1,216 @@
+"""`lsvcr benchmark features`: the Ray Data feature build on a generated 100k-user log, against one process.
+
+Steps, all in one run:
+1. generate the dataset (ingestion.generator; cached under WORKDIR by users and seed, ~2.5 min the first time);
+2. write it as an event log (EVENTLOG/<table>/date=YYYY-MM-DD/part-*.parquet in ingestion.schema.ARROW_SCHEMA, read back
+   through ingestion.eventlog.EventLog to check the counts) - no Kafka: this measures features only;
+3. the Ray Data build (build_features) with the hash encoder, its embedding cache off, so that build_s is the
+   sequence build plus a cheap embedding pass;
+4. the single-process reference (features.sequences.build_local: the same pure functions, pyarrow + numpy
+   in one process, no Ray) on the same tables, timed, and its rows compared with the Ray build's;
+5. MiniLM throughput on a sample of real catalog texts (Ray Data actor pool, cache off).
+
+Peak memory is the largest sum of RSS over this process and all its descendants (the Ray head, raylet and
+workers), sampled every 0.5 s (shared object-store pages can be counted more than once: an upper bound).
+
+Overrides: users=100000 seed=0 workdir=/tmp/lsvcr_bench embed_sample=20000.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+ROWS_PER_PART = 250_000
+
+
+def _options(overrides: list[str]) -> dict:
+    opts = {"users": 100_000, "seed": 0, "workdir": "/tmp/lsvcr_bench", "embed_sample": 20_000}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in opts:
+            raise SystemExit(f"features benchmark: unknown override {item!r}; known: {sorted(opts)}")
+        opts[key] = type(opts[key])(value)
+    return opts
+
+
+class PeakRss:
+    """Samples the total RSS of this process and its descendants in a thread; `peak_gb` is the largest."""
+
+    def __init__(self, every_s: float = 0.5):
+        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _total(self) -> int:
+        import psutil
+
+        me = psutil.Process(os.getpid())
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                pass  # a worker that exited between listing and reading
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._total())
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._total())
+
+    @property
+    def peak_gb(self) -> float:
+        return round(self.peak / 2**30, 3)
+
+
+def dataset(folder: Path, users: int, seed: int) -> dict:
+    """The generator's JSONL files for (users, seed), generated once and reused."""
+    from ingestion.generator import GeneratorConfig, generate
+
+    counts = folder / "counts.json"
+    if not counts.exists():
+        print(f"features benchmark: generating {users} users into {folder}", flush=True)
+        result = generate(folder, GeneratorConfig(users=users, seed=seed))
+        counts.write_text(json.dumps(result))
+    return json.loads(counts.read_text())
+
+
+def write_eventlog(data: Path, eventlog: Path) -> dict[str, pa.Table]:
+    """JSONL -> EVENTLOG/<table>/part-*.parquet (contract schema); returns the tables, checked via EventLog."""
+    from ingestion.eventlog import EventLog
+    from ingestion.schema import ARROW_SCHEMA, TABLES
+
+    tables = {}
+    for name in TABLES:
+        schema = ARROW_SCHEMA[name]
+        table = pajson.read_json(data / f"{name}.jsonl", parse_options=pajson.ParseOptions(explicit_schema=schema))
+        table = table.select(schema.names).cast(schema)
+        # Hive-style date partitions, as the ingestion stage writes them (UTC day of the event time).
+        dates = pa.compute.strftime(table["ts"].cast(pa.timestamp("ms", tz="UTC")), format="%Y-%m-%d")
+        for date in sorted(pa.compute.unique(dates).to_pylist()):
+            part = table.filter(pa.compute.equal(dates, date))
+            folder = eventlog / name / f"date={date}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for n, start in enumerate(range(0, len(part), ROWS_PER_PART)):
+                pq.write_table(part.slice(start, ROWS_PER_PART), folder / f"part-{n:05d}.parquet")
+        if EventLog(eventlog).count(name) != len(table):
+            raise RuntimeError(f"event log {name}: wrote {len(table)} rows, EventLog counts {EventLog(eventlog).count(name)}")
+        tables[name] = table
+    return tables
+
+
+def _same_rows(out: Path, local: dict[str, pa.Table]) -> bool:
+    from features.sequences import SPLITS
+
+    for task in ("video", "comment"):
+        for split in SPLITS:
+            got = pq.read_table(out / "examples" / task / split).sort_by("event_id")
+            if not got.equals(local[f"{task}/{split}"].sort_by("event_id")):
+                print(f"features benchmark: rows differ in {task}/{split}", flush=True)
+                return False
+    users = pq.read_table(out / "users.parquet").sort_by("user_id")
+    return users.equals(local["users"].sort_by("user_id"))
+
+
+def embed_throughput(texts: list[str], folder: Path) -> float:
+    from features.embeddings import embed_texts
+
+    started = time.perf_counter()
+    embed_texts(texts, folder / "sample_emb.npy", encoder="minilm", batch_size=256, label="sample texts")
+    return len(texts) / (time.perf_counter() - started)
+
+
+def run(overrides: list[str]) -> dict:
+    from features import sequences as seq
+    from features.build import FeaturesConfig, build_features
+    from lsvcr.ray_runtime import init_ray
+
+    opts = _options(overrides)
+    work = Path(opts["workdir"])
+    data = work / f"gen-{opts['users']}-{opts['seed']}"
+    counts = dataset(data, opts["users"], opts["seed"])
+    eventlog, out = work / "eventlog", work / "features"
+    if eventlog.exists():
+        shutil.rmtree(eventlog)
+    tables = write_eventlog(data, eventlog)
+    n_events = len(tables["video_events"]) + len(tables["comment_events"])
+    print(f"features benchmark: {n_events} events, {counts}", flush=True)
+
+    init_ray()
+    config = FeaturesConfig(eventlog=str(eventlog), out=str(out), encoder="hash", encoder_dim=64, embed_cache="off")
+    with PeakRss() as ray_rss:
+        started = time.perf_counter()
+        manifest = build_features(config)
+        build_s = time.perf_counter() - started
+
+    with PeakRss() as base_rss:
+        started = time.perf_counter()
+        local = seq.build_local(tables["videos"], tables["comments"], tables["video_events"],
+                                tables["comment_events"], max_history=config.max_history,
+                                num_negatives=config.num_negatives, seed=config.seed)
+        baseline_s = time.perf_counter() - started
+    same = _same_rows(out, local)
+    del local
+
+    videos = pq.read_table(out / "videos.parquet", columns=["text"])["text"].to_pylist()
+    comments = pq.read_table(out / "comments.parquet", columns=["text"])["text"].to_pylist()
+    rng = np.random.default_rng(0)
+    pool = videos + comments
+    sample = [pool[i] for i in rng.choice(len(pool), size=min(opts["embed_sample"], len(pool)), replace=False)]
+    with PeakRss() as embed_rss:
+        texts_per_s = embed_throughput(sample, work)
+
+    sequence_s = build_s - manifest["embed_s"]
+    return {
+        "events": n_events,
+        "users": opts["users"],
+        "videos": manifest["num_videos"],
+        "comments": manifest["num_comments"],
+        "examples": sum(v["count"] for task in manifest["tasks"].values() for v in task.values()),
+        "build_s": round(build_s, 2),
+        "sequence_build_s": round(sequence_s, 2),
+        "hash_embed_s": manifest["embed_s"],
+        "peak_rss_gb": max(ray_rss.peak_gb, base_rss.peak_gb, embed_rss.peak_gb),
+        "ray_build_peak_rss_gb": ray_rss.peak_gb,
+        "baseline_peak_rss_gb": base_rss.peak_gb,
+        "embed_texts_per_s": round(texts_per_s, 1),
+        "embed_sample_texts": len(sample),
+        "baseline_build_s": round(baseline_s, 2),
+        "ratio_vs_baseline": round(sequence_s / baseline_s, 3),
+        "same_rows_as_baseline": same,
+        "notes": (
+            f"One run on the generator's {opts['users']}-user log ({n_events} video and comment events), written "
+            "as a date-partitioned Parquet event log without Kafka. build_s is the whole Ray Data build (catalogs, hash-encoder "
+            "embeddings of every video and comment text, both groupby stages, negatives, writes); "
+            "sequence_build_s = build_s - hash_embed_s is what ratio_vs_baseline compares with baseline_build_s, "
+            "the single-process build_local (same pure functions on in-memory pyarrow tables, no Ray) on the same "
+            "tables; same_rows_as_baseline says every example and user row is equal. embed_texts_per_s is MiniLM "
+            f"through the Ray Data actor pool (1 actor, all cores) on {len(sample)} sampled catalog texts, cache "
+            "off; a full MiniLM build embeds each new text once (content-hash cache), so its embedding time is "
+            "the catalog size over this rate the first time and near zero after. peak_rss_gb sums RSS over this "
+            "process and every descendant (Ray head, raylet, workers), sampled every 0.5 s. Scaling: both stages "
+            "are hash-partitioned groupbys (by video, then by user) whose groups are independent, and the "
+            "reads, negative sampling and writes are per block, so with more nodes the work splits across "
+            "shuffle partitions (shuffle_partitions, default from rows and CPUs) and the encoder pool grows with "
+            "embed_concurrency (one actor per GPU or core group); the driver only holds the catalogs and the "
+            "per-block counts. On this 2-core machine Ray's scheduling and shuffle cost what the parallelism wins."
+        ),
+    }
