@@ -1,22 +1,43 @@
-"""Consume the four topics in a consumer group into the event log.
+"""Consume the four topics in a consumer group into the event log and the online sequence store.
 
-Offsets are committed only after the records they cover are durable (event log parts renamed into place and
-dead letters acknowledged by the broker). A record redelivered after a crash is recognised by its id and
-not stored twice.
+Guarantees (tested against the real broker in tests/ingestion/test_failures.py):
+- Offsets are committed only after the records they cover are durable: event-log parts renamed into place,
+  dead letters acknowledged by the broker, dead-letter counters saved. A crash anywhere means redelivery,
+  never loss.
+- A redelivered record is recognised by its id inside its date partition (IdIndex) and not stored twice.
+- A bad record goes to the dead-letter topic with its original bytes and a `reason` header, once per source
+  offset: the per-partition DeadLetterLedger remembers up to which offset dead letters were sent and counted.
+- Partitions being taken away (rebalance) are flushed to the log first (not committed: see on_revoked); partitions given to us start with a
+  fresh id index, because the previous owner may have written since.
+- Backpressure: the loop polls at most `max_poll_records` and writes synchronously once `flush_records` are
+  buffered, so memory stays bounded however slow the sink is (the broker simply holds the rest).
+- The sequence store is updated after every poll (freshness), before the log flush; it keys rows by event_id,
+  so redelivery is harmless, and its own offsets let a restart replay what it lacks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import socket
+import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 
-from ingestion.eventlog import EventLog
-from ingestion.schema import ID_FIELD, TABLES, InvalidRecord, parse
+from ingestion.eventlog import EventLog, IdIndex
+from ingestion.replay import MAX_MESSAGE_BYTES
+from ingestion.schema import TABLES, InvalidRecord, parse
+from ingestion.sequence_store import SequenceStore
 from ingestion.topics import topic_names
+
+STATE_DIR = "_state"
+EVENT_TABLES = ("video_events", "comment_events")
 
 
 @dataclasses.dataclass
@@ -30,48 +51,221 @@ class IngestConfig:
     # Stop once every assigned partition is caught up and nothing arrived for this long (None: run forever).
     until_idle_s: float | None = None
     max_poll_records: int = 2_000
+    # The online sequence store (SQLite file); empty means EVENTLOG/_state/sequences.sqlite.
+    sequence_store: str = ""
+    max_history: int = 50
+    # Static group membership: a consumer restarted with the same id gets its partitions back at once instead
+    # of waiting for the session timeout of its dead predecessor. Empty: dynamic membership.
+    instance_id: str = ""
+    session_timeout_ms: int = 10_000
+    # Date partitions whose ids stay in memory (see IdIndex).
+    max_id_partitions: int = 64
 
     def __post_init__(self):
+        if not self.eventlog or not self.bootstrap:
+            raise ValueError("IngestConfig: eventlog and bootstrap are required")
         if self.flush_records < 1 or self.flush_interval_s <= 0 or self.max_poll_records < 1:
             raise ValueError("flush_records, flush_interval_s and max_poll_records must be positive")
         if self.until_idle_s is not None and self.until_idle_s <= 0:
             raise ValueError("until_idle_s must be positive or None")
+        if self.max_history < 1 or self.max_id_partitions < 1:
+            raise ValueError("max_history and max_id_partitions must be >= 1")
+        if self.session_timeout_ms < 6_000:
+            raise ValueError("session_timeout_ms must be >= 6000 (the broker's group.min.session.timeout.ms)")
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.eventlog) / STATE_DIR
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.sequence_store) if self.sequence_store else self.state_dir / "sequences.sqlite"
+
+
+# ------------------------------------------------------------------------------------------- pure parts
+
+
+def should_flush(pending: int, seconds_since_flush: float, polled_any: bool, flush_records: int,
+                 flush_interval_s: float) -> bool:
+    """Write when the buffer is full (the backpressure bound) or the interval passed with something new."""
+    if pending >= flush_records:
+        return True
+    return seconds_since_flush >= flush_interval_s and (pending > 0 or polled_any)
+
+
+def percentile(values, q: float) -> float | None:
+    """Nearest-rank percentile (q in [0, 100]); None for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n q / 100), at least 1
+    return float(ordered[int(rank) - 1])
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, sort_keys=True))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class DeadLetterLedger:
+    """Per source partition: the offset below which dead letters were already sent, and the count per reason.
+
+    Saved (one small JSON file per partition, written only by the partition's owner) before offsets are
+    committed, so a redelivered bad record is neither sent nor counted twice.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.state: dict[tuple[str, int], dict] = {}
+        self.dirty: set[tuple[str, int]] = set()
+
+    def _file(self, topic: str, partition: int) -> Path:
+        return self.folder / f"{topic}-{partition}.json"
+
+    def load(self, topic: str, partition: int) -> None:
+        path = self._file(topic, partition)
+        state = json.loads(path.read_text()) if path.exists() else {"sent_upto": 0, "reasons": {}}
+        self.state[(topic, partition)] = state
+
+    def is_new(self, topic: str, partition: int, offset: int) -> bool:
+        if (topic, partition) not in self.state:
+            self.load(topic, partition)
+        return offset >= self.state[(topic, partition)]["sent_upto"]
+
+    def record(self, topic: str, partition: int, offset: int, reason: str) -> None:
+        if (topic, partition) not in self.state:
+            self.load(topic, partition)
+        state = self.state[(topic, partition)]
+        state["sent_upto"] = max(state["sent_upto"], offset + 1)
+        state["reasons"][reason] = state["reasons"].get(reason, 0) + 1
+        self.dirty.add((topic, partition))
+
+    def save(self) -> None:
+        for topic, partition in sorted(self.dirty):
+            _write_json_atomic(self._file(topic, partition), self.state[(topic, partition)])
+        self.dirty.clear()
+
+    def forget(self, partitions) -> None:
+        """Drop partitions we no longer own (their next owner reads the saved file)."""
+        for tp in partitions:
+            self.state.pop(tp, None)
+
+
+def read_dead_letter_counts(eventlog: str | Path) -> dict[str, int]:
+    """Dead letters per reason, summed over every source partition (what `lsvcr ingest status` shows)."""
+    total: Counter = Counter()
+    for path in sorted((Path(eventlog) / STATE_DIR / "dead_letters").glob("*.json")):
+        total.update(json.loads(path.read_text())["reasons"])
+    return dict(total)
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, ingestor: "Ingestor"):
+        self.ingestor = ingestor
+
+    def on_partitions_revoked(self, revoked):
+        self.ingestor.on_revoked(revoked)
+
+    def on_partitions_assigned(self, assigned):
+        self.ingestor.on_assigned(assigned)
 
 
 class Ingestor:
     def __init__(self, config: IngestConfig):
         self.config = config
         self.log = EventLog(config.eventlog)
+        self.log.remove_stale_temporaries()
+        self.index = IdIndex(self.log, config.max_id_partitions)
+        self.ledger = DeadLetterLedger(config.state_dir / "dead_letters")
+        self.store = SequenceStore(config.store_path, max_history=config.max_history)
         self.topics = topic_names(config.topic_prefix)
         self.table_of_topic = {self.topics[t]: t for t in TABLES}
-        self.seen = {t: self.log.ids(t) for t in TABLES}
         self.buffer: dict[str, list[dict]] = {t: [] for t in TABLES}
         self.stats: Counter = Counter()
-        self.dead_reasons: Counter = Counter()
+        self.freshness_ms: deque = deque(maxlen=200_000)
+        self.member = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self._window = (time.monotonic(), 0)  # (start, stored so far) for the throughput figure
+        self._metrics = _ray_metrics()
+        self._check_store: set = set()
+        self.last_durable = time.monotonic()
+        extra = {"group_instance_id": config.instance_id} if config.instance_id else {}
         self.consumer = KafkaConsumer(
-            *self.table_of_topic,
             bootstrap_servers=config.bootstrap,
             group_id=config.group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=config.max_poll_records,
-            client_id="lsvcr-ingest",
+            fetch_max_bytes=16 * 1024 * 1024,  # bounds the fetcher's own buffer too
+            session_timeout_ms=config.session_timeout_ms,
+            heartbeat_interval_ms=max(1000, config.session_timeout_ms // 5),
+            client_id=f"lsvcr-ingest-{self.member}",
+            **extra,
         )
-        self.dead_letters = KafkaProducer(bootstrap_servers=config.bootstrap, acks="all", client_id="lsvcr-dlq")
+        self.consumer.subscribe(list(self.table_of_topic), listener=_Rebalance(self))
+        self.dead_letters = KafkaProducer(bootstrap_servers=config.bootstrap, acks="all", client_id="lsvcr-dlq",
+                                          max_request_size=MAX_MESSAGE_BYTES + 64 * 1024, linger_ms=5)
 
-    def handle(self, record) -> None:
-        table = self.table_of_topic[record.topic]
-        try:
-            clean = parse(table, record.value or b"")
-        except InvalidRecord as err:
-            self._dead_letter(record, err.reason)
-            return
-        identity = clean[ID_FIELD[table]]
-        if identity in self.seen[table]:
-            self.stats["duplicates"] += 1
-            return
-        self.seen[table].add(identity)
-        self.buffer[table].append(clean)
+    # -- rebalance ------------------------------------------------------------------------------------
+
+    # The listener runs on kafka-python's network thread, which must not block on the broker: no commit here.
+    # Writing the buffer is enough: the next owner starts at the last commit and finds these ids in the log.
+
+    def on_revoked(self, revoked) -> None:
+        self.flush(commit=False)
+        self.ledger.forget([(tp.topic, tp.partition) for tp in revoked])
+        self.stats["rebalances"] += 1
+
+    def on_assigned(self, assigned) -> None:
+        self.index.clear()  # the previous owner may have written since we loaded these ids
+        for tp in assigned:
+            self.ledger.load(tp.topic, tp.partition)
+        self._check_store = set(assigned)
+        self._write_stats()  # status shows the new assignment at once
+
+    def replay_store_gaps(self) -> None:
+        """Seek a newly assigned partition back to the sequence store's offset when the store is behind the
+        group's commit (it lost its last transactions in a power loss); the log dedups the replay by id."""
+        stored = self.store.offsets()
+        for tp in self._check_store:
+            behind = stored.get((tp.topic, tp.partition))
+            try:
+                committed = self.consumer.committed(tp)
+            except KafkaError:
+                continue
+            if behind is not None and committed is not None and behind < committed:
+                self.consumer.seek(tp, behind)
+                self.stats["store_replays"] += 1
+        self._check_store = set()
+
+    # -- records --------------------------------------------------------------------------------------
+
+    def handle_batch(self, tp, records) -> tuple[list[dict], int]:
+        """Parse one partition's records: buffer new valid ones, dead-letter bad ones. Returns the valid ones."""
+        table = self.table_of_topic[tp.topic]
+        valid = []
+        for record in records:
+            try:
+                clean = parse(table, record.value or b"")
+            except InvalidRecord as err:
+                if self.ledger.is_new(tp.topic, tp.partition, record.offset):
+                    self._dead_letter(record, err.reason)
+                else:
+                    self.stats["dead_letters_redelivered"] += 1
+                continue
+            valid.append(clean)
+            if self.index.add_if_new(table, clean):
+                self.buffer[table].append(clean)
+            else:
+                self.stats["duplicates"] += 1
+        self.stats["consumed"] += len(records)
+        return valid, records[-1].offset + 1
 
     def _dead_letter(self, record, reason: str) -> None:
         headers = [
@@ -81,48 +275,104 @@ class Ingestor:
             ("source_offset", str(record.offset).encode()),
         ]
         self.dead_letters.send(self.topics["dead_letter"], key=record.key, value=record.value, headers=headers)
-        self.dead_reasons[reason.split(":")[0]] += 1
+        self.ledger.record(record.topic, record.partition, record.offset, reason)
         self.stats["dead_letters"] += 1
+        if self._metrics:
+            self._metrics["dead_letters"].inc(1, tags={"reason": reason.split(":")[0]})
+
+    def apply_to_store(self, polled: dict) -> None:
+        """Update the online sequences with this poll's valid events, then sample their freshness."""
+        events = {t: [] for t in EVENT_TABLES}
+        offsets = {}
+        produced_ms = []
+        for tp, (table, valid, next_offset, records) in polled.items():
+            offsets[(tp.topic, tp.partition)] = next_offset
+            if table in events:
+                events[table].extend(valid)
+                produced_ms.extend(r.timestamp for r in records)
+        self.store.apply(events["video_events"], events["comment_events"], offsets)
+        now_ms = time.time() * 1000
+        self.freshness_ms.extend(now_ms - t for t in produced_ms)
 
     def pending(self) -> int:
         return sum(len(v) for v in self.buffer.values())
 
-    def flush(self) -> None:
+    def flush(self, commit: bool = True) -> None:
         """Make everything consumed so far durable, then commit the offsets that cover it."""
         for table, records in self.buffer.items():
             if records:
                 self.log.append(table, records)
                 self.stats[f"stored_{table}"] += len(records)
+                self.stats["stored"] += len(records)
+                if self._metrics:
+                    self._metrics["stored"].inc(len(records), tags={"table": table})
                 self.buffer[table] = []
         self.dead_letters.flush()
-        self.consumer.commit()
+        self.ledger.save()
+        if not commit:
+            return
+        try:
+            self.consumer.commit()
+        except KafkaError as err:
+            # The records are durable, so a failed commit only means they may be delivered again (and deduped).
+            self.stats["commit_failures"] += 1
+            print(f"[ingest] commit failed, will retry on the next flush: {err!r}", flush=True)
+        self._write_stats()
+        self.last_durable = time.monotonic()
+
+    def _write_stats(self) -> None:
+        start, stored_then = self._window
+        now = time.monotonic()
+        rate = (self.stats["stored"] - stored_then) / max(now - start, 1e-9)
+        self._window = (now, self.stats["stored"])
+        try:
+            assigned = sorted(f"{tp.topic}-{tp.partition}" for tp in self.consumer.assignment())
+        except KafkaError:
+            assigned = []
+        _write_json_atomic(self.config.state_dir / "consumers" / f"{self.member}.json", {
+            "member": self.member, "updated_at": time.time(), "events_per_s": round(rate, 1),
+            "assigned": assigned, **{k: v for k, v in self.stats.items()},
+        })
+        if self._metrics:
+            self._metrics["events_per_s"].set(rate)
 
     def caught_up(self) -> bool:
-        assigned = self.consumer.assignment()
-        if not assigned:
-            return False
-        ends = self.consumer.end_offsets(list(assigned))
-        return all(self.consumer.position(tp) >= ends[tp] for tp in assigned)
+        try:
+            assigned = self.consumer.assignment()
+            if not assigned:
+                return False
+            ends = self.consumer.end_offsets(list(assigned))
+            return all(self.consumer.position(tp) >= ends[tp] for tp in assigned)
+        except KafkaError:
+            return False  # broker away: not caught up, keep trying
 
     def run(self) -> dict:
         cfg = self.config
-        started = last_flush = last_record = time.monotonic()
-        last_report = started
+        started = last_flush = last_record = last_report = time.monotonic()
+        first_record = None
         try:
             while True:
-                batches = self.consumer.poll(timeout_ms=500)
+                batches = self.consumer.poll(timeout_ms=200)
+                if self._check_store:
+                    self.replay_store_gaps()
                 now = time.monotonic()
-                for records in batches.values():
-                    for record in records:
-                        self.handle(record)
-                        self.stats["consumed"] += 1
+                polled = {}
+                for tp, records in batches.items():
+                    if records:
+                        valid, next_offset = self.handle_batch(tp, records)
+                        polled[tp] = (self.table_of_topic[tp.topic], valid, next_offset, records)
+                if polled:
+                    self.apply_to_store(polled)
                     last_record = now
-                if self.pending() >= cfg.flush_records or (now - last_flush >= cfg.flush_interval_s and (self.pending() or batches)):
+                    first_record = first_record or now
+                self.stats["peak_pending"] = max(self.stats["peak_pending"], self.pending())
+                if should_flush(self.pending(), now - last_flush, bool(polled), cfg.flush_records, cfg.flush_interval_s):
                     self.flush()
-                    last_flush = now
+                    last_flush = time.monotonic()
                 if now - last_report >= 10:
-                    print(f"[ingest] {self.stats['consumed']:,} consumed, {self.stats['dead_letters']:,} dead letters, "
-                          f"{self.stats['duplicates']:,} duplicates", flush=True)
+                    print(f"[ingest] {self.stats['consumed']:,} consumed, {self.stats['stored']:,} stored, "
+                          f"{self.stats['dead_letters']:,} dead letters, {self.stats['duplicates']:,} duplicates",
+                          flush=True)
                     last_report = now
                 if cfg.until_idle_s is not None and now - last_record >= cfg.until_idle_s and self.caught_up():
                     break
@@ -130,12 +380,45 @@ class Ingestor:
         finally:
             self.consumer.close(autocommit=False)
             self.dead_letters.close()
+            self.store.close()
         elapsed = time.monotonic() - started
-        result = {**self.stats, "dead_letter_reasons": dict(self.dead_reasons), "seconds": round(elapsed, 2)}
+        # From the first record polled to the last one durable: the rate figure, without start-up and idle tail.
+        active = (self.last_durable - first_record) if first_record else 0.0
+        result = {**self.stats, "active_s": round(active, 3), "dead_letter_reasons": read_dead_letter_counts(cfg.eventlog),
+                  "seconds": round(elapsed, 2),
+                  "freshness_p50_ms": percentile(self.freshness_ms, 50),
+                  "freshness_p99_ms": percentile(self.freshness_ms, 99)}
         print(f"[ingest] done: {result}", flush=True)
         return result
+
+
+def _ray_metrics() -> dict | None:
+    """Prometheus metrics through Ray when the consumer runs inside a Ray worker or driver; None otherwise."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    from ray.util import metrics
+
+    return {
+        "stored": metrics.Counter("lsvcr_ingest_stored_events", "events written to the event log", tag_keys=("table",)),
+        "dead_letters": metrics.Counter("lsvcr_ingest_dead_letters", "records sent to the dead-letter topic",
+                                        tag_keys=("reason",)),
+        "events_per_s": metrics.Gauge("lsvcr_ingest_events_per_s", "events stored per second over the last flush"),
+    }
 
 
 def ingest(config: IngestConfig) -> dict:
     Path(config.eventlog).mkdir(parents=True, exist_ok=True)
     return Ingestor(config).run()
+
+
+def main(argv: list[str]) -> None:
+    """`python -m ingestion.consumer '<IngestConfig as JSON>' [result.json]`: one consumer process (tests, scripts)."""
+    cfg = IngestConfig(**json.loads(argv[0]))
+    result = ingest(cfg)
+    if len(argv) > 1:
+        _write_json_atomic(Path(argv[1]), result)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

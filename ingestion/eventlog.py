@@ -1,10 +1,18 @@
-"""The event log: one folder of Parquet parts per table, written atomically, each id stored at most once."""
+"""The event log: Parquet parts per table and event date, written atomically, each id stored at most once.
+
+Layout (docs/DATA.md section 2): `ROOT/<table>/date=YYYY-MM-DD/part-<ns>-<rand>.parquet`, the date being the
+UTC day of the record's `ts`, so a late event lands in its own day's folder whenever it arrives. Writers keep
+temporary files hidden (leading dot); readers only ever see whole parts. `ROOT/_state/` holds the consumer's
+bookkeeping (dead-letter counters, consumer stats, the online sequence store) and is not part of any table.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,42 +20,169 @@ import pyarrow.parquet as pq
 
 from ingestion.schema import ARROW_SCHEMA, ID_FIELD, TABLES
 
+DAY_MS = 86_400_000
+
+
+def date_of(ts_ms: int) -> str:
+    """The UTC day of an epoch-millisecond time: the event-log partition it belongs to."""
+    return dt.datetime.fromtimestamp(ts_ms // 1000, dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def group_by_date(records: list[dict]) -> dict[str, list[dict]]:
+    """Split records into their date partitions, keeping their order inside each."""
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(date_of(record["ts"]), []).append(record)
+    return groups
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 class EventLog:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def parts(self, table: str) -> list[Path]:
-        return sorted((self.root / table).glob("part-*.parquet"))
+    def partition_dir(self, table: str, date: str) -> Path:
+        return self.root / table / f"date={date}"
 
-    def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
-        parts = self.parts(table)
+    def dates(self, table: str) -> list[str]:
+        folder = self.root / table
+        if not folder.is_dir():
+            return []
+        return sorted(p.name[5:] for p in folder.glob("date=*") if p.is_dir())
+
+    def parts(self, table: str, date: str | None = None) -> list[Path]:
+        if date is not None:
+            return sorted(self.partition_dir(table, date).glob("part-*.parquet"))
+        return sorted((self.root / table).glob("date=*/part-*.parquet"))
+
+    def read(self, table: str, columns: list[str] | None = None, date: str | None = None) -> pa.Table:
+        schema = ARROW_SCHEMA[table]
+        parts = self.parts(table, date)
         if not parts:
-            return ARROW_SCHEMA[table].empty_table() if columns is None else ARROW_SCHEMA[table].empty_table().select(columns)
-        return pa.concat_tables([pq.read_table(p, columns=columns, schema=ARROW_SCHEMA[table]) for p in parts])
+            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+        # Read each file on its own: a dataset read of the folder would add the hive `date` column.
+        return pa.concat_tables([pq.read_table(p, columns=columns, schema=schema) for p in parts])
 
-    def ids(self, table: str) -> set[str]:
-        """Every identity already in the log, so a redelivered record is not stored twice."""
-        return set(self.read(table, [ID_FIELD[table]]).column(0).to_pylist())
+    def ids(self, table: str, date: str | None = None) -> set[str]:
+        """Identities already in the log (one date partition, or all), so a redelivered record is not stored twice."""
+        return set(self.read(table, [ID_FIELD[table]], date).column(0).to_pylist())
 
     def count(self, table: str) -> int:
         return sum(pq.ParquetFile(p).metadata.num_rows for p in self.parts(table))
 
-    def append(self, table: str, records: list[dict]) -> Path | None:
-        """Write records as one new part: temporary file, fsync, then rename, so readers never see half a file."""
-        if not records:
-            return None
-        folder = self.root / table
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = folder / f".{name}.tmp"
-        pq.write_table(pa.Table.from_pylist(records, schema=ARROW_SCHEMA[table]), tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        final = folder / name
-        os.replace(tmp, final)
-        return final
-
     def counts(self) -> dict[str, int]:
         return {table: self.count(table) for table in TABLES}
 
+    def append(self, table: str, records: list[dict]) -> list[Path]:
+        """Write records as one new part per date partition: temporary file, fsync, rename.
+
+        Each part is atomic on its own; a crash between two parts leaves the first one in place, and the
+        redelivered records it holds are then recognised by id (see IdIndex).
+        """
+        written = []
+        for date, group in group_by_date(records).items():
+            folder = self.partition_dir(table, date)
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+            tmp = folder / f".{name}.tmp"
+            pq.write_table(pa.Table.from_pylist(group, schema=ARROW_SCHEMA[table]), tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, folder / name)
+            _fsync_dir(folder)
+            written.append(folder / name)
+        return written
+
+    def remove_stale_temporaries(self, older_than_s: float = 3600.0) -> int:
+        """Delete temporary files a killed writer left behind; recent ones may belong to a live writer."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for tmp in self.root.glob("*/date=*/.part-*.tmp"):
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def compact(self, table: str, date: str, min_parts: int = 8) -> Path | None:
+        """Merge a date partition's small parts into one (ids deduplicated); returns the new part or None.
+
+        The merged part is renamed in before the old parts are removed, so a reader or a crash in between sees
+        every row at least once and IdIndex still finds every id. Run it only on partitions no consumer is
+        writing to (days that are over), because a part written meanwhile would be kept but not merged.
+        """
+        parts = self.parts(table, date)
+        if len(parts) < min_parts:
+            return None
+        merged = pa.concat_tables([pq.read_table(p, schema=ARROW_SCHEMA[table]) for p in parts])
+        ids = merged.column(ID_FIELD[table]).to_pylist()
+        first = {}
+        for i, identity in enumerate(ids):
+            first.setdefault(identity, i)
+        merged = merged.take(sorted(first.values()))
+        folder = self.partition_dir(table, date)
+        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = folder / f".{name}.tmp"
+        pq.write_table(merged, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / name)
+        for p in parts:
+            p.unlink()
+        _fsync_dir(folder)
+        return folder / name
+
+
+class IdIndex:
+    """Which ids the log already holds, loaded per (table, date) partition on first use.
+
+    A redelivered record carries the same ts as the first delivery, so it can only collide inside its own date
+    partition: the index never needs every id of the log, only those of the days being written. Restart cost is
+    one id-column read per day touched, and at most `max_partitions` days stay in memory (least recently used
+    are dropped and reloaded from the log if needed again).
+    """
+
+    def __init__(self, log: EventLog, max_partitions: int = 64):
+        if max_partitions < 1:
+            raise ValueError("max_partitions must be >= 1")
+        self.log = log
+        self.max_partitions = max_partitions
+        self._sets: OrderedDict[tuple[str, str], set[str]] = OrderedDict()
+        self.loads = 0
+
+    def _ids(self, table: str, date: str) -> set[str]:
+        key = (table, date)
+        if key in self._sets:
+            self._sets.move_to_end(key)
+            return self._sets[key]
+        ids = self.log.ids(table, date)
+        self.loads += 1
+        self._sets[key] = ids
+        while len(self._sets) > self.max_partitions:
+            self._sets.popitem(last=False)
+        return ids
+
+    def add_if_new(self, table: str, record: dict) -> bool:
+        """True (and remembered) if the record's id is new to its partition; False for a duplicate."""
+        ids = self._ids(table, date_of(record["ts"]))
+        identity = record[ID_FIELD[table]]
+        if identity in ids:
+            return False
+        ids.add(identity)
+        return True
+
+    def forget(self, table: str, record: dict) -> None:
+        """Undo add_if_new for a record that will not be written (its buffer was dropped)."""
+        key = (table, date_of(record["ts"]))
+        if key in self._sets:
+            self._sets[key].discard(record[ID_FIELD[table]])
+
+    def clear(self) -> None:
+        """Drop everything: another consumer may have written since (called when partitions are reassigned)."""
+        self._sets.clear()

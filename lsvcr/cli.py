@@ -54,6 +54,12 @@ def cmd_ingest(a) -> None:
     from lsvcr.config import load_config
 
     bootstrap = a.bootstrap or bootstrap_servers()
+    if a.overrides[:1] == ["status"]:  # `lsvcr ingest status`: lag, offsets, throughput, dead letters
+        from ingestion.status import format_status, ingest_status
+
+        status = ingest_status(a.eventlog, bootstrap, a.group or "lsvcr-ingest", a.topic_prefix)
+        print(json.dumps(status, indent=2) if a.json else format_status(status))
+        return
     ensure_topics(bootstrap, a.topic_prefix)
     values = {"eventlog": a.eventlog, "bootstrap": bootstrap, "topic_prefix": a.topic_prefix, "until_idle_s": a.until_idle}
     if a.group:
@@ -138,7 +144,11 @@ def cmd_run(a) -> None:
     from lsvcr.pipeline import PipelineConfig, run_pipeline
 
     work = a.work or str(run_dir() / "runs" / Path(a.data).resolve().name)
-    run_pipeline(PipelineConfig(data=a.data, work=work, results=a.out, epochs=a.epochs))
+    from trainers.suite import MODEL_NAMES
+
+    models = MODEL_NAMES if a.models == "all" else tuple(m for m in a.models.split(",") if m)
+    run_pipeline(PipelineConfig(data=a.data, work=work, results=a.out, epochs=a.epochs, models=models,
+                                align=tuple(a.align)))
 
 
 def cmd_demo(a) -> None:
@@ -174,12 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic-prefix", default="")
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("ingest", help="consume the topics into the Parquet event log")
+    p = sub.add_parser("ingest", help="consume the topics into the Parquet event log; `ingest status` reports lag")
     p.add_argument("--eventlog", default=str(run_dir() / "eventlog"))
     p.add_argument("--bootstrap")
     p.add_argument("--group")
     p.add_argument("--topic-prefix", default="")
     p.add_argument("--until-idle", type=float, default=None, help="stop after N idle seconds once caught up")
+    p.add_argument("--json", action="store_true", help="status: print JSON")
     _add_overrides(p)
     p.set_defaults(func=cmd_ingest)
 
@@ -226,7 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="metrics JSON")
     p.add_argument("--work", help="folder for the event log, features and checkpoints")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="stage 2 epochs (default: early stopping decides)")
+    p.add_argument("--models", default="popularity,sasrec,sr_no_align",
+                   help="comma list of popularity, sasrec, sr_no_align, sr_text_only, lsvcr_no_vc_contrast, "
+                        "lsvcr; or 'all' (the lsvcr ones run stage 1 with the LLM: slow on CPU)")
+    p.add_argument("--align", action="append", default=[], metavar="key=value",
+                   help="stage 1 override, repeatable (e.g. --align max_examples=2000 --align llm_mode=frozen)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="generate data and run everything end to end, then serve two users")

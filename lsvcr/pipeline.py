@@ -24,6 +24,9 @@ class PipelineConfig:
     epochs: int | None = None  # None: the trainer's default
     num_workers: int = 2
     topic_prefix: str | None = None  # None: a prefix unique to this run, so runs never share topics
+    # Models to train and evaluate (trainers.suite.MODEL_NAMES); the LLM-aligned ones take much longer.
+    models: tuple[str, ...] = ("popularity", "sasrec", "sr_no_align")
+    align: tuple[str, ...] = ()  # key=value overrides for stage 1 (e.g. max_examples=2000)
 
     def __post_init__(self):
         if not Path(self.data).is_dir():
@@ -60,10 +63,10 @@ def run_pipeline(cfg: PipelineConfig, steps: Steps | None = None) -> dict:
     from ingestion.topics import ensure_topics
     from lsvcr.config import load_config
     from lsvcr.ray_runtime import init_ray
-    from trainers.evaluate import evaluate, format_table
-    from trainers.finetune import FinetuneConfig, finetune
+    from trainers.evaluate import format_table
+    from trainers.suite import train_all
 
-    steps = steps or Steps(7)
+    steps = steps or Steps(6)
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
     prefix = cfg.topic_prefix
@@ -92,17 +95,12 @@ def run_pipeline(cfg: PipelineConfig, steps: Steps | None = None) -> dict:
     features = work / "features"
     manifest = build_features(load_config(FeaturesConfig, None, {"eventlog": str(eventlog), "out": str(features)}))
 
-    checkpoints = {}
-    for name, model in (("sr_no_align", "sr"), ("sasrec", "sasrec")):
-        steps(f"train {name}: Ray Train TorchTrainer, {cfg.num_workers} workers")
-        values = {"features": str(features), "out": str(work / "checkpoints" / name), "model": model,
-                  "num_workers": cfg.num_workers}
-        if cfg.epochs:
-            values["epochs"] = cfg.epochs
-        checkpoints[name] = finetune(load_config(FinetuneConfig, None, values))
-
-    steps("evaluate on the test split")
-    results = evaluate(str(features), checkpoints, split="test")
+    trained = [m for m in cfg.models if m != "popularity"]
+    steps(f"train {', '.join(trained)} with Ray Train ({cfg.num_workers} workers), evaluate on the test split")
+    finetune = [f"num_workers={cfg.num_workers}"] + ([f"epochs={cfg.epochs}"] if cfg.epochs else [])
+    suite = train_all(features, work / "models", models=cfg.models, finetune=finetune,
+                      align=[f"num_workers={cfg.num_workers}", *cfg.align], split="test")
+    results, checkpoints = suite["metrics"], suite["checkpoints"]
     print(format_table(results), flush=True)
     if cfg.results:
         Path(cfg.results).parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +115,7 @@ def demo(users: int = 2000, seed: int = 0, epochs: int | None = None, serve_seco
     from ingestion.generator import GeneratorConfig, generate
     from lsvcr.config import load_config
 
-    steps = Steps(9)
+    steps = Steps(8)
     root = run_dir() / "demo"
     data = root / f"data-u{users}-s{seed}"
     steps(f"generate a synthetic dataset: {users} users, seed {seed}")

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from serving.histories import history_from_store
 from serving.state import ModelState, load_state
 
 log = logging.getLogger("ray.serve")
@@ -87,9 +88,20 @@ def _merge(histories: list[dict]) -> dict:
 @serve.ingress(app)
 class Recommender:
     def __init__(self, registry: str | None = None, checkpoint: str | None = None, features: str | None = None,
-                 poll_s: float = 1.0):
-        """Serve the registry's CURRENT version (and follow it), or one fixed checkpoint + features folder."""
+                 poll_s: float = 1.0, sequence_store: str | None = None, catalog_bootstrap: str | None = None,
+                 topic_prefix: str = ""):
+        """Serve the registry's CURRENT version (and follow it), or one fixed checkpoint + features folder.
+
+        With `sequence_store` (the SQLite file the ingest consumer keeps), each request reads the user's
+        current histories from it, so an event ingested now changes the next answer; users it does not know
+        fall back to the features snapshot (users.parquet). With `catalog_bootstrap`, videos and comments
+        published to the catalog topics are embedded on arrival and become recommendable."""
         self.refusals: list[dict] = []
+        self._lock = threading.Lock()  # serialises state replacements (new version, new items)
+        self.arrived = {"videos": [], "comments": []}
+        self._encoders: dict = {}
+        self.sequence_store_path = sequence_store
+        self._store = None
         self._stop = threading.Event()
         self.registry = None
         if registry:
@@ -105,6 +117,30 @@ class Recommender:
             self.state = load_state(Path(checkpoint).name, checkpoint, features)
         else:
             raise ValueError("Recommender needs a registry, or a checkpoint and a features folder")
+        self.catalog = None
+        if catalog_bootstrap:
+            from serving.catalog import CatalogFollower
+
+            self.catalog = CatalogFollower(catalog_bootstrap, topic_prefix, self.add_items)
+            self.catalog.start()
+
+    def _with_arrivals(self, state: ModelState) -> ModelState:
+        from features.embeddings import make_encoder
+        from serving.catalog import extend_state
+
+        if not self.arrived["videos"] and not self.arrived["comments"]:
+            return state
+        key = (state.encoder, state.encoder_dim)
+        if key not in self._encoders:
+            self._encoders[key] = make_encoder(state.encoder, state.encoder_dim)
+        return extend_state(state, self.arrived["videos"], self.arrived["comments"], self._encoders[key].encode)
+
+    def add_items(self, videos: list[dict], comments: list[dict]) -> None:
+        """New catalog records: keep them (a later model version needs them too) and serve them now."""
+        with self._lock:
+            self.arrived["videos"] += videos
+            self.arrived["comments"] += comments
+            self.state = self._with_arrivals(self.state)
 
     def _load_version(self, version: str) -> ModelState:
         manifest = self.registry.manifest(version)
@@ -119,17 +155,56 @@ class Recommender:
         if version is None or version == self.state.version or any(r["version"] == version for r in self.refusals):
             return
         try:
-            new_state = self._load_version(version)
+            loaded = self._load_version(version)
+            with self._lock:  # items that arrived meanwhile are added before the swap, under the same lock
+                self.state = self._with_arrivals(loaded)  # one reference swap: requests in flight keep theirs
         except Exception as err:  # any failure to load keeps the old model serving
             reason = f"{type(err).__name__}: {err}"
             self.refusals.append({"version": version, "reason": reason, "at": time.time()})
             log.error(f"refusing model version {version}, still serving {self.state.version}: {reason}")
             return
-        self.state = new_state  # one reference swap: requests in flight keep the state they read
         log.warning(f"now serving model version {version}")
 
     def __del__(self):
         self._stop.set()
+        if getattr(self, "catalog", None):
+            self.catalog.stopped.set()
+
+    def _history(self, state: ModelState, user_id: str) -> tuple[dict | None, str]:
+        """(history batch of one or None, where it came from: store, snapshot or unknown)."""
+        store = self._sequence_store()
+        if store is not None:
+            fresh = history_from_store(store.get_histories(user_id), state.video_index, state.comment_index,
+                                       state.hot_of_video, state.scorer.max_history)
+            if fresh is not None:
+                return fresh, "store"
+        history = state.history(user_id)
+        return history, "snapshot" if history is not None else "unknown"
+
+    def _sequence_store(self):
+        if self._store is None and self.sequence_store_path and Path(self.sequence_store_path).exists():
+            from ingestion.sequence_store import SequenceStore
+
+            self._store = SequenceStore(self.sequence_store_path, readonly=True)
+        return self._store
+
+    @app.get("/v1/users/{user_id}/history")
+    def user_history(self, user_id: str) -> dict:
+        """The histories the next recommendation for this user will use (ids, oldest first)."""
+        state = self.state
+        history, source = self._history(state, user_id)
+        if history is None:
+            return {"user_id": user_id, "source": source, "videos": [], "comment_records": []}
+        flat = history["hist_cmt_comments"][0]
+        return {
+            "user_id": user_id,
+            "source": source,
+            "videos": [state.video_ids[v] for v in history["hist_video"][0]],
+            "comment_records": [
+                {"video_id": state.video_ids[v], "comment_ids": [state.comment_ids[c] for c in flat[3 * i:3 * i + 3] if c >= 0]}
+                for i, v in enumerate(history["hist_cmt_video"][0])
+            ],
+        }
 
     @app.get("/v1/health")
     def health(self) -> dict:
@@ -145,6 +220,8 @@ class Recommender:
             "comments": len(state.comment_ids),
             "users": len(state.users),
             "refused_versions": self.refusals[-5:],
+            "items_arrived": {k: len(v) for k, v in self.arrived.items()},
+            "catalog_error": self.catalog.error if self.catalog else None,
         }
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
@@ -164,7 +241,7 @@ class Recommender:
     @app.post("/v1/recommend/videos", response_model=Recommendations)
     async def recommend_videos(self, req: VideoRequest) -> Recommendations:
         state = self.state
-        history = state.history(req.user_id)
+        history, _ = self._history(state, req.user_id)
         if history is None:
             items = [ScoredItem(id=state.video_ids[i], text=state.video_titles[i], score=float(state.popular_counts[i]))
                      for i in state.popular[: req.k]]
@@ -183,7 +260,7 @@ class Recommender:
         video = state.video_index.get(req.video_id)
         if video is None:
             raise HTTPException(status_code=404, detail=f"unknown video_id {req.video_id!r}")
-        history = state.history(req.user_id)
+        history, _ = self._history(state, req.user_id)
         cold = history is None
         candidates = state.comments_of_video[video]
         if len(candidates) == 0:
@@ -204,11 +281,14 @@ APP_NAME = "lsvcr"
 def build_app(args: dict):
     """Application builder for `serve deploy` / `serve run serving.app:build_app registry=DIR`."""
     return Recommender.bind(registry=args.get("registry"), checkpoint=args.get("checkpoint"),
-                            features=args.get("features"), poll_s=float(args.get("poll_s", 1.0)))
+                            features=args.get("features"), poll_s=float(args.get("poll_s", 1.0)),
+                            sequence_store=args.get("sequence_store"), catalog_bootstrap=args.get("catalog_bootstrap"),
+                            topic_prefix=args.get("topic_prefix", ""))
 
 
 def start(registry: str | None = None, checkpoint: str | None = None, features: str | None = None,
-          host: str = "127.0.0.1", port: int = 8000, access_log: bool = True, poll_s: float = 1.0) -> str:
+          host: str = "127.0.0.1", port: int = 8000, access_log: bool = True, poll_s: float = 1.0,
+          sequence_store: str | None = None, catalog_bootstrap: str | None = None, topic_prefix: str = "") -> str:
     """Deploy the app on a local (or RAY_ADDRESS) Ray and return its base URL."""
     from ray.serve.schema import LoggingConfig
 
@@ -217,7 +297,9 @@ def start(registry: str | None = None, checkpoint: str | None = None, features: 
     init_ray()
     logging_config = None if access_log else LoggingConfig(log_level="WARNING", enable_access_log=False)
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
-    serve.run(build_app({"registry": registry, "checkpoint": checkpoint, "features": features, "poll_s": poll_s}),
+    serve.run(build_app({"registry": registry, "checkpoint": checkpoint, "features": features, "poll_s": poll_s,
+                         "sequence_store": sequence_store, "catalog_bootstrap": catalog_bootstrap,
+                         "topic_prefix": topic_prefix}),
               name=APP_NAME, route_prefix="/", logging_config=logging_config)
     return f"http://{host}:{port}"
 

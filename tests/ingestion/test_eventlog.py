@@ -1,20 +1,70 @@
-from ingestion.eventlog import EventLog
+import pyarrow.parquet as pq
+
+from ingestion.eventlog import EventLog, IdIndex, date_of
+
+T0 = 1_700_000_000_000  # 2023-11-14T22:13:20Z
+DAY = 86_400_000
 
 
-def _event(i):
-    return {"event_id": f"e{i}", "user_id": "u1", "video_id": "v1", "action": "like", "watch_ms": None, "ts": 1_700_000_000_000 + i}
+def _event(i, ts=None):
+    return {"event_id": f"e{i}", "user_id": "u1", "video_id": "v1", "action": "like", "watch_ms": None,
+            "ts": T0 + i if ts is None else ts}
+
+
+def test_date_of_is_the_utc_day():
+    assert date_of(T0) == "2023-11-14"
+    assert date_of(1_700_006_400_000) == "2023-11-15"  # exactly midnight UTC starts the next day
+    assert date_of(1_700_006_399_999) == "2023-11-14"
 
 
 def test_append_writes_parts_that_read_back(tmp_path):
     log = EventLog(tmp_path)
     log.append("video_events", [_event(1), _event(2)])
     log.append("video_events", [_event(3)])
-    assert log.append("video_events", []) is None
+    assert log.append("video_events", []) == []
     assert log.count("video_events") == 3
     assert log.ids("video_events") == {"e1", "e2", "e3"}
-    assert log.read("video_events")["ts"].to_pylist() == [1_700_000_000_001, 1_700_000_000_002, 1_700_000_000_003]
+    assert sorted(log.read("video_events")["ts"].to_pylist()) == [T0 + 1, T0 + 2, T0 + 3]
     # no temporary file is left behind by a finished write
-    assert not list((tmp_path / "video_events").glob(".*tmp"))
+    assert not list(tmp_path.rglob(".*tmp"))
+
+
+def test_records_land_in_their_event_date_partition_even_when_late(tmp_path):
+    log = EventLog(tmp_path)
+    # one batch that mixes today's events with a late one from two days before
+    log.append("video_events", [_event(1), _event(2, ts=T0 - 2 * DAY), _event(3)])
+    assert log.dates("video_events") == ["2023-11-12", "2023-11-14"]
+    assert log.ids("video_events", "2023-11-12") == {"e2"}
+    assert log.ids("video_events", "2023-11-14") == {"e1", "e3"}
+    parts = log.parts("video_events")
+    assert [p.parent.name for p in parts] == ["date=2023-11-12", "date=2023-11-14"]
+    # each part holds exactly the contract columns (no partition column written into the file)
+    assert pq.read_schema(parts[0]).names == ["event_id", "user_id", "video_id", "action", "watch_ms", "ts"]
+
+
+def test_id_index_rejects_ids_already_in_the_log_and_in_this_session(tmp_path):
+    log = EventLog(tmp_path)
+    log.append("video_events", [_event(1)])
+    index = IdIndex(log, max_partitions=1)
+    assert not index.add_if_new("video_events", _event(1))  # on disk already
+    assert index.add_if_new("video_events", _event(2))
+    assert not index.add_if_new("video_events", _event(2))  # seen in this session
+    # another day evicts the first (max_partitions=1); coming back reloads it from the log, where e2 is not
+    assert index.add_if_new("video_events", _event(9, ts=T0 + 3 * DAY))
+    assert index.loads == 2
+    assert index.add_if_new("video_events", _event(2))
+    assert index.loads == 3
+
+
+def test_compact_merges_parts_and_drops_duplicate_ids(tmp_path):
+    log = EventLog(tmp_path)
+    for i in range(3):
+        log.append("video_events", [_event(i)])
+    log.append("video_events", [_event(0)])  # a duplicate written by a zombie consumer
+    assert log.compact("video_events", "2023-11-14", min_parts=8) is None
+    merged = log.compact("video_events", "2023-11-14", min_parts=2)
+    assert log.parts("video_events") == [merged]
+    assert sorted(log.read("video_events")["event_id"].to_pylist()) == ["e0", "e1", "e2"]
 
 
 def test_empty_table_reads_as_empty_with_schema(tmp_path):

@@ -1,5 +1,6 @@
 """The Serve app on real Ray Serve: offline parity, registry hot swap under load, refusals, bad requests."""
 
+import json
 import threading
 import time
 
@@ -10,20 +11,28 @@ import pytest
 import torch
 
 from tests.serving.conftest import make_checkpoint
+from ingestion.topics import ensure_topics, topic_names
 from trainers.registry import Registry
 
 pytestmark = pytest.mark.integration
 PORT = 18790
+TOPIC_PREFIX = "t-serving."
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, serving_features):
+def served(tmp_path_factory, serving_features, kafka_bootstrap):
     from serving.app import start, stop
+
+    from ingestion.sequence_store import SequenceStore
 
     root = tmp_path_factory.mktemp("registry")
     registry = Registry(root / "registry")
     registry.publish(make_checkpoint(serving_features, root / "ckpt1", seed=1), serving_features)
-    url = start(registry=str(root / "registry"), port=PORT, poll_s=0.2, access_log=False)
+    SequenceStore(root / "sequences.sqlite").close()  # the ingest consumer would create it
+    ensure_topics(kafka_bootstrap, TOPIC_PREFIX)
+    url = start(registry=str(root / "registry"), port=PORT, poll_s=0.2, access_log=False,
+                sequence_store=str(root / "sequences.sqlite"), catalog_bootstrap=kafka_bootstrap,
+                topic_prefix=TOPIC_PREFIX)
     with httpx.Client(base_url=url, timeout=30) as client:
         yield client, registry, root
     stop()
@@ -125,6 +134,58 @@ def test_rollback_is_followed(served, serving_features):
     _wait_for_version(client, first)
     registry.rollback(to=current)
     _wait_for_version(client, current)
+
+
+def test_a_new_event_changes_the_users_history_within_5_seconds(served, serving_features):
+    from ingestion.sequence_store import SequenceStore
+
+    client, _, root = served
+    user = pq.read_table(serving_features / "users.parquet", columns=["user_id"])["user_id"][1].as_py()
+    before = client.get(f"/v1/users/{user}/history").json()
+    assert before["source"] == "snapshot" and before["videos"]
+    videos = pq.read_table(serving_features / "videos.parquet", columns=["video_id"])["video_id"].to_pylist()
+    watched = next(v for v in videos if v != before["videos"][-1])
+    store = SequenceStore(root / "sequences.sqlite")
+    store.apply([{"event_id": "fresh-1", "user_id": user, "video_id": watched, "action": "finish",
+                  "watch_ms": None, "ts": 1_800_000_000_000}], [], {})
+    store.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        now = client.get(f"/v1/users/{user}/history").json()
+        if now["source"] == "store":
+            break
+        time.sleep(0.05)
+    assert now["source"] == "store" and now["videos"] == [watched]
+    seen = client.post("/v1/recommend/videos", json={"user_id": user, "k": 100}).json()["items"]
+    assert watched not in [item["id"] for item in seen]  # exclude_seen uses the fresh history
+
+
+def test_a_new_video_from_kafka_is_recommended_within_10_seconds(served, serving_features, kafka_bootstrap):
+    from kafka import KafkaProducer
+
+    client, _, _ = served
+    user = pq.read_table(serving_features / "users.parquet", columns=["user_id"])["user_id"][2].as_py()
+    videos = pq.read_table(serving_features / "videos.parquet").to_pylist()
+    ranked = client.post("/v1/recommend/videos", json={"user_id": user, "k": 100, "exclude_seen": False}).json()["items"]
+    twin = ranked[0]  # the user's favourite; a new video with its text must rank right beside it
+    twin_video = next(v for v in videos if v["video_id"] == twin["id"])
+    record = {"video_id": "fresh-video", "title": twin_video["title"], "tags": twin_video["tags"],
+              "author_id": "someone", "ts": 1_800_000_000_000}
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    producer.send(topic_names(TOPIC_PREFIX)["videos"], key=b"fresh-video", value=json.dumps(record).encode())
+    producer.flush()
+    producer.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        items = client.post("/v1/recommend/videos", json={"user_id": user, "k": 2, "exclude_seen": False}).json()["items"]
+        if "fresh-video" in [item["id"] for item in items]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"new video not recommended within 10s: {client.get('/v1/model').json()}")
+    fresh = next(item for item in items if item["id"] == "fresh-video")
+    assert fresh["text"] == twin_video["title"]
+    assert abs(fresh["score"] - twin["score"]) < 1e-4
 
 
 BAD_REQUESTS = [
