@@ -111,12 +111,12 @@ def cmd_evaluate(a) -> None:
 
 
 def cmd_serve(a) -> None:
+    from ingestion.broker import bootstrap_servers
     from serving.app import serve_forever
 
-    if a.checkpoint:
-        serve_forever(checkpoint=a.checkpoint, features=a.features, host=a.host, port=a.port)
-    else:
-        serve_forever(registry=a.registry, host=a.host, port=a.port)
+    source = {"checkpoint": a.checkpoint, "features": a.features} if a.checkpoint else {"registry": a.registry}
+    serve_forever(**source, host=a.host, port=a.port, sequence_store=a.sequence_store,
+                  catalog_bootstrap=bootstrap_servers() if a.follow_catalog else None, topic_prefix=a.topic_prefix)
 
 
 def cmd_registry(a) -> None:
@@ -221,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", default=str(run_dir() / "registry"))
     p.add_argument("--checkpoint", help="serve this checkpoint instead of the registry's current version")
     p.add_argument("--features", default=str(run_dir() / "features"), help="with --checkpoint")
+    p.add_argument("--sequence-store", default=str(run_dir() / "eventlog" / "_state" / "sequences.sqlite"),
+                   help="the ingest consumer's online sequence store: fresh user histories per request")
+    p.add_argument("--follow-catalog", action="store_true",
+                   help="embed videos and comments from the catalog topics as they arrive")
+    p.add_argument("--topic-prefix", default="")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)

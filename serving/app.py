@@ -309,8 +309,8 @@ def stop() -> None:
 
 
 def serve_forever(registry: str | None = None, checkpoint: str | None = None, features: str | None = None,
-                  host: str = "127.0.0.1", port: int = 8000) -> None:
-    url = start(registry, checkpoint, features, host, port)
+                  host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    url = start(registry, checkpoint, features, host, port, **options)
     source = f"registry {registry}" if registry else f"checkpoint {checkpoint}"
     print(f"[serve] {url} serving {source}\n[serve] API docs {url}/docs, Ray dashboard http://127.0.0.1:8265;"
           " Ctrl-C stops", flush=True)

@@ -23,9 +23,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainers.align import AlignConfig, align
+from trainers.align import AlignConfig, align as run_align
 from trainers.evaluate import evaluate
-from trainers.finetune import FinetuneConfig, finetune
+from trainers.finetune import FinetuneConfig, finetune as run_finetune
 
 MODEL_NAMES = ("popularity", "sasrec", "sr_no_align", "sr_text_only", "lsvcr_no_vc_contrast", "lsvcr")
 STAGE2 = {"sasrec": {"model": "sasrec"}, "sr_no_align": {}, "sr_text_only": {"text_only": True},
@@ -74,13 +74,13 @@ def train_all(features: str | Path, out: str | Path, models: tuple[str, ...] | l
                 config = load_config(AlignConfig, None, {**stage1, **shared, **STAGE1[name],
                                                          "features": str(features), "out": str(aligned)})
                 print(f"suite: stage 1 for {name}", flush=True)
-                align(config)
+                run_align(config)
             init = str(aligned)
         values = {**stage2, **shared, **STAGE2[name], "features": str(features), "out": str(target)}
         if init:
             values["init"] = init
         print(f"suite: stage 2 for {name}", flush=True)
-        checkpoints[name] = finetune(load_config(FinetuneConfig, None, values))
+        checkpoints[name] = run_finetune(load_config(FinetuneConfig, None, values))
     metrics = evaluate(features, checkpoints, split=split, popularity="popularity" in models)
     result = {"split": split, "checkpoints": checkpoints, "metrics": metrics}
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
