@@ -336,7 +336,7 @@ class Ingestor:
         if self._metrics:
             self._metrics["events_per_s"].set(rate)
 
-    def caught_up(self) -> bool:
+    def caught_up(self) -> bool | None:
         try:
             assigned = self.consumer.assignment()
             if not assigned:
@@ -344,7 +344,7 @@ class Ingestor:
             ends = self.consumer.end_offsets(list(assigned))
             return all(self.consumer.position(tp) >= ends[tp] for tp in assigned)
         except KafkaError:
-            return False  # broker away: not caught up, keep trying
+            return None  # broker away: we cannot tell
 
     def run(self) -> dict:
         cfg = self.config
@@ -374,8 +374,12 @@ class Ingestor:
                           f"{self.stats['dead_letters']:,} dead letters, {self.stats['duplicates']:,} duplicates",
                           flush=True)
                     last_report = now
-                if cfg.until_idle_s is not None and now - last_record >= cfg.until_idle_s and self.caught_up():
-                    break
+                if cfg.until_idle_s is not None and now - last_record >= cfg.until_idle_s:
+                    caught_up = self.caught_up()
+                    if caught_up is None:  # an outage is not idleness: producers resend once the broker is back
+                        last_record = now
+                    elif caught_up:
+                        break
             self.flush()
         finally:
             self.consumer.close(autocommit=False)
