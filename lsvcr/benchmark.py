@@ -66,7 +66,7 @@ def _refresh_markdown(md: Path, name: str, result: dict) -> None:
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:,.4g}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     if isinstance(value, dict):
         return "`" + json.dumps(value, separators=(",", ":")) + "`"
     return str(value)
