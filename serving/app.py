@@ -84,6 +84,14 @@ def _merge(histories: list[dict]) -> dict:
     return {col: [row for h in histories for row in h[col]] for col in histories[0]}
 
 
+def top_videos(state: ModelState, scores: np.ndarray, history: dict, k: int, exclude_seen: bool) -> list[ScoredItem]:
+    """The k best-scored videos [V] -> items, leaving out the ones in the history when asked."""
+    if exclude_seen:
+        scores[np.asarray(history["hist_video"][0], dtype=np.int64)] = -np.inf
+    top = torch.topk(torch.from_numpy(scores), min(k, int(np.isfinite(scores).sum()))).indices.numpy()
+    return [ScoredItem(id=state.video_ids[i], text=state.video_titles[i], score=float(scores[i])) for i in top]
+
+
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(app)
 class Recommender:
@@ -247,11 +255,7 @@ class Recommender:
                      for i in state.popular[: req.k]]
             return Recommendations(user_id=req.user_id, model_version=state.version, cold_start=True, items=items)
         scores = await self._video_scores((state, history))  # [V]
-        if req.exclude_seen:
-            scores[np.asarray(history["hist_video"][0], dtype=np.int64)] = -np.inf
-        k = min(req.k, int(np.isfinite(scores).sum()))
-        top = torch.topk(torch.from_numpy(scores), k).indices.numpy()
-        items = [ScoredItem(id=state.video_ids[i], text=state.video_titles[i], score=float(scores[i])) for i in top]
+        items = top_videos(state, scores, history, req.k, req.exclude_seen)
         return Recommendations(user_id=req.user_id, model_version=state.version, cold_start=False, items=items)
 
     @app.post("/v1/recommend/comments", response_model=Recommendations)

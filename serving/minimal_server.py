@@ -5,12 +5,10 @@
 
 import sys
 
-import numpy as np
-import torch
 import uvicorn
 from fastapi import FastAPI
 
-from serving.app import Recommendations, ScoredItem, VideoRequest
+from serving.app import Recommendations, VideoRequest, top_videos
 from serving.state import load_state
 
 
@@ -26,10 +24,7 @@ def make_app(checkpoint: str, features: str) -> FastAPI:
     def recommend(req: VideoRequest) -> Recommendations:
         history = state.history(req.user_id)
         scores = state.scorer.video_scores(state.scorer.histories(history or state.empty_history()))[0].numpy()
-        if history and req.exclude_seen:
-            scores[np.asarray(history["hist_video"][0], dtype=np.int64)] = -np.inf
-        top = torch.topk(torch.from_numpy(scores), req.k).indices.numpy()
-        items = [ScoredItem(id=state.video_ids[i], text=state.video_titles[i], score=float(scores[i])) for i in top]
+        items = top_videos(state, scores, history, req.k, exclude_seen=bool(history) and req.exclude_seen)
         return Recommendations(user_id=req.user_id, model_version=state.version, cold_start=history is None, items=items)
 
     return app
