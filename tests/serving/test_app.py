@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.serving.conftest import make_checkpoint
+from ingestion.eventlog import EventLog
 from ingestion.topics import ensure_topics, topic_names
 from trainers.registry import Registry
 
@@ -136,8 +137,30 @@ def test_rollback_is_followed(served, serving_features):
     _wait_for_version(client, current)
 
 
-def test_a_new_event_changes_the_users_history_within_5_seconds(served, serving_features):
-    from ingestion.sequence_store import SequenceStore
+def _start_ingest(kafka_bootstrap, root):
+    """The real consumer group, writing the event log and the sequence store the app reads, in a thread.
+    Returns (thread, result) once the consumer holds its partitions, so the 5 s budget excludes its start."""
+    from ingestion.consumer import IngestConfig, Ingestor
+
+    config = IngestConfig(eventlog=str(root / "eventlog"), bootstrap=kafka_bootstrap, group="t-serving-ingest",
+                          topic_prefix=TOPIC_PREFIX, sequence_store=str(root / "sequences.sqlite"),
+                          until_idle_s=8.0, instance_id="serving-test")
+    ingestor = Ingestor(config)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(ingestor.run()), daemon=True)
+    thread.start()
+    stats = config.state_dir / "consumers" / "serving-test.json"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if stats.is_file() and json.loads(stats.read_text())["assigned"]:
+            return thread, result
+        time.sleep(0.1)
+    raise AssertionError("the ingest consumer got no partitions within 30s")
+
+
+def test_an_event_produced_to_kafka_changes_the_users_history_within_5_seconds(served, serving_features,
+                                                                                 kafka_bootstrap):
+    from kafka import KafkaProducer
 
     client, _, root = served
     user = pq.read_table(serving_features / "users.parquet", columns=["user_id"])["user_id"][1].as_py()
@@ -145,10 +168,13 @@ def test_a_new_event_changes_the_users_history_within_5_seconds(served, serving_
     assert before["source"] == "snapshot" and before["videos"]
     videos = pq.read_table(serving_features / "videos.parquet", columns=["video_id"])["video_id"].to_pylist()
     watched = next(v for v in videos if v != before["videos"][-1])
-    store = SequenceStore(root / "sequences.sqlite")
-    store.apply([{"event_id": "fresh-1", "user_id": user, "video_id": watched, "action": "finish",
-                  "watch_ms": None, "ts": 1_800_000_000_000}], [], {})
-    store.close()
+    thread, result = _start_ingest(kafka_bootstrap, root)
+    event = {"event_id": "fresh-1", "user_id": user, "video_id": watched, "action": "finish", "watch_ms": None,
+             "ts": 1_800_000_000_000}
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    producer.send(topic_names(TOPIC_PREFIX)["video_events"], key=user.encode(), value=json.dumps(event).encode())
+    producer.flush()
+    producer.close()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         now = client.get(f"/v1/users/{user}/history").json()
@@ -158,6 +184,10 @@ def test_a_new_event_changes_the_users_history_within_5_seconds(served, serving_
     assert now["source"] == "store" and now["videos"] == [watched]
     seen = client.post("/v1/recommend/videos", json={"user_id": user, "k": 100}).json()["items"]
     assert watched not in [item["id"] for item in seen]  # exclude_seen uses the fresh history
+    thread.join(timeout=60)
+    assert not thread.is_alive() and result["consumed"] >= 1
+    logged = EventLog(root / "eventlog").read("video_events", columns=["event_id"])["event_id"].to_pylist()
+    assert logged.count("fresh-1") == 1  # the event log holds it too, once
 
 
 def test_a_new_video_from_kafka_is_recommended_within_10_seconds(served, serving_features, kafka_bootstrap):
