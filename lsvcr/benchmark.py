@@ -51,7 +51,8 @@ def write_results(name: str, figures: dict, root: Path = ROOT) -> Path:
 
 def _refresh_markdown(md: Path, name: str, result: dict) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    rows = "\n".join(f"| `{k}` | {_fmt(v)} |" for k, v in result.items() if k != "notes")
+    # Nested tables (quality's per-model metrics) are for the results file; their notes render them.
+    rows = "\n".join(f"| `{k}` | {_fmt(v)} |" for k, v in result.items() if k != "notes" and not _is_table(v))
     notes = f"\n\n{result['notes']}" if result.get("notes") else ""
     section = (f"{start}\n## {name}\n\n`lsvcr benchmark {name}` on {result['when']} at {result['git_commit']} "
                f"({result['machine']['cores']} cores, {result['machine']['ram_gb']} GB)\n\n| key | value |\n|---|---|\n"
@@ -62,6 +63,10 @@ def _refresh_markdown(md: Path, name: str, result: dict) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     md.write_text(text)
+
+
+def _is_table(value) -> bool:
+    return isinstance(value, dict) and any(isinstance(v, dict) for v in value.values())
 
 
 def _fmt(value) -> str:

@@ -13,3 +13,12 @@ def test_results_file_and_markdown_section_are_written_and_replaced(tmp_path):
     md = (tmp_path / "BENCHMARKS.md").read_text()
     assert md.count("## ingest") == 1 and md.count("## serve") == 1
     assert "| `events_per_s` | 999 |" in md and "first" not in md
+
+
+def test_nested_metric_tables_stay_in_the_results_file_and_out_of_the_markdown_rows(tmp_path):
+    quality = {"video": {"lsvcr": {"ndcg@10": 0.5}}, "users": 20, "notes": "the table"}
+    write_results("quality", quality, root=tmp_path)
+    result = json.loads((tmp_path / "benchmarks" / "results" / "quality.json").read_text())
+    assert result["video"]["lsvcr"]["ndcg@10"] == 0.5
+    md = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| `users` | 20 |" in md and "`video`" not in md and "the table" in md

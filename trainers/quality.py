@@ -1,0 +1,84 @@
+"""`lsvcr benchmark quality`: every model of the suite on one generated dataset, through the whole pipeline.
+
+generate (cached by users and seed) -> replay to Kafka -> consumer group -> event log -> Ray Data features ->
+stage 1 with the real packaged SmolLM2 (frozen mode on CPU: the LLM vectors are precomputed once by Ray Data
+batch inference, then the SR side is aligned to them) -> stage 2 for every model -> evaluation on the test
+split. Nothing is tuned on test: early stopping and every tuned baseline look at the valid split only.
+
+Overrides (key=value): users=20000 seed=0 epochs=0 (0: early stopping decides) align_examples=4000 (train
+examples per task that get an LLM vector; 0 = all) align_epochs=1 max_prompt_tokens=256 workdir=.run/quality
+models=all. Results keep the DESIGN.md section 10 shape: {"video": {MODEL: {...}}, "comment": {...}}.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from lsvcr.paths import run_dir
+
+DEFAULTS = {"users": 20_000, "seed": 0, "epochs": 0, "align_examples": 4000, "align_epochs": 1,
+            "max_prompt_tokens": 256, "workdir": "", "models": "all"}
+
+
+def _options(overrides: list[str]) -> dict:
+    opts = dict(DEFAULTS)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in opts:
+            raise SystemExit(f"quality benchmark: unknown override {item!r}; known: {sorted(opts)}")
+        opts[key] = type(opts[key])(value)
+    return opts
+
+
+def verdict(metrics: dict, model: str = "lsvcr", rivals: tuple[str, ...] = ("sr_no_align", "sasrec"),
+            key: str = "ndcg@10") -> dict:
+    """{"<task>_<model>_minus_<rival>": difference in `key`} for every task where both were evaluated."""
+    out = {}
+    for task in ("video", "comment"):
+        table = metrics.get(task, {})
+        for rival in rivals:
+            if model in table and rival in table:
+                out[f"{task}_{key}_{model}_minus_{rival}"] = round(table[model][key] - table[rival][key], 4)
+    return out
+
+
+def run(overrides: list[str]) -> dict:
+    from ingestion.generator import GeneratorConfig, generate
+    from lsvcr.config import load_config
+    from lsvcr.pipeline import PipelineConfig, run_pipeline
+    from trainers.evaluate import format_table
+    from trainers.suite import MODEL_NAMES
+
+    opts = _options(overrides)
+    root = Path(opts["workdir"] or run_dir() / "quality")
+    data = root / f"data-u{opts['users']}-s{opts['seed']}"
+    if not (data / "comment_events.jsonl").exists():
+        print(f"[quality] generating {opts['users']} users into {data}", flush=True)
+        generate(str(data), load_config(GeneratorConfig, None, {"users": opts["users"], "seed": opts["seed"]}))
+    models = MODEL_NAMES if opts["models"] == "all" else tuple(opts["models"].split(","))
+    align = (f"max_examples={opts['align_examples']}", f"epochs={opts['align_epochs']}",
+             f"max_prompt_tokens={opts['max_prompt_tokens']}", "llm_mode=frozen")
+    started = time.monotonic()
+    out = run_pipeline(PipelineConfig(data=str(data), work=str(root / f"work-u{opts['users']}-s{opts['seed']}"),
+                                      results=str(root / "results.json"), epochs=opts["epochs"] or None,
+                                      models=models, align=align))
+    metrics = out["results"]
+    manifest = out["manifest"]
+    figures = {
+        **metrics,
+        "users": opts["users"],
+        "train_video_examples": manifest["tasks"]["video"]["train"]["count"],
+        "train_comment_examples": manifest["tasks"]["comment"]["train"]["count"],
+        "stage1": f"frozen SmolLM2-135M-Instruct, {opts['align_examples'] or 'all'} train examples per task, "
+                  f"{opts['align_epochs']} epoch(s), prompts <= {opts['max_prompt_tokens']} tokens",
+        "stage2_epochs": opts["epochs"] or "early stopping on valid NDCG@5",
+        "pipeline_s": round(time.monotonic() - started, 1),
+        **verdict(metrics),
+    }
+    figures["notes"] = ("Test split. Video: the target among the sampled candidates of the protocol named in "
+                        "the table; comment: among the other comments under the same video that existed then.\n\n"
+                        "```\n" + format_table(metrics) + "\n```")
+    (root / "quality.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
