@@ -11,6 +11,8 @@ The data is built so that text, sequence and the cross signal between videos and
   topic, often a favourite subject), among recently published videos, weighted by heavy-tailed quality and
   freshness. Comment choice: style match first, a favourite subject next, quality last. So popularity is a weak
   ranker, while a model that reads the text of a user's video and comment histories is a strong one.
+- Users also have a personal taste for fresh videos (mean strength `freshness_taste`): some choices go to the
+  videos of the chosen topic published in the last day. Recency then matters, as in a real feed, but less than taste.
 - Videos are published before and during the stream (cold-start items); background comments keep appearing
   after each video's publication; users open a comment section right after watching the video, like or reply
   to comments already published there (background or other users'), and write comments of their own.
@@ -292,6 +294,11 @@ class GeneratorConfig:
     prelaunch_fraction: float = 0.3  # share of videos published before the stream starts; the rest are cold starts
     alive_days: float = 14.0  # users pick among videos published within this window
     freshness_days: float = 3.0  # time scale of the freshness decay in video choice
+    # Users' taste for fresh items: a user's video choice goes, with a personal probability of mean
+    # `freshness_taste` (0: never), to a video of the chosen topic published within the last `fresh_hours`
+    # (the newest one of the topic when there is none).
+    freshness_taste: float = 0.3
+    fresh_hours: float = 24.0
     comment_delay_days: float = 2.0  # mean delay between a video's publication and a background comment
     stickiness: float = 0.4  # probability that a video has the topic of the user's previous positive one
     explore: float = 0.08  # probability of a video from a random topic
@@ -320,11 +327,12 @@ class GeneratorConfig:
         for name in ("prelaunch_days", "alive_days", "freshness_days", "comment_delay_days"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("prelaunch_fraction", "style_topic_weight", "subject_focus", "stickiness", "explore",
-                     "comment_visit_prob", "reply_prob", "write_prob"):
+                     "comment_visit_prob", "reply_prob", "write_prob", "freshness_taste"):
             check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
         check(self.style_weight >= 0 and self.quality_weight >= 0, "style_weight and quality_weight must be >= 0")
         check(self.subject_boost >= 1, f"subject_boost must be >= 1, got {self.subject_boost}")
         check(self.chunk_users >= 1, f"chunk_users must be >= 1, got {self.chunk_users}")
+        check(self.fresh_hours > 0, f"fresh_hours must be > 0, got {self.fresh_hours}")
         first = self.start_ms - int(self.prelaunch_days * DAY_MS)
         last = self.start_ms + int(self.days * DAY_MS)
         check(MIN_TS_MS <= first and last < MAX_TS_MS,
@@ -404,6 +412,17 @@ class _Pool:
         lo = int(self.pub.searchsorted(t - alive_ms, side="left"))
         if lo >= hi:
             lo = 0  # nothing recent: fall back to older videos
+        return self._pick_between(lo, hi, u)
+
+    def pick_fresh(self, t: int, window_ms: int, u: float) -> int:
+        """A video published in [t - window, t), by weight, else the newest before t; -1 when there is none."""
+        hi = int(self.pub.searchsorted(t, side="left"))
+        if hi == 0:
+            return -1
+        lo = min(int(self.pub.searchsorted(t - window_ms, side="left")), hi - 1)
+        return self._pick_between(lo, hi, u)
+
+    def _pick_between(self, lo: int, hi: int, u: float) -> int:
         base = float(self.cum[lo - 1]) if lo > 0 else 0.0
         j = int(self.cum.searchsorted(base + u * (float(self.cum[hi - 1]) - base), side="right"))
         return int(self.videos[min(max(j, lo), hi - 1)])
@@ -647,6 +666,8 @@ def _plan_user(index: int, catalog: _Catalog, config: GeneratorConfig) -> _Plan:
     taste_start = _sparse_taste(rng, k)
     taste_end = 0.4 * taste_start + 0.6 * _sparse_taste(rng, k)  # drift, keeping part of the old taste
     style_personal = rng.dirichlet(np.full(len(STYLES), 0.5))
+    # Personal taste for fresh videos: between 0 and twice the configured mean, never above 1.
+    fresh_prob = min(1.0, config.freshness_taste * 2.0 * float(rng.beta(2.0, 2.0)))
     keys = rng.random((k, max(len(t.nouns) for t in TOPICS)))
     for t, topic_def in enumerate(TOPICS):
         keys[t, len(topic_def.nouns):] = 2.0  # past the end of this topic's nouns: never a favourite
@@ -655,12 +676,14 @@ def _plan_user(index: int, catalog: _Catalog, config: GeneratorConfig) -> _Plan:
     plan = _Plan(index, user_id, subjects, [], [], truth={
         "user_id": user_id, "taste_start": np.round(taste_start, 4).tolist(),
         "taste_end": np.round(taste_end, 4).tolist(), "style_personal": np.round(style_personal, 4).tolist(),
+        "fresh_prob": round(fresh_prob, 4),
         "subjects": {t.name: [t.nouns[s] for s in subjects[i]] for i, t in enumerate(TOPICS)},
     })
 
     start, end = config.start_ms, config.end_ms
     span = end - start
     alive_ms = int(config.alive_days * DAY_MS)
+    fresh_ms = int(config.fresh_hours * 3_600_000)
     margin = 3_600_000  # sessions start at least an hour before the end
     n_events = int(np.clip(round(config.events_per_user * rng.lognormal(-0.32, 0.8)), 1,
                            50 * config.events_per_user))
@@ -668,8 +691,8 @@ def _plan_user(index: int, catalog: _Catalog, config: GeneratorConfig) -> _Plan:
     n_sessions = 1 + int(rng.binomial(n_events - 1, 0.25)) if n_events > 1 else 1
     session_first = set(rng.choice(np.arange(1, n_events), size=n_sessions - 1, replace=False).tolist()) | {0}
     session_starts = iter(np.sort(start + (rng.random(n_sessions) * max(span - margin, 1)).astype(np.int64)))
-    # Per event: stickiness, explore, topic, focus, favourite, video x3, positive, action, watch.
-    draws = rng.random((n_events, 11))
+    # Per event: stickiness, explore, topic, focus, favourite, video x3, positive, action, watch, fresh.
+    draws = rng.random((n_events, 12))
     seen: set[int] = set()
     prev_topic = -1
     clock = start
@@ -692,12 +715,20 @@ def _plan_user(index: int, catalog: _Catalog, config: GeneratorConfig) -> _Plan:
         pool = catalog.topic_pools[topic]
         if d[3] < config.subject_focus:
             pool = catalog.subject_pools.get((topic, int(subjects[topic, int(d[4] * _FAVOURITES)])), pool)
+        # A fresh choice keeps the topic (taste still decides) but not the favourite subject, whose few videos
+        # are rarely new.
+        fresh = d[11] < fresh_prob
+        if fresh:
+            pool = catalog.topic_pools[topic]
         video = -1
         for attempt in range(3):  # avoid rewatching when another video is at hand
-            video = pool.pick(t, alive_ms, d[5 + attempt])
-            if video < 0:
-                pool = catalog.topic_pools[topic]  # nothing out yet on the favourite subject
+            if fresh:
+                video = pool.pick_fresh(t, fresh_ms, d[5 + attempt])
+            else:
                 video = pool.pick(t, alive_ms, d[5 + attempt])
+                if video < 0:
+                    pool = catalog.topic_pools[topic]  # nothing out yet on the favourite subject
+                    video = pool.pick(t, alive_ms, d[5 + attempt])
             if video not in seen:
                 break
         seen.add(video)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import torch
 
 COMMENTS_PER_RECORD = 3
@@ -54,16 +55,22 @@ def collate_histories(batch: dict, max_history: int) -> dict[str, torch.Tensor]:
     """History columns of rows (examples or users.parquet) -> tensors.
 
     Returns hist_video, hist_video_hot [B, Lv] long, hist_video_mask [B, Lv] bool, hist_cmt_video [B, Lc]
-    long, hist_cmt_comments [B, Lc, 3] long, hist_cmt_mask [B, Lc] bool. -1 marks padding (and, in
-    hist_video_hot / hist_cmt_comments, "no comment").
+    long, hist_cmt_comments [B, Lc, 3] long, hist_cmt_mask [B, Lc] bool, and the element times
+    hist_video_ts [B, Lv] / hist_cmt_ts [B, Lc] long (ms). -1 marks padding (and, in hist_video_hot /
+    hist_cmt_comments, "no comment"). Rows with a `ts` column (examples: the event time) also give ts [B]
+    long, the request time the time features measure from.
     """
     if max_history < 1:
         raise ValueError(f"max_history must be >= 1, got {max_history}")
     videos, hots = _rows(batch, "hist_video"), _rows(batch, "hist_video_hot")
     records, comments = _rows(batch, "hist_cmt_video"), _rows(batch, "hist_cmt_comments")
-    for i, (v, h, r, c) in enumerate(zip(videos, hots, records, comments)):
-        if len(v) != len(h):
-            raise ValueError(f"row {i}: hist_video has {len(v)} values but hist_video_hot has {len(h)}")
+    video_ts, record_ts = _rows(batch, "hist_video_ts"), _rows(batch, "hist_cmt_ts")
+    for i, (v, h, r, c, vt, rt) in enumerate(zip(videos, hots, records, comments, video_ts, record_ts)):
+        if len(v) != len(h) or len(v) != len(vt):
+            raise ValueError(f"row {i}: hist_video has {len(v)} values but hist_video_hot has {len(h)} "
+                             f"and hist_video_ts {len(vt)}")
+        if len(r) != len(rt):
+            raise ValueError(f"row {i}: hist_cmt_video has {len(r)} values but hist_cmt_ts has {len(rt)}")
         if len(c) != COMMENTS_PER_RECORD * len(r):
             raise ValueError(f"row {i}: hist_cmt_comments has {len(c)} values, expected "
                              f"{COMMENTS_PER_RECORD} x {len(r)} records")
@@ -72,14 +79,21 @@ def collate_histories(batch: dict, max_history: int) -> dict[str, torch.Tensor]:
     v_width = max(1, int(v_len.max(initial=0)))
     c_width = max(1, int(c_len.max(initial=0)))
     cmt = _pad_newest(comments, COMMENTS_PER_RECORD * c_width).reshape(len(comments), c_width, COMMENTS_PER_RECORD)
-    return {
+    out = {
         "hist_video": torch.from_numpy(_pad_newest(videos, v_width)),
         "hist_video_hot": torch.from_numpy(_pad_newest(hots, v_width)),
         "hist_video_mask": torch.from_numpy(_lengths_mask(v_len, v_width)),
         "hist_cmt_video": torch.from_numpy(_pad_newest(records, c_width)),
         "hist_cmt_comments": torch.from_numpy(cmt),
         "hist_cmt_mask": torch.from_numpy(_lengths_mask(c_len, c_width)),
+        "hist_video_ts": torch.from_numpy(_pad_newest(video_ts, v_width)),
+        "hist_cmt_ts": torch.from_numpy(_pad_newest(record_ts, c_width)),
     }
+    if "ts" in batch:
+        out["ts"] = torch.as_tensor(np.asarray(batch["ts"], dtype=np.int64).reshape(-1))
+        if len(out["ts"]) != len(videos):
+            raise ValueError(f"ts has {len(out['ts'])} values for {len(videos)} rows")
+    return out
 
 
 def _pad_left(rows: list[np.ndarray], fill: int) -> np.ndarray:
@@ -134,6 +148,26 @@ def load_text_tables(features_dir: str | Path) -> tuple[torch.Tensor, torch.Tens
     """(video_emb [V, D], comment_emb [C, D]) as CPU tensors over read-only memory maps, loaded once per
     process and folder."""
     return _load_text_tables(os.path.abspath(features_dir))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_item_times(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    times = []
+    for name in ("videos.parquet", "comments.parquet"):
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{file} is missing (features folder, docs/DATA.md section 3)")
+        column = pq.read_table(file, columns=["ts"])["ts"]
+        if column.null_count:
+            raise ValueError(f"{file}: {column.null_count} rows have no publication time ts")
+        times.append(torch.from_numpy(column.to_numpy().astype(np.int64)))
+    return times[0], times[1]
+
+
+def load_item_times(features_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(video publication ts [V], comment publication ts [C]) in ms, long, row = item index (videos.parquet
+    and comments.parquet `ts`), loaded once per process and folder: the reference points of item ages."""
+    return _load_item_times(os.path.abspath(features_dir))
 
 
 def examples_path(features_dir: str | Path, task: str, split: str) -> Path:

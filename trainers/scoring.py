@@ -6,17 +6,24 @@
     scorer.comment_scores(hist, query_video, cands)   # [B, N] for given comment indices (-1 = padding)
 
 Item vectors are precomputed once (`refresh_items`), so every caller ranks against the same matrices.
+
+Time features (trainers/models/sr.py): the request time is `ts` in the history batch: an example's event
+time offline, or, for rows without one (users.parquet, the sequence store), the clock when `histories` is
+called, so serving measures ages at request time. A model's item vector is then normalize(item) +
+age[bucket(ts - published)], and a score is user . matrix[i] / T + (user @ age_table.T / T)[bucket]: the
+corpus matrix stays precomputed and each request adds one gathered [B, num_buckets] term per item.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from trainers.checkpoint import CheckpointError, load_model
-from trainers.data import collate_histories, load_text_tables
+from trainers.data import collate_histories, load_item_times, load_text_tables
 
 
 class Scorer:
@@ -43,12 +50,25 @@ class Scorer:
         self.model = model.to(device).eval()
         self.max_history = model.config.max_history
         self.temperature = model.temperature
-        self.set_text_tables(*load_text_tables(features_dir))
+        self.time_features = bool(getattr(model.config, "time_features", False))
+        self.video_pub_ts = self.comment_pub_ts = None
+        times = load_item_times(features_dir) if self.time_features else (None, None)
+        self.set_text_tables(*load_text_tables(features_dir), *times)
 
-    def set_text_tables(self, video_text: torch.Tensor, comment_text: torch.Tensor) -> None:
-        """Attach (possibly grown) text matrices [V, D], [C, D] and recompute the item matrices."""
+    def set_text_tables(self, video_text: torch.Tensor, comment_text: torch.Tensor,
+                        video_ts: torch.Tensor | None = None, comment_ts: torch.Tensor | None = None) -> None:
+        """Attach (possibly grown) text matrices [V, D], [C, D] and recompute the item matrices.
+
+        video_ts [V] / comment_ts [C] are the publication times (ms). Left out when the tables grew by
+        items that just arrived (serving/catalog.py): known items keep theirs and the new ones are taken as
+        published now."""
         self.model.set_text_tables(video_text, comment_text)
         self.num_videos, self.num_comments = video_text.shape[0], comment_text.shape[0]
+        if self.time_features:
+            now = int(time.time() * 1000)
+            self.video_pub_ts = _grown_times(video_ts, self.video_pub_ts, self.num_videos, now, "video")
+            self.comment_pub_ts = _grown_times(comment_ts, self.comment_pub_ts, self.num_comments, now, "comment")
+            self.model.set_item_times(self.video_pub_ts, self.comment_pub_ts)
         self.refresh_items()
 
     @torch.no_grad()
@@ -57,12 +77,29 @@ class Scorer:
             parts = [fn(torch.arange(i, min(i + chunk, n), device=self.device)) for i in range(0, n, chunk)]
             return torch.cat(parts) if parts else torch.zeros(0, self.model.config.hidden, device=self.device)
 
-        self.video_matrix = matrix(self.model.video_item_vectors, self.num_videos)  # [V, H]
-        self.comment_matrix = matrix(self.model.comment_item_vectors, self.num_comments)  # [C, H]
+        if self.time_features:  # without the age term, which depends on the request time
+            video, comment = (lambda idx: self.model.timeless_item_vectors("video", idx),
+                              lambda idx: self.model.timeless_item_vectors("comment", idx))
+        else:
+            video, comment = self.model.video_item_vectors, self.model.comment_item_vectors
+        self.video_matrix = matrix(video, self.num_videos)  # [V, H]
+        self.comment_matrix = matrix(comment, self.num_comments)  # [C, H]
 
-    def histories(self, rows: dict) -> dict[str, torch.Tensor]:
-        """History columns (dict of lists or numpy arrays) -> the tensors the other methods take."""
-        return collate_histories(rows, self.max_history)
+    def histories(self, rows: dict, now_ms: int | None = None) -> dict[str, torch.Tensor]:
+        """History columns (dict of lists or numpy arrays) -> the tensors the other methods take. The
+        request time ts [B] is the rows' `ts` column when they have one, else now_ms, else the clock."""
+        hist = collate_histories(rows, self.max_history)
+        if "ts" not in hist:
+            now = int(time.time() * 1000) if now_ms is None else int(now_ms)
+            hist["ts"] = torch.full((hist["hist_video"].shape[0],), now, dtype=torch.long)
+        return hist
+
+    def _age_scores(self, kind: str, user: torch.Tensor, idx: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """The age part of the scores of items idx [B, N] (-1 padding) at request times ts [B]: [B, N].
+        user . age[bucket] / T is user @ age_table.T / T [B, num_buckets] gathered at each item's bucket."""
+        per_bucket = user @ self.model.age_table(kind).T / self.temperature  # [B, num_buckets]
+        buckets = self.model.age_buckets(kind, idx, ts.to(self.device)[:, None])  # [B, N]
+        return per_bucket.gather(1, buckets)
 
     def _to_device(self, hist: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in hist.items()}
@@ -76,15 +113,24 @@ class Scorer:
     @torch.no_grad()
     def video_scores(self, hist: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cosine / temperature of each user against every video: [B, V] (CPU)."""
-        user = self.model.user_video_vector(self._to_device(hist))  # [B, H]
-        return (user @ self.video_matrix.T / self.temperature).cpu()
+        hist = self._to_device(hist)
+        user = self.model.user_video_vector(hist)  # [B, H]
+        scores = user @ self.video_matrix.T / self.temperature  # [B, V]
+        if self.time_features:
+            every = torch.arange(self.num_videos, device=self.device).expand(len(user), -1)  # [B, V]
+            scores = scores + self._age_scores("video", user, every, hist["ts"])
+        return scores.cpu()
 
     @torch.no_grad()
     def video_candidate_scores(self, hist: dict[str, torch.Tensor], candidate_idx: torch.Tensor) -> torch.Tensor:
         """Scores of given videos [B, N] (-1 = padding, scored -inf): [B, N] (CPU)."""
-        user = self.model.user_video_vector(self._to_device(hist))  # [B, H]
+        hist = self._to_device(hist)
+        user = self.model.user_video_vector(hist)  # [B, H]
         items, valid = self._gather(self.video_matrix, candidate_idx, "video")
         scores = torch.einsum("bh,bnh->bn", user, items) / self.temperature
+        if self.time_features:
+            idx = torch.as_tensor(candidate_idx, dtype=torch.long, device=self.device)
+            scores = scores + self._age_scores("video", user, idx, hist["ts"])
         return scores.masked_fill(~valid, float("-inf")).cpu()
 
     @torch.no_grad()
@@ -93,7 +139,25 @@ class Scorer:
         """Scores of candidate comments [B, N] (-1 = padding, scored -inf) for users watching
         query_video_idx [B]: [B, N] (CPU)."""
         query = torch.as_tensor(query_video_idx, dtype=torch.long, device=self.device)
-        context = self.model.comment_context_vector(self._to_device(hist), query)  # [B, H]
+        hist = self._to_device(hist)
+        context = self.model.comment_context_vector(hist, query)  # [B, H]
         items, valid = self._gather(self.comment_matrix, candidate_idx, "comment")
         scores = torch.einsum("bh,bnh->bn", context, items) / self.temperature
+        if self.time_features:
+            idx = torch.as_tensor(candidate_idx, dtype=torch.long, device=self.device)
+            scores = scores + self._age_scores("comment", context, idx, hist["ts"])
         return scores.masked_fill(~valid, float("-inf")).cpu()
+
+
+def _grown_times(given: torch.Tensor | None, known: torch.Tensor | None, n: int, now: int, kind: str) -> torch.Tensor:
+    """Publication times [n]: `given`, or the `known` ones extended with `now` for items that just arrived."""
+    if given is not None:
+        given = torch.as_tensor(given, dtype=torch.long)
+        if given.shape != (n,):
+            raise ValueError(f"{kind} publication times have shape {tuple(given.shape)}, expected ({n},)")
+        return given
+    if known is None:
+        raise ValueError(f"no {kind} publication times given")
+    if n < len(known):
+        raise ValueError(f"the {kind} table shrank from {len(known)} to {n} rows without new publication times")
+    return torch.cat([known, torch.full((n - len(known),), now, dtype=torch.long)])

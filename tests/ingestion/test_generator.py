@@ -268,3 +268,25 @@ def test_history_text_beats_popularity_on_both_tasks(larger):
     # Seen with this seed: video 0.40 vs 0.18, comment 0.35 vs 0.22.
     assert np.mean(mrr["video_text"]) > 1.5 * np.mean(mrr["video_pop"])
     assert np.mean(mrr["comment_text"]) > 1.3 * np.mean(mrr["comment_pop"])
+
+
+def test_freshness_taste_makes_watched_videos_younger(tmp_path):
+    """With a strong taste for fresh items users watch younger videos than with none; the topic taste is kept."""
+    ages, in_taste = {}, {}
+    for strength in (0.0, 0.9):
+        folder = tmp_path / str(strength)
+        generate(folder, GeneratorConfig(users=150, seed=2, freshness_taste=strength, write_truth=True))
+        published = {v["video_id"]: v["ts"] for v in read(folder, "videos")}
+        topic = {r["video_id"]: r["topic"] for r in read(folder / "truth", "videos")}
+        users = {r["user_id"]: r for r in read(folder / "truth", "users")}
+        events = read(folder, "video_events")
+        ages[strength] = np.median([e["ts"] - published[e["video_id"]] for e in events])
+        names = [t.name for t in TOPICS]
+        in_taste[strength] = np.mean([
+            np.add(users[e["user_id"]]["taste_start"], users[e["user_id"]]["taste_end"])[names.index(
+                topic[e["video_id"]])] > 0.1 for e in events])
+        assert all(0.0 <= u["fresh_prob"] <= 1.0 for u in users.values())
+    assert ages[0.9] < 0.75 * ages[0.0]
+    assert in_taste[0.9] > in_taste[0.0] - 0.05  # freshness narrows the choice inside the topic, not across
+    with pytest.raises(ValueError, match="freshness_taste"):
+        GeneratorConfig(freshness_taste=1.5)

@@ -45,3 +45,19 @@ def test_history_is_capped_and_empty_store_gives_none():
 def test_latest_hot_comment_is_the_newest_observation():
     hot = latest_hot_comments([[0, 1], [0]], [[5, 7], [6]], [[10, 11], [12]], num_videos=3)
     assert hot.tolist() == [6, 7, -1]
+
+
+def test_fresh_history_gives_the_gaps_the_model_measures():
+    # Serving collates a store history like an example: element times travel with the elements, and the
+    # gap buckets at request time are the same function of (request - element time) as in training.
+    import torch
+
+    from trainers.data import collate_histories
+    from trainers.models.layers import time_buckets
+
+    rows = _rows(videos=[("va", 1_000), ("vb", 61_000)], comments=[("c1", "va", 2_000)])
+    hist = collate_histories(history_from_store(rows, VIDEOS, COMMENTS, np.full(3, -1), max_history=4), 4)
+    assert hist["hist_video_ts"].tolist() == [[1_000, 61_000]] and hist["hist_cmt_ts"].tolist() == [[2_000]]
+    # At request time 181_000: gaps of 3 min (bucket 1 + floor(2 log2 3) = 4) and 2 min (bucket 3).
+    assert time_buckets(181_000 - hist["hist_video_ts"], 48).tolist() == [[4, 3]]
+    assert time_buckets(torch.tensor([181_000 - 2_000]), 48).tolist() == [4]  # 2.98 min: 2 log2 = 3.15

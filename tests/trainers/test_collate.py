@@ -3,7 +3,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from trainers.data import collate, collate_histories, count_examples, iter_examples, load_text_tables
+from trainers.data import (collate, collate_histories, count_examples, iter_examples, load_item_times,
+                           load_text_tables)
 
 
 def rows():
@@ -28,6 +29,17 @@ def test_histories_keep_newest_and_are_right_aligned():
     assert out["hist_cmt_comments"].tolist() == [[[10, 11, -1]], [[-1, -1, -1]]]
     assert out["hist_cmt_mask"].tolist() == [[True], [False]]
     assert out["hist_video"].dtype == torch.long and out["hist_video_mask"].dtype == torch.bool
+    # The element times travel with their elements, for the time features.
+    assert out["hist_video_ts"].tolist() == [[2, 3], [-1, -1]]
+    assert out["hist_cmt_ts"].tolist() == [[4], [-1]]
+    assert "ts" not in out  # users.parquet rows have no request time
+
+
+def test_examples_carry_their_request_time():
+    out = collate({**rows(), "ts": [100, 200], "target": [3, 4], "negatives": [[1], [2]]}, 3)
+    assert out["ts"].tolist() == [100, 200] and out["ts"].dtype == torch.long
+    with pytest.raises(ValueError, match="ts has 1 values for 2 rows"):
+        collate_histories({**rows(), "ts": [100]}, 3)
 
 
 def test_histories_pad_to_the_longest_row():
@@ -46,10 +58,11 @@ def test_all_empty_histories_get_one_padding_slot():
 
 def test_comment_records_are_truncated_as_whole_records():
     batch = {**{k: [[]] for k in rows()}, "hist_cmt_video": [[1, 2, 3]],
-             "hist_cmt_comments": [[10, -1, -1, 20, 21, -1, 30, 31, 32]]}
+             "hist_cmt_comments": [[10, -1, -1, 20, 21, -1, 30, 31, 32]], "hist_cmt_ts": [[7, 8, 9]]}
     out = collate_histories(batch, max_history=2)
     assert out["hist_cmt_video"].tolist() == [[2, 3]]
     assert out["hist_cmt_comments"].tolist() == [[[20, 21, -1], [30, 31, 32]]]
+    assert out["hist_cmt_ts"].tolist() == [[8, 9]]
 
 
 def test_numpy_object_columns_give_the_same_tensors():
@@ -65,6 +78,10 @@ def test_bad_histories_are_rejected():
         collate_histories({**rows(), "hist_video_hot": [[1], []]}, 3)
     with pytest.raises(ValueError, match="3 x 1 records"):
         collate_histories({**rows(), "hist_cmt_comments": [[10, 11], []]}, 3)
+    with pytest.raises(ValueError, match="hist_video_ts 2"):
+        collate_histories({**rows(), "hist_video_ts": [[1, 2], []]}, 3)
+    with pytest.raises(ValueError, match="hist_cmt_ts has 0"):
+        collate_histories({**rows(), "hist_cmt_ts": [[], []]}, 3)
     with pytest.raises(ValueError, match="no column"):
         collate_histories({"hist_video": [[1]]}, 3)
 
@@ -91,6 +108,9 @@ def test_reading_the_features_folder(fake_features):
     video, comment = load_text_tables(fake_features)
     assert video.shape == (48, 32) and comment.shape == (192, 32)
     assert load_text_tables(fake_features)[0] is video  # loaded once per process
+    # Publication times: the features conftest publishes item i at ts i.
+    video_ts, comment_ts = load_item_times(fake_features)
+    assert video_ts.tolist() == list(range(48)) and comment_ts.shape == (192,) and int(comment_ts[17]) == 17
     users = pq.read_table(fake_features / "users.parquet").to_pydict()
     out = collate_histories(users, 8)
     assert out["hist_video"].shape[0] == 40

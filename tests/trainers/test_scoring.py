@@ -1,3 +1,5 @@
+import time
+
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -65,3 +67,58 @@ def test_checkpoint_for_other_features_is_refused(fake_features, tmp_path):
     save_checkpoint(tmp_path, "sr", model.config, model.state_dict())
     with pytest.raises(CheckpointError, match="does not fit the features"):
         Scorer(tmp_path, fake_features)
+
+
+@pytest.fixture(scope="module")
+def timed_checkpoint(fake_features, tmp_path_factory):
+    torch.manual_seed(0)
+    model = SRModel(SRConfig(num_videos=48, num_comments=192, text_dim=32, hidden=16, inner=32, max_history=8,
+                             time_features=True))
+    with torch.no_grad():  # untrained age tables are zero: give them values so the age term matters
+        model.video_age.weight.normal_()
+        model.comment_age.weight.normal_()
+    path = tmp_path_factory.mktemp("timed")
+    save_checkpoint(path, "sr", model.config, model.state_dict())
+    return path
+
+
+def test_time_features_score_alike_in_every_path(fake_features, timed_checkpoint):
+    scorer = Scorer(timed_checkpoint, fake_features)
+    users = pq.read_table(fake_features / "users.parquet").slice(0, 3).to_pydict()
+    # Serving: rows without ts are scored at the request time (here fixed; the clock by default).
+    hist = scorer.histories(users, now_ms=1_000_000 + 40 * 60_000)
+    assert hist["ts"].tolist() == [1_000_000 + 40 * 60_000] * 3
+    assert abs(int(scorer.histories(users)["ts"][0]) - time.time() * 1000) < 60_000
+    model = scorer.model
+    # Item i is published at ts i (conftest), so at the request every video is 40 min + 1e6 - i ms old:
+    # 1e6 ms = 16.7 min, 56.7 min -> 2 log2(56.7) = 11.6 -> bucket 12 for all 48 videos.
+    assert (model.age_buckets("video", torch.arange(48), hist["ts"][0]) == 12).all()
+    scores = scorer.video_scores(hist)  # [3, 48]: precomputed matrix + per-request age term
+    with torch.no_grad():
+        direct = model.user_video_vector(hist) @ model.video_item_vectors(torch.arange(48), hist["ts"][0]).T / 0.07
+    assert torch.allclose(scores, direct, atol=1e-5)
+    cands = torch.tensor([[3, 7, -1]] * 3)
+    picked = scorer.video_candidate_scores(hist, cands)
+    assert torch.allclose(picked[:, :2], scores[:, [3, 7]], atol=1e-5) and (picked[:, 2] == float("-inf")).all()
+    # A later request ages every item: the scores move.
+    assert not torch.allclose(scorer.video_scores(scorer.histories(users, now_ms=10**12)), scores, atol=1e-3)
+    # Comments, against the model's own vectors at the same request time.
+    query, cands = torch.tensor([4, 5, 6]), torch.tensor([[16, 17, 18], [20, 21, -1], [24, 25, 26]])
+    got = scorer.comment_scores(hist, query, cands)
+    with torch.no_grad():
+        context = model.comment_context_vector(hist, query)
+        items = model.comment_item_vectors(cands, hist["ts"][:, None])
+        expect = torch.einsum("bh,bkh->bk", context, items) / 0.07
+    assert torch.allclose(got[:, :2], expect[:, :2], atol=1e-5) and got[1, 2] == float("-inf")
+
+
+def test_grown_tables_take_new_items_as_published_now(fake_features, timed_checkpoint):
+    scorer = Scorer(timed_checkpoint, fake_features)
+    video, comment = scorer.model.video_text, scorer.model.comment_text
+    before = time.time() * 1000
+    scorer.set_text_tables(torch.cat([video, video[:2]]), comment)  # two videos arrived (serving/catalog.py)
+    assert scorer.video_pub_ts[:48].tolist() == list(range(48))
+    assert (scorer.video_pub_ts[48:] >= before).all() and scorer.video_matrix.shape[0] == 50
+    hist = scorer.histories(pq.read_table(fake_features / "users.parquet").slice(0, 1).to_pydict())
+    assert scorer.model.age_buckets("video", torch.tensor([49]), hist["ts"][0]).item() == 0  # under a minute
+    assert scorer.video_scores(hist).shape == (1, 50)

@@ -6,6 +6,8 @@ with a boolean mask that is True on real elements.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +32,30 @@ def position_ids(mask: torch.Tensor, max_position: int, randomize: bool) -> torc
     perm = torch.rand(batch, max_position, device=mask.device).argsort(dim=1)[:, :width]
     perm = torch.where(mask, perm, torch.full_like(perm, -1))
     return perm.sort(dim=1).values.clamp(min=0)
+
+
+MINUTE_MS = 60_000
+
+
+def time_bucket_edges(num_buckets: int) -> torch.Tensor:
+    """Lower edges (ms) of buckets 1 .. num_buckets - 1: one minute times sqrt(2)^k, rounded up to whole ms.
+
+    Integer edges make the bucket of an integer age exact on every device and in every process, so training,
+    evaluation and serving cannot disagree at a boundary.
+    """
+    if num_buckets < 2:
+        raise ValueError(f"num_buckets must be >= 2, got {num_buckets}")
+    return torch.tensor([math.ceil(MINUTE_MS * 2 ** (k / 2)) for k in range(num_buckets - 1)], dtype=torch.long)
+
+
+def time_buckets(elapsed_ms: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """Elapsed time (an item's age, or how long ago a history element happened) -> log-scale bucket, same shape.
+
+    Bucket 0 is under a minute (negative times, i.e. clock skew or "not yet", count as 0); bucket k >= 1 starts
+    at sqrt(2)^(k-1) minutes; the last bucket holds everything older (48 buckets reach about 16 years).
+    """
+    edges = time_bucket_edges(num_buckets).to(elapsed_ms.device)
+    return torch.bucketize(elapsed_ms.long(), edges, right=True)
 
 
 def causal_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,18 @@ Choices beyond DESIGN.md:
 - comment task: the query video's vector attends over the fused comment-history states; the result, the
   video-task user vector (before normalisation) and the query video vector go through a small MLP to give
   the user-in-context vector. So a user without comment history still gets a context from their videos.
+
+Time features (`time_features`, issue 8): the batch carries the request time `ts` [B] (an example's event time
+offline, the wall clock in serving) and the history times. Both are bucketized by the one function
+`layers.time_buckets`:
+- each history element gets a gap embedding, bucket(ts - element time), added like the position embedding;
+- each scored item gets an age term, bucket(ts - publication time) looked up in a [num_buckets, H] table and
+  added to the *normalised* item vector: item = normalize(text (+ ID)) + age[bucket]. So a score is
+  user . normalize(item) / T + user . age[bucket] / T, and a whole-corpus ranking stays one precomputed
+  matrix product plus a [B, num_buckets] table gathered per item (trainers/scoring.py), exactly. The age
+  tables start at zero, so a fresh model scores as if it had no age term until training moves them.
+Publication times are attached with `set_item_times` (like the text tables, not part of the checkpoint).
+A config saved before these features existed lacks the field and loads with them off.
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.models.layers import CausalEncoder, NullAttention, position_ids, safe_lookup
+from trainers.models.layers import CausalEncoder, NullAttention, position_ids, safe_lookup, time_buckets
 
 
 @dataclass
@@ -43,6 +55,10 @@ class SRConfig:
     temperature: float = 0.07
     use_id_embedding: bool = True  # gated ID embeddings (stage 2); False = the text-only model
     random_positions: bool = False  # stage 1: randomized sorted position ids while training
+    # Item age and history-gap embeddings. False by default so that a saved config without the field (a
+    # checkpoint from before them) loads as the model it was; the training configs turn them on.
+    time_features: bool = False
+    num_time_buckets: int = 48  # log-time buckets of layers.time_buckets (48 reach about 16 years)
 
     def __post_init__(self):
         if self.max_position == 0:
@@ -61,6 +77,8 @@ class SRConfig:
             raise ValueError(f"SRConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.temperature <= 0:
             raise ValueError(f"SRConfig.temperature must be > 0, got {self.temperature}")
+        if self.num_time_buckets < 2:
+            raise ValueError(f"SRConfig.num_time_buckets must be >= 2, got {self.num_time_buckets}")
         if self.max_position < self.max_history:
             raise ValueError("SRConfig.max_position must be >= max_history")
 
@@ -114,6 +132,19 @@ class SRModel(nn.Module):
         self.context_mlp = nn.Sequential(nn.Linear(3 * h, h), nn.GELU(), nn.Linear(h, h))
         self.register_buffer("video_text", torch.zeros(0, config.text_dim), persistent=False)
         self.register_buffer("comment_text", torch.zeros(0, config.text_dim), persistent=False)
+        if config.time_features:
+            # Created last: with the same seed every other parameter is initialised as without time features.
+            n = config.num_time_buckets
+            self.video_gap = nn.Embedding(n, h)
+            self.comment_gap = nn.Embedding(n, h)
+            nn.init.normal_(self.video_gap.weight, std=0.02)
+            nn.init.normal_(self.comment_gap.weight, std=0.02)
+            self.video_age = nn.Embedding(n, h)
+            self.comment_age = nn.Embedding(n, h)
+            nn.init.zeros_(self.video_age.weight)
+            nn.init.zeros_(self.comment_age.weight)
+            self.register_buffer("video_pub_ts", torch.zeros(0, dtype=torch.long), persistent=False)
+            self.register_buffer("comment_pub_ts", torch.zeros(0, dtype=torch.long), persistent=False)
 
     # ---- data the model does not own -------------------------------------------------------------------
 
@@ -126,6 +157,17 @@ class SRModel(nn.Module):
         device = self.video_adapter.weight.device
         self.video_text = video_text.to(device=device, dtype=torch.float32)
         self.comment_text = comment_text.to(device=device, dtype=torch.float32)
+
+    def set_item_times(self, video_ts: torch.Tensor, comment_ts: torch.Tensor) -> None:
+        """Attach the publication times (ms) [V] and [C] (rows = item index); a no-op without time features."""
+        if not self.config.time_features:
+            return
+        for name, times in (("video", video_ts), ("comment", comment_ts)):
+            if torch.as_tensor(times).ndim != 1:
+                raise ValueError(f"{name} publication times must be 1-D, got shape {tuple(torch.as_tensor(times).shape)}")
+        device = self.video_adapter.weight.device
+        self.video_pub_ts = torch.as_tensor(video_ts, dtype=torch.long).to(device)
+        self.comment_pub_ts = torch.as_tensor(comment_ts, dtype=torch.long).to(device)
 
     def set_seen(self, video_seen: torch.Tensor, comment_seen: torch.Tensor) -> None:
         """Mark which item indices have a trained ID embedding (bool [num_videos], [num_comments])."""
@@ -155,6 +197,44 @@ class SRModel(nn.Module):
             x = x + torch.sigmoid(self.comment_gate) * safe_lookup(self.comment_id, idx, self.comment_seen)
         return x * (idx >= 0).unsqueeze(-1)
 
+    # ---- time --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _request_time(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "ts" not in batch:
+            raise ValueError("time_features needs the request time: the batch has no 'ts' [B] (collate adds it "
+                             "from the example rows; Scorer.histories from the clock)")
+        return batch["ts"]
+
+    def age_buckets(self, kind: str, idx: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """Age bucket of items idx [...] at request times ts (broadcastable to idx, e.g. [B] for [B] or [B, 1]
+        for [B, K]) -> [...] long. Padding (idx < 0) gets bucket 0; its vectors are masked by the callers."""
+        if not self.config.time_features:
+            raise RuntimeError("age_buckets needs time_features=True")
+        if kind not in ("video", "comment"):
+            raise ValueError(f"kind must be 'video' or 'comment', got {kind!r}")
+        pub = self.video_pub_ts if kind == "video" else self.comment_pub_ts
+        if pub.shape[0] == 0:
+            raise RuntimeError(f"no {kind} publication times attached: call set_item_times first")
+        if idx.numel() and int(idx.max()) >= pub.shape[0]:
+            raise ValueError(f"{kind} index {int(idx.max())} has no publication time ({pub.shape[0]} known)")
+        age = torch.as_tensor(ts, device=idx.device) - pub[idx.clamp(min=0)]
+        return time_buckets(age, self.config.num_time_buckets) * (idx >= 0)
+
+    def age_table(self, kind: str) -> torch.Tensor:
+        """The [num_time_buckets, H] age terms added to normalised item vectors of `kind`."""
+        if not self.config.time_features:
+            raise RuntimeError("age_table needs time_features=True")
+        return (self.video_age if kind == "video" else self.comment_age).weight
+
+    def _with_age(self, kind: str, unit: torch.Tensor, idx: torch.Tensor, ts: torch.Tensor | None) -> torch.Tensor:
+        if not self.config.time_features:
+            return unit
+        if ts is None:
+            raise ValueError(f"{kind}_item_vectors: this model has time features and needs the request time ts")
+        buckets = self.age_buckets(kind, idx, ts)
+        return unit + self.age_table(kind)[buckets] * (idx >= 0).unsqueeze(-1)
+
     def id_text_vectors(self, kind: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ID embedding, adapted text embedding) of the same items, both L2-normalised [N, H] (for the
         stage 2 ID-text contrast)."""
@@ -180,12 +260,18 @@ class SRModel(nn.Module):
             torch.cat([self.video_vec(batch["hist_video"]), self.comment_vec(batch["hist_video_hot"])], -1)
         )  # [B, Lv, H]
         v_elem = v_elem + self.video_pos(position_ids(v_mask, cfg.max_position, randomize))
+        if cfg.time_features:
+            # How long before the request each element happened: [B, Lv] buckets.
+            ts = self._request_time(batch)[:, None]  # [B, 1]
+            v_elem = v_elem + self.video_gap(time_buckets(ts - batch["hist_video_ts"], cfg.num_time_buckets))
         # Comment-section element: merge(video vector, mean of up to 3 comment vectors) + position.
         cmts = batch["hist_cmt_comments"]  # [B, Lc, 3]
         count = (cmts >= 0).sum(-1, keepdim=True).clamp(min=1)  # [B, Lc, 1]
         cmt_mean = self.comment_vec(cmts).sum(-2) / count  # [B, Lc, H]
         c_elem = self.comment_merge(torch.cat([self.video_vec(batch["hist_cmt_video"]), cmt_mean], -1))
         c_elem = c_elem + self.comment_pos(position_ids(c_mask, cfg.max_position, randomize))
+        if cfg.time_features:
+            c_elem = c_elem + self.comment_gap(time_buckets(ts - batch["hist_cmt_ts"], cfg.num_time_buckets))
         v_states = self.video_encoder(self.drop(v_elem), v_mask)
         c_states = self.comment_encoder(self.drop(c_elem), c_mask)
         return v_states, c_states
@@ -215,8 +301,10 @@ class SRModel(nn.Module):
         v_fused, _ = self._fused_states(batch)
         return F.normalize(self._pool_video(v_fused, batch["hist_video_mask"]), dim=-1)  # [B, H]
 
-    def video_item_vectors(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.video_vec(idx), dim=-1)  # [N, H]
+    def video_item_vectors(self, idx: torch.Tensor, ts: torch.Tensor | None = None) -> torch.Tensor:
+        """[...] -> [..., H]: the normalised video vector, plus its age term at request times ts (needed, and
+        only used, with time features; broadcastable to idx)."""
+        return self._with_age("video", F.normalize(self.video_vec(idx), dim=-1), idx, ts)
 
     def comment_context_vector(self, batch: dict[str, torch.Tensor], query_video: torch.Tensor) -> torch.Tensor:
         v_fused, c_fused = self._fused_states(batch)
@@ -226,8 +314,18 @@ class SRModel(nn.Module):
         context = self.context_mlp(torch.cat([attended.squeeze(1), user, query], -1))
         return F.normalize(context, dim=-1)  # [B, H]
 
-    def comment_item_vectors(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.comment_vec(idx), dim=-1)  # [N, H]
+    def comment_item_vectors(self, idx: torch.Tensor, ts: torch.Tensor | None = None) -> torch.Tensor:
+        """Like video_item_vectors, for comments: [...] -> [..., H]."""
+        return self._with_age("comment", F.normalize(self.comment_vec(idx), dim=-1), idx, ts)
+
+    def timeless_item_vectors(self, kind: str, idx: torch.Tensor) -> torch.Tensor:
+        """The normalised item vectors without the age term, [...] -> [..., H] (the precomputed corpus
+        matrices of trainers/scoring.py; with time features the age term is added per request)."""
+        if kind == "video":
+            return F.normalize(self.video_vec(idx), dim=-1)
+        if kind == "comment":
+            return F.normalize(self.comment_vec(idx), dim=-1)
+        raise ValueError(f"kind must be 'video' or 'comment', got {kind!r}")
 
     # ---- stage 1 -----------------------------------------------------------------------------------------
 
