@@ -157,6 +157,43 @@ def cmd_demo(a) -> None:
     demo(users=a.users, seed=a.seed, epochs=a.epochs, serve_seconds=a.serve_seconds)
 
 
+def cmd_report(a) -> None:
+    from trainers.report import report
+
+    print(f"[report] wrote {report(a.run_dir, a.out)}")
+
+
+def cmd_continuous(a) -> None:
+    from lsvcr.config import load_config
+    from trainers.continuous import ContinuousConfig, run_continuous
+
+    print(json.dumps(run_continuous(load_config(ContinuousConfig, a.config, a.overrides)), indent=2, default=str))
+
+
+def cmd_jobs(a) -> None:
+    from lsvcr import jobs
+
+    if a.action == "submit":
+        if not a.target:
+            raise SystemExit(f"lsvcr jobs submit STAGE: one of {sorted(jobs.STAGES)}")
+        job_id = jobs.submit(a.target, ([a.config] if a.config else []) + a.overrides, address=a.address)
+        print(f"[jobs] submitted {a.target} as {job_id} to {jobs.head_address(a.address)}; follow it with "
+              f"`lsvcr jobs logs {job_id}` or on the dashboard ({jobs.head_address(a.address)}/#/jobs)")
+    elif a.action == "list":
+        for job in jobs.list_jobs(a.address):
+            print(f"{job['job_id']}\t{job['status']}\t{job['entrypoint']}")
+    elif not a.target:
+        raise SystemExit(f"lsvcr jobs {a.action} JOB_ID")
+    elif a.action == "status":
+        print(json.dumps(jobs.info(a.target, a.address), indent=2))
+    elif a.action == "logs":
+        print(jobs.logs(a.target, a.address), end="")
+    elif a.action == "stop":
+        print(f"[jobs] stop {a.target}: {'requested' if jobs.stop(a.target, a.address) else 'it was not running'}")
+    elif a.action == "wait":
+        print(jobs.wait(a.target, a.address, timeout_s=a.timeout))
+
+
 def cmd_benchmark(a) -> None:
     from lsvcr.benchmark import run
 
@@ -256,6 +293,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--serve-seconds", type=float, default=0.0, help="keep serving this long after the demo")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("report", help="Markdown metrics table and PNG training curves of a run's models")
+    p.add_argument("run_dir", help="a folder holding the suite's metrics.json (e.g. .run/runs/NAME/models)")
+    p.add_argument("--out", help="report folder (default: next to metrics.json)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("continuous", help="keep the model fresh from the event stream: ingest, features, "
+                                          "fine-tune, evaluate, publish (see docs/CLUSTER.md)")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_continuous)
+
+    p = sub.add_parser("jobs", help="submit and follow stages as Ray Jobs on a running head (default "
+                                    "http://127.0.0.1:8265)")
+    p.add_argument("action", choices=["submit", "status", "logs", "stop", "wait", "list"])
+    p.add_argument("target", nargs="?", help="submit: continuous, align, finetune or features; else the job id")
+    p.add_argument("--address", help="the head's dashboard address (default RAY_ADDRESS if http, else local)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="wait: give up after this many seconds")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_jobs)
+
     p = sub.add_parser("benchmark", help="measure one part and write benchmarks/results/NAME.json")
     p.add_argument("name", help="ingest, features, train, quality, serve or continuous")
     _add_overrides(p)

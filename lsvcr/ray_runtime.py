@@ -21,7 +21,9 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> None:
     passed = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_DATA_LOGGING_CONFIG", "RAY_TRAIN_ENABLE_PRINT_PATCH")
     runtime_env = {"env_vars": {k: os.environ[k] for k in passed if k in os.environ}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
+        # A submitted job's driver already runs in the job's runtime_env, and Ray refuses to merge another.
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=None if in_job else runtime_env, log_to_driver=True)
         return
     cpus = num_cpus or int(os.environ.get("LSVCR_RAY_CPUS", DEFAULT_LOCAL_CPUS))
     ray.init(

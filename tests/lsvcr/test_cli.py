@@ -1,0 +1,18 @@
+import pytest
+
+from lsvcr import cli
+
+
+def test_jobs_submit_passes_the_stage_and_its_overrides(monkeypatch, capsys):
+    from lsvcr import jobs
+
+    calls = []
+    monkeypatch.setattr(jobs, "submit", lambda stage, overrides, address=None: calls.append((stage, overrides, address)) or "job-1")
+    assert cli.main(["jobs", "submit", "continuous", "workdir=/w", "every_examples=50", "--address", "http://h:1"]) == 0
+    assert calls == [("continuous", ["workdir=/w", "every_examples=50"], "http://h:1")]
+    assert "job-1" in capsys.readouterr().out
+
+
+def test_jobs_actions_other_than_submit_and_list_need_a_job_id():
+    with pytest.raises(SystemExit, match="JOB_ID"):
+        cli.main(["jobs", "logs"])

@@ -1,0 +1,583 @@
+"""`lsvcr continuous`: keep the served SR model fresh while events stream in.
+
+    python -m trainers.continuous workdir=DIR registry=DIR bootstrap=HOST:PORT [key=value ...]
+
+One loop, one step at a time:
+1. a consumer-group child process (`python -m ingestion.consumer`) writes the event log; its committed
+   offsets are the job's offsets, so a restart resumes where the group stopped;
+2. when event-log files change, the features folder is extended incrementally (every example lands in its
+   train split: the job cuts its own windows, below);
+3. every `every_examples` new examples, or every `every_minutes` with at least one, a window folder is cut
+   from the newest examples (oldest to newest: train | valid | held-out test, sizes in examples of the
+   video task), and the SR model is fine-tuned on it with Ray Train, warm-started from the serving version
+   (ID tables remapped by item id, since the catalog grows);
+4. the candidate and the serving version are scored on the held-out slice; the candidate is published
+   unless it is worse by more than `margin` (mean NDCG@5 of the two tasks), and a refusal says why;
+5. each cycle appends one JSON line to `metrics.jsonl` (and stdout): version, freshness, eval scores, times.
+
+Stage 1 (align) can be re-run every `align_every` trained cycles; its output then starts that cycle's
+fine-tuning instead of the serving version.
+
+Restart safety: `state.json` (written atomically) holds the last trained window's cut and any trained but
+not yet published candidate. A window at or before that cut is never trained again; a candidate trained
+before a kill is evaluated and published on restart instead of being retrained. A window killed during
+training was never completed, so it is trained once when the job comes back.
+
+Stopping: SIGTERM, SIGINT or the stop file (`workdir/STOP`) finish the current step and exit 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from lsvcr.config import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TASKS = ("video", "comment")
+# Every example goes to the train split of the features folder: the global cut sits beyond any event time
+# (year 2255), and this job cuts its own sliding windows by time.
+NO_SPLIT_TS = 9_000_000_000_000
+METRIC = "ndcg@5"
+
+
+@dataclass
+class ContinuousConfig:
+    workdir: str  # state.json, metrics.jsonl, features/, windows/, checkpoints/ (shared storage on a cluster)
+    registry: str  # model registry serving follows
+    bootstrap: str = ""  # Kafka bootstrap servers; "" = $LSVCR_KAFKA_BOOTSTRAP
+    topic_prefix: str = ""
+    group: str = "lsvcr-ingest"  # consumer group writing the event log
+    eventlog: str = ""  # "" = workdir/eventlog
+    consume: bool = True  # run the consumer child process (false: another `lsvcr ingest` writes the log)
+    # Features.
+    encoder: str = "minilm"
+    encoder_dim: int = 64
+    max_history: int = 50
+    num_negatives: int = 99
+    lateness_ms: int = 0
+    # When to train.
+    every_examples: int = 2000  # K new examples (both tasks) since the last trained window
+    every_minutes: float = 10.0  # T: train anyway after this long if anything is new
+    poll_s: float = 5.0
+    # Window sizes, in video-task examples (comment examples follow the same time bounds).
+    window_examples: int = 50_000
+    valid_examples: int = 500
+    holdout_examples: int = 500
+    min_train_examples: int = 100
+    # Publishing.
+    margin: float = 0.01  # refuse when candidate NDCG@5 < serving NDCG@5 - margin
+    max_eval_examples: int = 5000
+    # Fine-tuning (FinetuneConfig fields).
+    epochs: int = 2
+    patience: int = 1
+    batch_size: int = 256
+    lr: float = 1e-3
+    num_workers: int = 2
+    use_gpu: bool = False
+    storage_path: Optional[str] = None  # Ray Train storage (local path or s3://...)
+    init: Optional[str] = None  # checkpoint to start from while the registry is empty
+    # Stage 1 on a slower schedule: every N trained cycles (0 = never).
+    align_every: int = 0
+    align_llm_mode: str = "frozen"
+    align_max_examples: int = 2000
+    # Bounds (tests, benchmark): stop after this many trained cycles or published versions (0 = never).
+    max_cycles: int = 0
+    max_versions: int = 0
+    keep_refused: bool = False  # keep refused candidates' window folders (for inspection)
+
+    def __post_init__(self):
+        if not self.workdir or not self.registry:
+            raise ConfigError("ContinuousConfig: workdir and registry are required")
+        self.bootstrap = self.bootstrap or os.environ.get("LSVCR_KAFKA_BOOTSTRAP", "")
+        if self.consume and not self.bootstrap:
+            raise ConfigError("ContinuousConfig.bootstrap is required when consume=true "
+                              "(or set LSVCR_KAFKA_BOOTSTRAP)")
+        for name in ("every_examples", "window_examples", "valid_examples", "holdout_examples",
+                     "min_train_examples", "epochs", "patience", "batch_size", "num_workers", "max_history"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ContinuousConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("every_minutes", "poll_s", "margin", "max_eval_examples", "align_every", "max_cycles",
+                     "max_versions", "lateness_ms", "num_negatives", "align_max_examples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ContinuousConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"ContinuousConfig.lr must be > 0, got {self.lr}")
+        for name in ("workdir", "registry", "eventlog"):
+            if getattr(self, name).startswith(("s3://", "gs://")):
+                raise ConfigError(f"ContinuousConfig.{name}: object storage is not supported here; use a shared "
+                                  "file system path (storage_path may be s3://)")
+
+    @property
+    def eventlog_dir(self) -> Path:
+        return Path(self.eventlog or Path(self.workdir) / "eventlog")
+
+
+# ------------------------------------------------------------------------------------------- pure parts
+
+
+def should_train(new_examples: int, minutes_since_last: float, every_examples: int,
+                 every_minutes: float) -> str | None:
+    """Why to train now ("examples" or "timer"), or None."""
+    if new_examples >= every_examples:
+        return "examples"
+    if new_examples > 0 and every_minutes > 0 and minutes_since_last >= every_minutes:
+        return "timer"
+    return None
+
+
+def window_bounds(video_ts: np.ndarray, window: int, valid: int, holdout: int,
+                  min_train: int) -> dict | None:
+    """Time bounds of a window over the video-task example times, or None when there are too few.
+
+    The newest `holdout` examples are the test slice, the `valid` before them the valid slice, and up to
+    `window` before those the train slice. Each slice is a half-open time range (lo, hi]; examples tied on
+    a bound's time fall on its older side.
+    """
+    ts = np.sort(np.asarray(video_ts, dtype=np.int64))
+    n = len(ts)
+    if n < holdout + valid + min_train:
+        return None
+    test_from = int(ts[n - holdout - 1])
+    valid_from = int(ts[n - holdout - valid - 1])
+    first = n - holdout - valid - window - 1
+    train_from = int(ts[first]) if first >= 0 else int(ts[0]) - 1
+    return {"train_from": train_from, "valid_from": valid_from, "test_from": test_from, "cut": int(ts[-1])}
+
+
+def split_of(ts: np.ndarray, bounds: dict) -> np.ndarray:
+    """train / valid / test / "" (outside the window) for each example time."""
+    ts = np.asarray(ts, dtype=np.int64)
+    out = np.full(len(ts), "", dtype=object)
+    out[(ts > bounds["train_from"]) & (ts <= bounds["valid_from"])] = "train"
+    out[(ts > bounds["valid_from"]) & (ts <= bounds["test_from"])] = "valid"
+    out[(ts > bounds["test_from"]) & (ts <= bounds["cut"])] = "test"
+    return out
+
+
+def mean_score(results: dict, name: str, metric: str = METRIC) -> float | None:
+    """Mean of `metric` over the tasks where model `name` has a value (evaluate_fns output)."""
+    values = [models[name][metric] for models in results.values()
+              if name in models and models[name].get(metric) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def publish_decision(candidate: float | None, serving: float | None, margin: float) -> tuple[bool, str]:
+    """Publish unless the candidate is worse than the serving version by more than `margin`."""
+    if candidate is None:
+        return False, "no held-out example could be ranked"
+    if serving is None:
+        return True, "no serving version to compare with"
+    if candidate < serving - margin:
+        return False, (f"candidate {METRIC} {candidate:.4f} is below serving {serving:.4f} "
+                       f"by more than the margin {margin}")
+    return True, f"candidate {METRIC} {candidate:.4f} vs serving {serving:.4f} (margin {margin})"
+
+
+def align_due(trained_cycles: int, align_every: int) -> bool:
+    """Stage 1 runs before trained cycle number `trained_cycles` + 1 when that is a multiple of N."""
+    return align_every > 0 and (trained_cycles + 1) % align_every == 0
+
+
+def remap_rows(old: np.ndarray, old_ids: list[str], fresh: np.ndarray, new_ids: list[str]) -> np.ndarray:
+    """Rows of an ID table [N_old, H] moved to the new catalog's order [N_new, H]; items the old table did not
+    know keep their `fresh` rows."""
+    if len(old_ids) != old.shape[0]:
+        raise ValueError(f"old table has {old.shape[0]} rows for {len(old_ids)} ids")
+    if len(new_ids) != fresh.shape[0]:
+        raise ValueError(f"fresh table has {fresh.shape[0]} rows for {len(new_ids)} ids")
+    position = {item: i for i, item in enumerate(old_ids)}
+    out = fresh.copy()
+    for j, item in enumerate(new_ids):
+        i = position.get(item)
+        if i is not None:
+            out[j] = old[i]
+    return out
+
+
+# ------------------------------------------------------------------------------------------- files
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_example_ts(features: Path, task: str) -> np.ndarray:
+    folder = features / "examples" / task / "train"
+    if not folder.is_dir():
+        return np.zeros(0, dtype=np.int64)
+    table = pads.dataset(str(folder), format="parquet").to_table(columns=["ts"])
+    return table.column("ts").to_numpy().astype(np.int64)
+
+
+def cut_window(features: Path, out: Path, bounds: dict) -> dict[str, dict[str, int]]:
+    """A features folder (docs/DATA.md section 3) holding only this window's examples, split by `bounds`.
+
+    Top-level files are copied, not linked: the incremental build rewrites them in place and a published
+    version must keep the item tables it was trained with. Returns example counts per task and split."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for item in features.iterdir():
+        if item.is_file() and not item.name.startswith((".", "_")):
+            shutil.copy2(item, tmp / item.name)
+    counts: dict[str, dict[str, int]] = {}
+    for task in TASKS:
+        counts[task] = {}
+        source = features / "examples" / task / "train"
+        table = pads.dataset(str(source), format="parquet").to_table() if source.is_dir() else None
+        splits = split_of(table.column("ts").to_numpy(), bounds) if table is not None else None
+        for split in ("train", "valid", "test"):
+            folder = tmp / "examples" / task / split
+            folder.mkdir(parents=True)
+            if table is None:
+                counts[task][split] = 0
+                continue
+            rows = table.filter(pa.array(splits == split))
+            pq.write_table(rows, folder / "part-0.parquet")
+            counts[task][split] = rows.num_rows
+    manifest_path = tmp / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        manifest["window"] = {**bounds, "counts": counts}
+        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return counts
+
+
+def warm_start(source_ckpt: Path, source_features: Path, window: Path, out: Path, config: ContinuousConfig) -> Path:
+    """An init checkpoint for fine-tuning on `window`: the source model's weights with its ID tables moved to
+    the window's catalog (new items start from a fresh initialisation)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from trainers.checkpoint import WEIGHTS, read_weights
+    from trainers.data import load_text_tables
+    from trainers.finetune import model_config
+    from trainers.models import build_model
+
+    video_text, comment_text = load_text_tables(window)
+    cfg = model_config(_finetune_config(config, window, out, None), video_text.shape[0], comment_text.shape[0],
+                       video_text.shape[1])
+    torch.manual_seed(0)
+    fresh = build_model("sr", dataclasses.asdict(cfg)).state_dict()
+    old = read_weights(source_ckpt / WEIGHTS)
+    tables = {"video_id.weight": "videos", "comment_id.weight": "comments"}
+    tensors = {}
+    for name, tensor in old.items():
+        if name not in fresh:
+            continue
+        if name in tables:
+            id_col = "video_id" if tables[name] == "videos" else "comment_id"
+            old_ids = pq.read_table(source_features / f"{tables[name]}.parquet", columns=[id_col]).column(0).to_pylist()
+            new_ids = pq.read_table(window / f"{tables[name]}.parquet", columns=[id_col]).column(0).to_pylist()
+            tensor = torch.from_numpy(remap_rows(tensor.numpy(), old_ids, fresh[name].numpy(), new_ids))
+        tensors[name] = tensor.contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS))
+    return out
+
+
+def _finetune_config(config: ContinuousConfig, window: Path, out: Path, init: Path | None):
+    from trainers.finetune import FinetuneConfig
+
+    return FinetuneConfig(features=str(window), out=str(out), model="sr", init=str(init) if init else None,
+                          epochs=config.epochs, patience=config.patience, batch_size=config.batch_size,
+                          lr=config.lr, num_workers=config.num_workers, use_gpu=config.use_gpu,
+                          max_history=config.max_history, storage_path=config.storage_path,
+                          max_eval_examples=config.max_eval_examples)
+
+
+# ------------------------------------------------------------------------------------------- the job
+
+
+class ContinuousTrainer:
+    def __init__(self, config: ContinuousConfig):
+        self.config = config
+        self.workdir = Path(config.workdir).resolve()
+        self.features = self.workdir / "features"
+        self.state_path = self.workdir / "state.json"
+        self.metrics_path = self.workdir / "metrics.jsonl"
+        self.stop_file = self.workdir / "STOP"
+        self.stop = threading.Event()
+        self.consumer: subprocess.Popen | None = None
+        self.built_files: list[str] | None = None
+        self.state = {"trained_cut": None, "trained_cycles": 0, "published": [], "pending": None,
+                      "in_progress": None, "last_train_wall": time.time()}
+        self._gauges = None
+
+    # ---- setup / cleanup ----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from lsvcr.ray_runtime import init_ray
+        from trainers.registry import Registry
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config.eventlog_dir.mkdir(parents=True, exist_ok=True)
+        self.registry = Registry(self.config.registry)
+        if self.state_path.exists():
+            self.state.update(json.loads(self.state_path.read_text()))
+            self._log(f"resuming: trained up to ts {self.state['trained_cut']}, "
+                      f"{self.state['trained_cycles']} cycles, published {self.state['published']}")
+            if self.state["in_progress"]:
+                self._log(f"the previous run stopped while training window {self.state['in_progress']}; "
+                          "it was not completed and will be trained once")
+        self.stop_file.unlink(missing_ok=True)
+        self.state["pid"] = os.getpid()  # lets an operator (or the restart test) find the driver
+        self._save_state()
+        init_ray()
+        # After Ray: our handlers must be the ones in place.
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        if self.config.consume:
+            self._start_consumer()
+
+    def _on_signal(self, signum, frame) -> None:
+        self._log(f"signal {signum}: finishing the current step, then exiting")
+        self.stop.set()
+
+    def _start_consumer(self) -> None:
+        from ingestion.consumer import IngestConfig
+
+        ingest = IngestConfig(eventlog=str(self.config.eventlog_dir), bootstrap=self.config.bootstrap,
+                              group=self.config.group, topic_prefix=self.config.topic_prefix,
+                              flush_interval_s=1.0, instance_id=f"{self.config.group}-continuous")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+        env.pop("RAY_ADDRESS", None)  # the consumer does not need Ray
+        log = open(self.workdir / "consumer.log", "ab")
+        self.consumer = subprocess.Popen([sys.executable, "-m", "ingestion.consumer",
+                                          json.dumps(dataclasses.asdict(ingest))],
+                                         cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self._log(f"consumer pid {self.consumer.pid} (group {self.config.group}), log {self.workdir / 'consumer.log'}")
+
+    def cleanup(self) -> None:
+        if self.consumer is not None and self.consumer.poll() is None:
+            # The consumer commits offsets only after durable writes, so ending it at any point loses nothing.
+            self.consumer.terminate()
+            try:
+                self.consumer.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.consumer.kill()
+                self.consumer.wait()
+        self._save_state()
+
+    # ---- loop -----------------------------------------------------------------------------------------
+
+    def stopping(self) -> bool:
+        if self.stop_file.exists():
+            self.stop.set()
+        return self.stop.is_set()
+
+    def run(self) -> dict:
+        self.setup()
+        try:
+            if self.state["pending"]:
+                self._finish_pending()
+            while not self.stopping() and not self._bounds_reached():
+                if self.consumer is not None and self.consumer.poll() is not None:
+                    raise RuntimeError(f"the consumer exited with {self.consumer.returncode}; "
+                                       f"see {self.workdir / 'consumer.log'}")
+                self.step()
+                self.stop.wait(self.config.poll_s)
+        finally:
+            self.cleanup()
+        summary = {"trained_cycles": self.state["trained_cycles"], "published": self.state["published"],
+                   "trained_cut": self.state["trained_cut"]}
+        self._log(f"stopped: {json.dumps(summary)}")
+        return summary
+
+    def _bounds_reached(self) -> bool:
+        c = self.config
+        return ((c.max_cycles and self.state["trained_cycles"] >= c.max_cycles)
+                or (c.max_versions and len(self.state["published"]) >= c.max_versions))
+
+    def step(self) -> None:
+        """Extend the features when the log changed; train one window when due."""
+        built = self._extend_features()
+        if not (self.features / "manifest.json").exists():
+            return
+        ts = {task: read_example_ts(self.features, task) for task in TASKS}
+        trained = self.state["trained_cut"]
+        new = sum(int((t > trained).sum()) if trained is not None else len(t) for t in ts.values())
+        minutes = (time.time() - self.state["last_train_wall"]) / 60
+        trigger = should_train(new, minutes, self.config.every_examples, self.config.every_minutes)
+        if trigger is None:
+            return
+        bounds = window_bounds(ts["video"], self.config.window_examples, self.config.valid_examples,
+                               self.config.holdout_examples, self.config.min_train_examples)
+        if bounds is None or (trained is not None and bounds["cut"] <= trained):
+            return
+        self.cycle(bounds, trigger, new, built)
+
+    def _extend_features(self) -> float:
+        from features.build import FeaturesConfig, build_features, eventlog_files
+
+        files = [f for table in ("videos", "comments", "video_events", "comment_events")
+                 for f in eventlog_files(self.config.eventlog_dir, table)]
+        if not files or files == self.built_files:
+            return 0.0
+        started = time.time()
+        c = self.config
+        build_features(FeaturesConfig(
+            eventlog=str(c.eventlog_dir), out=str(self.features), incremental=True, split="global_time",
+            split_valid_ts=NO_SPLIT_TS, split_test_ts=NO_SPLIT_TS, encoder=c.encoder, encoder_dim=c.encoder_dim,
+            max_history=c.max_history, num_negatives=c.num_negatives, lateness_ms=c.lateness_ms))
+        self.built_files = files
+        return time.time() - started
+
+    def cycle(self, bounds: dict, trigger: str, new_examples: int, features_s: float) -> None:
+        from trainers.finetune import finetune
+
+        started = time.time()
+        n = self.state["trained_cycles"] + 1
+        name = f"c{n:05d}-{bounds['cut']}"
+        window = self.workdir / "windows" / name
+        counts = cut_window(self.features, window, bounds)
+        self._log(f"cycle {n} ({trigger}, {new_examples} new examples): window {bounds}, examples {counts}")
+        if sum(counts[t]["train"] for t in TASKS) == 0:
+            return
+        init, init_from = self._init_for(window, n)
+        self.state["in_progress"] = {"cycle": n, **bounds}
+        self._save_state()
+        train_started = time.time()
+        ckpt = Path(finetune(_finetune_config(self.config, window, self.workdir / "checkpoints" / name, init)))
+        train_s = time.time() - train_started
+        self.state.update(trained_cut=bounds["cut"], trained_cycles=n, in_progress=None,
+                          last_train_wall=time.time(),
+                          pending={"cycle": n, "name": name, "bounds": bounds, "ckpt": str(ckpt),
+                                   "window": str(window), "trigger": trigger, "train_s": train_s,
+                                   "features_s": features_s, "new_examples": new_examples, "counts": counts,
+                                   "init_from": init_from, "started": started})
+        self._save_state()
+        self._finish_pending()
+
+    def _init_for(self, window: Path, n: int) -> tuple[Path | None, str]:
+        """What this cycle's fine-tuning starts from: stage 1 when due, else the serving version."""
+        if align_due(n - 1, self.config.align_every):
+            from trainers.align import AlignConfig, align
+
+            out = self.workdir / "align" / window.name
+            align(AlignConfig(features=str(window), out=str(out), llm_mode=self.config.align_llm_mode,
+                              max_examples=self.config.align_max_examples, num_workers=self.config.num_workers,
+                              use_gpu=self.config.use_gpu, max_history=self.config.max_history))
+            return out, f"align {out}"
+        version = self.registry.current()
+        if version is not None:
+            source = self.registry.path(version)
+            features = Path(self.registry.manifest(version)["features"])
+        elif self.config.init:
+            return Path(self.config.init), f"init {self.config.init}"
+        else:
+            return None, "scratch"
+        init = warm_start(source, features, window, self.workdir / "init" / window.name, self.config)
+        return init, f"serving {version}"
+
+    def _finish_pending(self) -> None:
+        """Evaluate the trained candidate against the serving version and publish or refuse it."""
+        from trainers.evaluate import evaluate_fns, scorer_fn
+        from trainers.scoring import Scorer
+
+        pending = self.state["pending"]
+        ckpt, window = Path(pending["ckpt"]), Path(pending["window"])
+        serving = self.registry.current()
+        already = [v for v in self.registry.versions()
+                   if self.registry.manifest(v).get("source") == str(ckpt.resolve())]
+        fns = {"candidate": scorer_fn(Scorer(ckpt, window))}
+        if serving is not None:
+            fns["serving"] = scorer_fn(Scorer(self.registry.path(serving), window))
+        eval_started = time.time()
+        results = evaluate_fns(window, fns, "test", max_examples=self.config.max_eval_examples)
+        eval_s = time.time() - eval_started
+        cand, serv = mean_score(results, "candidate"), mean_score(results, "serving")
+        if already:  # published just before a kill: do not publish it twice
+            ok, reason, version = True, "published before a restart", already[0]
+        else:
+            ok, reason = publish_decision(cand, serv, self.config.margin)
+            version = None
+            if ok:
+                version = self.registry.publish(ckpt, window, metrics={"heldout": results})
+        if ok and version not in self.state["published"]:
+            self.state["published"].append(version)
+        if not ok and not self.config.keep_refused:
+            shutil.rmtree(window, ignore_errors=True)
+        b = pending["bounds"]
+        record = {
+            "at": time.time(), "cycle": pending["cycle"], "trigger": pending["trigger"],
+            "decision": "published" if ok else "refused", "reason": reason, "version": version,
+            "serving_version_before": serving, "serving_version": self.registry.current(),
+            "window": b, "examples": pending["counts"], "new_examples": pending["new_examples"],
+            "init_from": pending["init_from"],
+            f"candidate_{METRIC}": cand, f"serving_{METRIC}": serv,
+            "heldout": {task: {m: {k: v for k, v in r.items() if k in ("count", "ndcg@5", "recall@10", "mrr@10")}
+                               for m, r in models.items()} for task, models in results.items()},
+            "features_s": round(pending["features_s"], 3), "train_s": round(pending["train_s"], 3),
+            "eval_s": round(eval_s, 3), "cycle_s": round(time.time() - pending["started"], 3),
+            # Freshness in event time: the newest trained example vs the newest example the job had seen.
+            "trained_upto_ts": b["valid_from"], "data_lag_ms": b["cut"] - b["valid_from"],
+        }
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print("continuous: " + json.dumps(record), flush=True)
+        self._report(record)
+        self.state["pending"] = None
+        self._save_state()
+
+    def _report(self, record: dict) -> None:
+        """Gauges for the Ray dashboard's metrics view (Prometheus through Ray)."""
+        try:
+            from ray.util import metrics
+        except ImportError:
+            return
+        if self._gauges is None:
+            self._gauges = {key: metrics.Gauge(f"lsvcr_continuous_{key}", help)
+                            for key, help in (("version", "number of the version serving follows"),
+                                              ("candidate_ndcg5", "held-out NDCG@5 of the last candidate"),
+                                              ("train_s", "seconds of the last fine-tuning"),
+                                              ("data_lag_ms", "event time between the newest trained and seen example"))}
+        current = record["serving_version"]
+        self._gauges["version"].set(int(current[1:]) if current else 0)
+        if record[f"candidate_{METRIC}"] is not None:
+            self._gauges["candidate_ndcg5"].set(record[f"candidate_{METRIC}"])
+        self._gauges["train_s"].set(record["train_s"])
+        self._gauges["data_lag_ms"].set(record["data_lag_ms"])
+
+    def _save_state(self) -> None:
+        write_json_atomic(self.state_path, self.state)
+
+    def _log(self, message: str) -> None:
+        print(f"continuous [{time.strftime('%H:%M:%S')}]: {message}", flush=True)
+
+
+def run_continuous(config: ContinuousConfig) -> dict:
+    return ContinuousTrainer(config).run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from lsvcr.config import load_config
+
+    args = sys.argv[1:] if argv is None else argv
+    path = args[0] if args and "=" not in args[0] else None
+    run_continuous(load_config(ContinuousConfig, path, [a for a in args if "=" in a]))
+
+
+if __name__ == "__main__":
+    main()
