@@ -92,7 +92,11 @@ def top_videos(state: ModelState, scores: np.ndarray, history: dict, k: int, exc
     return [ScoredItem(id=state.video_ids[i], text=state.video_titles[i], score=float(scores[i])) for i in top]
 
 
-@serve.deployment(max_ongoing_requests=64)
+# Measured by `lsvcr benchmark serve` (max_ongoing sweep at concurrency 32): see BENCHMARKS.md.
+MAX_ONGOING_REQUESTS = 64
+
+
+@serve.deployment(max_ongoing_requests=MAX_ONGOING_REQUESTS)
 @serve.ingress(app)
 class Recommender:
     def __init__(self, registry: str | None = None, checkpoint: str | None = None, features: str | None = None,
@@ -284,7 +288,10 @@ APP_NAME = "lsvcr"
 
 def build_app(args: dict):
     """Application builder for `serve deploy` / `serve run serving.app:build_app registry=DIR`."""
-    return Recommender.bind(registry=args.get("registry"), checkpoint=args.get("checkpoint"),
+    deployment = Recommender
+    if args.get("max_ongoing_requests"):
+        deployment = Recommender.options(max_ongoing_requests=int(args["max_ongoing_requests"]))
+    return deployment.bind(registry=args.get("registry"), checkpoint=args.get("checkpoint"),
                             features=args.get("features"), poll_s=float(args.get("poll_s", 1.0)),
                             sequence_store=args.get("sequence_store"), catalog_bootstrap=args.get("catalog_bootstrap"),
                             topic_prefix=args.get("topic_prefix", ""))
@@ -292,7 +299,8 @@ def build_app(args: dict):
 
 def start(registry: str | None = None, checkpoint: str | None = None, features: str | None = None,
           host: str = "127.0.0.1", port: int = 8000, access_log: bool = True, poll_s: float = 1.0,
-          sequence_store: str | None = None, catalog_bootstrap: str | None = None, topic_prefix: str = "") -> str:
+          sequence_store: str | None = None, catalog_bootstrap: str | None = None, topic_prefix: str = "",
+          max_ongoing_requests: int | None = None) -> str:
     """Deploy the app on a local (or RAY_ADDRESS) Ray and return its base URL."""
     from ray.serve.schema import LoggingConfig
 
@@ -303,7 +311,7 @@ def start(registry: str | None = None, checkpoint: str | None = None, features: 
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     serve.run(build_app({"registry": registry, "checkpoint": checkpoint, "features": features, "poll_s": poll_s,
                          "sequence_store": sequence_store, "catalog_bootstrap": catalog_bootstrap,
-                         "topic_prefix": topic_prefix}),
+                         "topic_prefix": topic_prefix, "max_ongoing_requests": max_ongoing_requests}),
               name=APP_NAME, route_prefix="/", logging_config=logging_config)
     return f"http://{host}:{port}"
 

@@ -30,6 +30,8 @@ class ServeBenchConfig:
     users: int = 2_000
     text_dim: int = 384
     concurrency: tuple[int, ...] = (1, 8, 32)
+    # max_ongoing_requests values tried at the top concurrency (each is a redeploy); () skips the sweep.
+    max_ongoing: tuple[int, ...] = (8, 16, 32, 64)
     seconds: float = 10.0
     port: int = 18800
     baseline_port: int = 18801
@@ -39,6 +41,7 @@ class ServeBenchConfig:
         if self.videos < 100 or self.users < 1 or self.seconds <= 0 or not self.concurrency:
             raise ValueError("videos >= 100, users >= 1, seconds > 0 and a concurrency list are needed")
         self.concurrency = tuple(int(c) for c in self.concurrency)
+        self.max_ongoing = tuple(int(m) for m in self.max_ongoing)
 
 
 def synthetic_features(out: Path, cfg: ServeBenchConfig) -> Path:
@@ -68,6 +71,7 @@ def synthetic_features(out: Path, cfg: ServeBenchConfig) -> Path:
         "comment_id": [f"c{i:08d}" for i in range(n_comments)],
         "video_idx": pa.array(comment_video),
         "text": [f"comment number {i}" for i in range(n_comments)],
+        "ts": ts[comment_video] + 60_000,
     }), out / "comments.parquet")
     rows = []
     for u in range(cfg.users):
@@ -97,7 +101,7 @@ def random_checkpoint(features: Path, out: Path, cfg: ServeBenchConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     model = build_model("sr", {"num_videos": cfg.videos, "num_comments": cfg.videos * cfg.comments_per_video,
-                               "text_dim": cfg.text_dim})
+                               "text_dim": cfg.text_dim, "time_features": True})  # as trained models are
     return save_checkpoint(out, "sr", model.config, model.state_dict(), {})
 
 
@@ -182,6 +186,19 @@ def run(overrides: list[str]) -> dict:
         figures["swap_requests"] = r["requests"]
     finally:
         stop()
+
+    # max_ongoing_requests sweep: how many requests a replica takes at once (the rest queue in the proxy).
+    for m in cfg.max_ongoing:
+        url = start(registry=str(work / "registry"), port=cfg.port, access_log=False, poll_s=0.5,
+                    max_ongoing_requests=m)
+        try:
+            _wait_ready(url)
+            load(url, users, 4, 2.0)
+            r = load(url, users, top, cfg.seconds)
+            print(f"[bench serve] max_ongoing_requests {m}, concurrency {top}: {r}", flush=True)
+            figures.update({f"rps_max_ongoing{m}": r["rps"], f"p99_ms_max_ongoing{m}": r["p99_ms"]})
+        finally:
+            stop()
 
     base_url = f"http://127.0.0.1:{cfg.baseline_port}"
     server = subprocess.Popen([sys.executable, "-m", "serving.minimal_server", str(registry.path(registry.versions()[0])),
