@@ -1,9 +1,15 @@
 """`lsvcr features build`: event log (docs/DATA.md section 2) -> features folder (section 3) with Ray Data.
 
     catalogs (pyarrow, driver) -> videos.parquet, comments.parquet, video_emb.npy, comment_emb.npy
-    events (read_parquet) -> interaction rows -> groupby(video_idx): hot comments, comment candidates
-        -> groupby(user_id): histories, examples, splits -> video negatives -> examples/<task>/<split>/
+    events (read_parquet, a few tasks) -> interaction rows -> OUT/_shuffle/video/p=<k>/ (video_idx mod P)
+    one task per video partition: hot comments, comment candidates -> OUT/_shuffle/user/p=<k>/ (user hash mod P)
+    one task per user partition: histories, examples, splits, video negatives -> examples/<task>/<split>/
     users.parquet, manifest.json
+
+The two regroupings go through partition files, not Ray Data's groupby: its per-group hash shuffle (aggregator
+actors, many small blocks) cost several times the work itself on 2 cores. Each partition task runs the pure
+per-group functions over its groups in one process, so the work spreads over P = max(CPUs, rows / 250k) tasks
+and a task's memory is bounded by its partition's rows.
 
 Watermark: with lateness_ms = L, only events at or before cut = (latest event ts) - L are used; the rest wait
 for a later build. An incremental build (incremental=true) keeps its state in OUT/_state (cut, files read,
@@ -39,9 +45,12 @@ from lsvcr.config import ConfigError
 SCHEMA_VERSION = 1
 TASKS = ("video", "comment")
 USERS_PARTS = "_users_parts"  # user rows written by the workers, merged into users.parquet at the end
+SHUFFLE = "_shuffle"  # partition files between the stages of one build, removed at its end
+# Rows per partition of the stages: a partition is one task, and its tables stay well under a GB.
+ROWS_PER_PARTITION = 250_000
 STATE = "_state"  # incremental state: state.json and annotated/ (history rows at or before the cut)
 # Config fields that change rows: a state built with other values cannot be extended.
-ROW_FIELDS = ("max_history", "num_negatives", "seed", "negative_window_ms", "positive_video_actions",
+ROW_FIELDS = ("max_history", "num_negatives", "seed", "video_protocol", "negative_window_ms", "positive_video_actions",
               "positive_comment_actions", "split", "split_valid_ts", "split_test_ts", "lateness_ms")
 
 
@@ -52,7 +61,11 @@ class FeaturesConfig:
     max_history: int = 50
     num_negatives: int = 99
     seed: int = 0
-    # Video negatives come from videos published in [ts - window, ts); 0 means no lower bound.
+    # Video-task candidate protocol of the `negatives` column (seq.VIDEO_PROTOCOLS); every protocol's list is
+    # written too (negatives_<protocol>), so evaluation can report several from one build.
+    video_protocol: str = "alive_window"
+    # W of alive_window: negatives published in [ts - W, ts). 0: the smallest window that holds at least
+    # num_negatives + 1 videos for every event that has that many before it (seq.alive_window_ms).
     negative_window_ms: int = 0
     positive_video_actions: tuple[str, ...] = tuple(sorted(POSITIVE_VIDEO_ACTIONS))
     positive_comment_actions: tuple[str, ...] = tuple(sorted(POSITIVE_COMMENT_ACTIONS))
@@ -62,7 +75,7 @@ class FeaturesConfig:
     embed_concurrency: int = 1
     embed_device: str = "cpu"
     embed_threads: int = 0  # torch threads per encoder actor; 0: the machine's cores / embed_concurrency
-    shuffle_partitions: int = 0  # groupby partitions; 0: from the number of rows and CPUs
+    shuffle_partitions: int = 0  # stage partitions (tasks per stage); 0: from the number of rows and CPUs
     # Embedding cache by content hash, per encoder; "" = <lsvcr cache dir>/embeddings, "off" = no cache.
     embed_cache: str = ""
     # Splits: "leave_last_out" (per user and task) or "global_time" (one cut for everyone). The global cut is
@@ -111,6 +124,12 @@ class FeaturesConfig:
             # Leave-last-out and quantile cuts move as data arrives, which would change rows already written.
             raise ConfigError("FeaturesConfig.incremental needs split=global_time with split_valid_ts and "
                               "split_test_ts set")
+        if self.video_protocol not in seq.VIDEO_PROTOCOLS:
+            raise ConfigError(f"FeaturesConfig.video_protocol: expected one of {seq.VIDEO_PROTOCOLS}, "
+                              f"got {self.video_protocol!r}")
+        if self.incremental and self.negative_window_ms == 0:
+            # The automatic window moves as data arrives, which would change rows already written.
+            raise ConfigError("FeaturesConfig.incremental needs negative_window_ms > 0 (a fixed alive window)")
         if self.embed_device != "cpu" and not self.embed_device.startswith("cuda"):
             raise ConfigError(f"FeaturesConfig.embed_device: expected cpu or cuda[:n], got {self.embed_device!r}")
 
@@ -154,15 +173,11 @@ def _prepare_out(out: Path) -> None:
             (out / name).unlink()
 
 
-def _counts(ds, keys: list[str]) -> dict[tuple, dict]:
-    """Per-key counts and ts ranges: partial counts per block, merged here (cheaper than a shuffle)."""
-    parts = ds.map_batches(seq.count_by, batch_format="pyarrow", fn_kwargs={"keys": keys}).take_all()
-    return seq.merge_counts(parts, keys)
-
-
 def write_parts(batch: pa.Table, out: str, video_ts: np.ndarray, num_negatives: int, seed: int,
-                window_ms: int) -> pa.Table:
-    """Ray Data sink for stage B's output: add video negatives, write each (task, split) slice of the batch
+                window_ms: int, protocol: str = "alive_window", interaction_ts: np.ndarray | None = None,
+                interaction_video: np.ndarray | None = None) -> pa.Table:
+    """Ray Data sink for stage B's output: add video negatives (every protocol; `negatives` is `protocol`'s;
+    interaction_ts / interaction_video are the used positive video events, for popularity_at_t), write each (task, split) slice of the batch
     and its user rows as Parquet files, and return the batch's row counts (count_by) for the manifest.
 
     One pass writes every split (a scan per split costs seconds of scheduling each). A file's name is a hash
@@ -170,7 +185,8 @@ def write_parts(batch: pa.Table, out: str, video_ts: np.ndarray, num_negatives: 
     """
     root = Path(out)
     video_rows = batch.filter(pa.compute.equal(batch["row_kind"], "video"))
-    with_negatives = {"video": seq.add_video_negatives(video_rows, video_ts, num_negatives, seed, window_ms)}
+    with_negatives = {"video": seq.add_video_negatives(video_rows, video_ts, num_negatives, seed, window_ms,
+                                                       protocol, interaction_ts, interaction_video)}
     for task in TASKS:
         rows = with_negatives.get(task, batch)
         for split in seq.SPLITS:
@@ -250,18 +266,12 @@ def _load_state(out: Path, config: FeaturesConfig, files: dict[str, list[str]], 
     return state, ""
 
 
-def _unique(ds, column: str) -> pa.Array:
-    parts = ds.map_batches(seq.unique_values, batch_format="pyarrow", fn_kwargs={"column": column}).take_all()
-    return pa.compute.unique(pa.array([row[column] for row in parts]))
-
-
 def build_features(config: FeaturesConfig) -> dict:
     """Build the features folder of docs/DATA.md section 3 from an event log; returns the manifest.
 
     Needs Ray (call lsvcr.ray_runtime.init_ray() first; it is started here if it is not).
     """
     import ray
-    from ray.data.expressions import col
 
     from lsvcr.paths import cache_dir
     from lsvcr.ray_runtime import init_ray
@@ -301,73 +311,84 @@ def build_features(config: FeaturesConfig) -> dict:
     embed_s = time.time() - embed_start
     _log(f"embeddings: dim {dim}, {len(videos) + len(comments)} texts in {embed_s:.1f}s")
 
-    # Events -> interaction rows keyed by video_idx. Hive folders (date=...) are not columns of the contract.
+    # Events -> interaction rows, written as partition files by video (a shuffle through the output folder:
+    # a handful of big tasks instead of Ray's per-group shuffle, which costs more than the work on 2 cores).
+    shuffle = out / SHUFFLE
+    if shuffle.exists():
+        shutil.rmtree(shuffle)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    n_rows = sum(pq.ParquetFile(f).metadata.num_rows for t in ("video_events", "comment_events") for f in files[t])
+    partitions = config.shuffle_partitions or min(256, max(cpus, math.ceil((n_rows + len(comments)) / ROWS_PER_PARTITION)))
     parts = []
-    if files["video_events"]:
-        parts.append(ray.data.read_parquet(files["video_events"], partitioning=None).map_batches(
-            seq.video_event_rows, batch_format="pyarrow",
-            fn_kwargs={"video_ids": videos["video_id"].combine_chunks(),
-                       "positive_actions": list(config.positive_video_actions)}))
-    if files["comment_events"]:
-        parts.append(ray.data.read_parquet(files["comment_events"], partitioning=None).map_batches(
-            seq.comment_event_rows, batch_format="pyarrow",
-            fn_kwargs={"comment_ids": comments["comment_id"].combine_chunks(),
-                       "comment_video_idx": comments["video_idx"].to_numpy(),
-                       "positive_actions": list(config.positive_comment_actions)}))
-    events = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize() if parts else None
-    by_status = _counts(events, ["kind", "status"]) if events is not None else {}
+    for table, kwargs in (
+        ("video_events", {"video_ids": videos["video_id"].combine_chunks(),
+                          "positive_actions": list(config.positive_video_actions)}),
+        ("comment_events", {"comment_ids": comments["comment_id"].combine_chunks(),
+                            "comment_video_idx": comments["video_idx"].to_numpy(),
+                            "positive_actions": list(config.positive_comment_actions)}),
+    ):
+        if files[table]:
+            # A few read tasks of many files each: a task per small date file costs more than it reads.
+            read = ray.data.read_parquet(files[table], partitioning=None,
+                                         override_num_blocks=min(len(files[table]), partitions))
+            parts.append(read.map_batches(
+                _events_to_partitions, batch_format="pyarrow", batch_size=None,
+                fn_kwargs={"table": table, "out": str(out), "partitions": partitions, "row_kwargs": kwargs}))
+    counted = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).take_all() if parts else []
+    by_status = seq.merge_counts(counted, ["kind", "status"])
     status = {k: v["count"] for k, v in by_status.items()}
     max_ts = max((v["ts_max"] for v in by_status.values()), default=None)
     cut = None if max_ts is None else int(max_ts) - config.lateness_ms
     n_ok = status.get((seq.KIND_VIDEO_EVENT, "ok"), 0) + status.get((seq.KIND_COMMENT_EVENT, "ok"), 0)
-    _log(f"events: {sum(status.values())} read, {n_ok} used; by (kind, status): {sorted(status.items())}; "
-         f"cut {cut}" + (f", examples after {after} only (incremental)" if after is not None else ""))
+    _log(f"events: {sum(status.values())} read, {n_ok} used, {partitions} partitions; by (kind, status): "
+         f"{sorted(status.items())}; cut {cut}" + (f", examples after {after} only (incremental)" if after is not None else ""))
 
     valid_ts, test_ts = config.split_valid_ts, config.split_test_ts
+    window_ms = config.negative_window_ms  # 0: the automatic one, computed below from the used events
     stats: dict[tuple, dict] = {}
     if n_ok and (after is None or cut > after):
-        ok = events.filter(expr=(col("status") == "ok") & (col("ts") <= cut))
+        used = None
+        if (config.split == "global_time" and not test_ts) or after is not None:
+            used = _read_columns(shuffle / "video", ["video_idx", "ts", "positive"])
+            used = used.filter(pa.compute.and_(used["positive"], pa.compute.less_equal(used["ts"], cut)))
         if config.split == "global_time" and not test_ts:
-            positive_ts = ok.filter(expr=col("positive")).select_columns(["ts"]).to_arrow_refs()
-            ts = np.concatenate([t["ts"].to_numpy() for t in ray.get(positive_ts)] or [np.zeros(0, np.int64)])
-            valid_ts, test_ts = seq.global_cuts(ts, config.split_valid_frac, config.split_test_frac)
-        publications = seq.publication_rows(comments)
-        publications = publications.filter(pa.compute.less_equal(publications["ts"], cut))
-        interactions = ok.union(ray.data.from_arrow(publications)) if len(publications) else ok
+            valid_ts, test_ts = seq.global_cuts(used["ts"].to_numpy(), config.split_valid_frac, config.split_test_frac)
+        touched = None
         if after is not None:
             # Only videos with a positive event in the window need stage A (with their whole history).
-            touched = _unique(ok.filter(expr=col("positive") & (col("ts") > after)), "video_idx")
-            interactions = interactions.filter(expr=col("video_idx").is_in(touched.to_pylist()))
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        partitions = config.shuffle_partitions or min(256, max(cpus, math.ceil((n_ok + len(comments)) / 500_000)))
-        # Stage A, per video: hot comments and comment candidates as of each event.
-        annotated = interactions.groupby("video_idx", num_partitions=partitions).map_groups(
-            seq.annotate_video_group, batch_format="pyarrow",
-            fn_kwargs={"num_negatives": config.num_negatives, "seed": config.seed})
-        if after is not None:
-            annotated = annotated.filter(expr=col("ts") > after)
-        annotated = annotated.materialize()
-        if config.incremental:
-            # History rows for the next incremental build (its stage B needs every earlier event of a user).
-            annotated.map_batches(_write_state_part, batch_format="pyarrow", batch_size=None,
-                                  fn_kwargs={"out": str(out)}).materialize()
-        history = annotated
-        if after is not None and any((out / STATE / "annotated").glob("*.parquet")):
-            users = _unique(annotated, "user_id")
-            old = ray.data.read_parquet(str(out / STATE / "annotated"), partitioning=None, file_extensions=["parquet"])
-            old = old.filter(expr=(col("ts") <= after) & col("user_id").is_in(users.to_pylist()))
-            history = annotated.union(old)
-        # Stage B, per user: histories, examples, splits, and the histories as of the cut for serving.
-        rows = history.groupby("user_id", num_partitions=partitions).map_groups(
-            seq.user_rows, batch_format="pyarrow",
-            fn_kwargs={"max_history": config.max_history, "split": config.split, "valid_ts": valid_ts,
-                       "test_ts": test_ts, "emit_after_ts": after})
-        # Video negatives, then every split written in the same pass.
-        written = rows.map_batches(
-            write_parts, batch_format="pyarrow", batch_size=None,
-            fn_kwargs={"out": str(out), "video_ts": videos["ts"].to_numpy(), "num_negatives": config.num_negatives,
-                       "seed": config.seed, "window_ms": config.negative_window_ms})
+            touched = pa.compute.unique(used.filter(pa.compute.greater(used["ts"], after))["video_idx"])
+        publications = seq.publication_rows(comments)
+        publications = publications.filter(pa.compute.less_equal(publications["ts"], cut))
+        tasks = ray.data.from_items([{"part": k} for k in range(partitions)], override_num_blocks=partitions)
+        # Stage A, per video: hot comments and comment candidates as of each event -> partition files by user.
+        tasks.map_batches(
+            _stage_a, batch_format="pyarrow", batch_size=1,
+            fn_kwargs={"out": str(out), "partitions": partitions, "cut": cut, "after": after, "touched": touched,
+                       "publications": publications, "num_negatives": config.num_negatives, "seed": config.seed,
+                       "incremental": config.incremental}).take_all()
+        _log("stage A (hot comments, comment candidates) done")
+        # popularity_at_t and the automatic alive window need every used positive video event (also the
+        # earlier ones in an incremental build).
+        pos = _read_columns(shuffle / "video", ["kind", "video_idx", "ts", "positive"])
+        pos = pos.filter(pa.compute.and_(pa.compute.and_(pa.compute.equal(pos["kind"], seq.KIND_VIDEO_EVENT),
+                                                         pos["positive"]), pa.compute.less_equal(pos["ts"], cut)))
+        pos_ts, pos_video = pos["ts"].to_numpy(), pos["video_idx"].to_numpy()
+        window_ms = window_ms or seq.alive_window_ms(videos["ts"].to_numpy(), pos_ts, config.num_negatives)
+        _log(f"video candidates: protocol {config.video_protocol}, alive window {window_ms / 3_600_000:.2f} h")
+        # Stage B, per user: histories, examples, splits, users as of the cut; then video negatives and the
+        # written files (write_parts).
+        written = tasks.map_batches(
+            _stage_b, batch_format="pyarrow", batch_size=1,
+            fn_kwargs={"out": str(out), "after": after,
+                       "user_kwargs": {"max_history": config.max_history, "split": config.split, "valid_ts": valid_ts,
+                                       "test_ts": test_ts, "emit_after_ts": after},
+                       "write_kwargs": {"out": str(out), "video_ts": videos["ts"].to_numpy(),
+                                        "num_negatives": config.num_negatives, "seed": config.seed,
+                                        "window_ms": window_ms, "protocol": config.video_protocol,
+                                        "interaction_ts": pos_ts, "interaction_video": pos_video}})
         stats = seq.merge_counts(written.take_all(), ["row_kind", "split"])
+    if shuffle.exists():
+        shutil.rmtree(shuffle)
     _finish_outputs(out, keep_old_users=after is not None)
     if after is not None:
         # Add the earlier builds' example counts: the window's rows came on top of them.
@@ -409,6 +430,13 @@ def build_features(config: FeaturesConfig) -> dict:
         "comments_per_record": seq.COMMENTS_PER_RECORD,
         "seed": config.seed,
         "negative_window_ms": config.negative_window_ms,
+        "video_protocol": config.video_protocol,
+        "video_protocols": list(seq.VIDEO_PROTOCOLS),
+        # The W used by alive_window (the automatic one when negative_window_ms is 0), and how it was chosen.
+        "alive_window_ms": window_ms,
+        "alive_window_rule": ("configured" if config.negative_window_ms else
+                              f"smallest W such that every used positive video event with at least "
+                              f"{config.num_negatives + 1} videos published before it has that many in [ts - W, ts)"),
         "positive_video_actions": list(config.positive_video_actions),
         "positive_comment_actions": list(config.positive_comment_actions),
         "encoder": config.encoder,
@@ -453,8 +481,92 @@ def build_features(config: FeaturesConfig) -> dict:
     return manifest
 
 
-def _write_state_part(batch: pa.Table, out: str) -> pa.Table:
-    """Ray Data sink: the annotated rows of a batch (without candidate lists) into OUT/_state/annotated/."""
-    if len(batch):
-        _write_part(seq.without_candidates(batch), Path(out) / STATE / "annotated", batch["event_id"])
-    return pa.table({"rows": [len(batch)]})
+def _partition_of(keys: pa.ChunkedArray, partitions: int) -> np.ndarray:
+    """Partition number of each key, the same in every process: ints modulo P, strings by pandas' fixed-key hash."""
+    if pa.types.is_integer(keys.type):
+        return np.asarray(keys.to_numpy(), np.int64) % partitions
+    import pandas as pd
+
+    values = np.asarray(keys.to_numpy(zero_copy_only=False), dtype=object)
+    return (pd.util.hash_array(values) % np.uint64(partitions)).astype(np.int64)
+
+
+def _write_partitions(table: pa.Table, folder: Path, key: str, partitions: int) -> None:
+    """Split `table` by partition of `key` into folder/p=<k>/part-<hash of event ids>.parquet."""
+    part = _partition_of(table[key], partitions)
+    for k in np.unique(part).tolist():
+        rows = table.filter(pa.array(part == k))
+        _write_part(rows, folder / f"p={k}", rows["event_id"])
+
+
+def _read_columns(folder: Path, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
+    """Every part file under folder (recursively), concatenated; empty when there is none."""
+    files = sorted(p for p in folder.rglob("part-*.parquet")) if folder.is_dir() else []
+    tables = [pq.read_table(f, columns=columns) for f in files]
+    if schema is not None:
+        tables = [t.cast(schema) for t in tables]
+        return pa.concat_tables(tables) if tables else schema.empty_table()
+    return pa.concat_tables(tables)
+
+
+def _events_to_partitions(batch: pa.Table, table: str, out: str, partitions: int, row_kwargs: dict) -> pa.Table:
+    """Ray Data map: one block of events -> interaction rows; the usable ones go to OUT/_shuffle/video/p=<k>/
+    by video; returns count_by(kind, status) for the manifest and the watermark."""
+    to_rows = seq.video_event_rows if table == "video_events" else seq.comment_event_rows
+    rows = to_rows(batch, **row_kwargs)
+    ok = rows.filter(pa.compute.equal(rows["status"], "ok"))
+    if len(ok):
+        _write_partitions(ok, Path(out) / SHUFFLE / "video", "video_idx", partitions)
+    return seq.count_by(rows.select(["kind", "status", "ts"]), ["kind", "status"])
+
+
+def _groups_apply(table: pa.Table, key: str, fn, schema: pa.Schema, **kwargs) -> pa.Table:
+    outs = [fn(group, **kwargs) for group in seq.group_slices(table, key)]
+    return pa.concat_tables(outs) if outs else schema.empty_table()
+
+
+def _stage_a(batch: pa.Table, out: str, partitions: int, cut: int, after: int | None, touched: pa.Array | None,
+             publications: pa.Table, num_negatives: int, seed: int, incremental: bool) -> pa.Table:
+    """Ray Data map over partition numbers: stage A (annotate_video_group) on every video of the partition;
+    the annotated rows go to OUT/_shuffle/user/p=<k>/ by user (and to the incremental state)."""
+    root = Path(out)
+    done = 0
+    for k in batch["part"].to_pylist():
+        events = _read_columns(root / SHUFFLE / "video" / f"p={k}", schema=seq.INTERACTION_SCHEMA)
+        events = events.filter(pa.compute.less_equal(events["ts"], cut))
+        pubs = publications.filter(pa.array(_partition_of(publications["video_idx"], partitions) == k))
+        interactions = pa.concat_tables([events, pubs.cast(seq.INTERACTION_SCHEMA)])
+        if touched is not None:
+            interactions = interactions.filter(pa.compute.is_in(interactions["video_idx"], value_set=touched))
+        annotated = _groups_apply(interactions, "video_idx", seq.annotate_video_group, seq.ANNOTATED_SCHEMA,
+                                  num_negatives=num_negatives, seed=seed)
+        if after is not None:
+            annotated = annotated.filter(pa.compute.greater(annotated["ts"], after))
+        if len(annotated):
+            if incremental:
+                # History rows for the next incremental build (its stage B needs every earlier event of a user).
+                _write_part(seq.without_candidates(annotated), root / STATE / "annotated", annotated["event_id"])
+            _write_partitions(annotated, root / SHUFFLE / "user", "user_id", partitions)
+        done += len(annotated)
+    return pa.table({"rows": [done]})
+
+
+def _stage_b(batch: pa.Table, out: str, after: int | None, user_kwargs: dict, write_kwargs: dict) -> pa.Table:
+    """Ray Data map over partition numbers: stage B (user_rows) on every user of the partition, with the
+    earlier builds' history rows of those users (incremental), then write_parts; returns its counts."""
+    root = Path(out)
+    counts = []
+    for k in batch["part"].to_pylist():
+        history = _read_columns(root / SHUFFLE / "user" / f"p={k}", schema=seq.ANNOTATED_SCHEMA)
+        if after is not None and len(history):
+            old = _read_columns(root / STATE / "annotated", schema=seq.ANNOTATED_SCHEMA)
+            users = pa.compute.unique(history["user_id"])
+            keep = pa.compute.and_(pa.compute.less_equal(old["ts"], after),
+                                   pa.compute.is_in(old["user_id"], value_set=users))
+            history = pa.concat_tables([history, old.filter(keep)])
+        rows = _groups_apply(history, "user_id", seq.user_rows, seq.USER_ROWS_SCHEMA, **user_kwargs)
+        if len(rows):
+            counts.append(write_parts(rows, **write_kwargs))
+    return pa.concat_tables(counts) if counts else pa.table({
+        "row_kind": pa.array([], pa.string()), "split": pa.array([], pa.string()), "ts_count": pa.array([], pa.int64()),
+        "ts_min": pa.array([], pa.int64()), "ts_max": pa.array([], pa.int64())})

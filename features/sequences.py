@@ -13,7 +13,8 @@ The pipeline, by stage:
    like counts as of each comment event.
 4. Stage B, per user (`user_rows`): both histories as of each example, the leave-last-out split, and the
    user's histories as of the end of the log.
-5. `add_video_negatives`: video-task negatives, per example.
+5. `add_video_negatives`: video-task negatives, per example, under each candidate protocol
+   (VIDEO_PROTOCOLS): `negatives` holds the configured one, `negatives_<protocol>` every one.
 
 Time rule everywhere: only what happened strictly before an example's ts is visible to it; events with the
 same ts as the example are not in its history. Equal timestamps are ordered by event_id.
@@ -94,11 +95,20 @@ USER_ROWS_SCHEMA = pa.schema([
     ("negative_likes", pa.list_(pa.int32())),
 ])
 
+# Video-task candidate protocols: where the negatives of an example at ts come from. Only videos published
+# strictly before ts, never the target.
+#   uniform_all: uniform over every such video;
+#   alive_window: uniform over those published in [ts - W, ts);
+#   popularity_at_t: in proportion to their positive video interactions strictly before ts.
+VIDEO_PROTOCOLS = ("uniform_all", "alive_window", "popularity_at_t")
+PROTOCOL_COLUMNS = [f"negatives_{p}" for p in VIDEO_PROTOCOLS]
+
 # Written files (docs/DATA.md section 3).
 VIDEO_EXAMPLE_SCHEMA = pa.schema([
     ("user_id", pa.string()), ("event_id", pa.string()), ("ts", pa.int64()), ("target", pa.int32()),
     *HISTORY_FIELDS,
     ("negatives", pa.list_(pa.int32())),
+    *[(name, pa.list_(pa.int32())) for name in PROTOCOL_COLUMNS],
 ])
 COMMENT_EXAMPLE_SCHEMA = pa.schema([
     ("user_id", pa.string()), ("event_id", pa.string()), ("ts", pa.int64()), ("query_video", pa.int32()),
@@ -521,28 +531,103 @@ def user_rows(
 # ---------------------------------------------------------------------------------------------- video negatives
 
 
+def alive_window_ms(video_ts: np.ndarray, event_ts: np.ndarray, num_negatives: int) -> int:
+    """The default W of `alive_window`: the smallest window such that every event with at least
+    num_negatives + 1 videos published strictly before it has at least num_negatives + 1 of them in
+    [ts - W, ts), so num_negatives besides the target. Events with fewer videos before them see all of
+    them anyway and do not count. 1 when no event counts.
+
+    For an event with h videos before it (video_ts sorted), the (num_negatives + 1)-th newest is at
+    index h - num_negatives - 1: W must reach back to its publication time.
+    """
+    hi = np.searchsorted(video_ts, event_ts, side="left")  # [E] videos published strictly before
+    counted = hi >= num_negatives + 1
+    if num_negatives == 0 or not counted.any():
+        return 1
+    oldest_needed = np.asarray(video_ts)[hi[counted] - num_negatives - 1]
+    return int(max(1, (np.asarray(event_ts)[counted] - oldest_needed).max()))
+
+
+def _sample_weighted(rng: np.random.Generator, weights: np.ndarray, exclude: int, k: int) -> np.ndarray:
+    """Up to k distinct indices of `weights` other than `exclude`, drawn without replacement in proportion to
+    the weights (exponential keys: the k smallest of Exp(1) / w); zero-weight ones only to fill up to k,
+    uniformly. Sorted."""
+    n = len(weights)
+    keys = rng.exponential(size=n)
+    with np.errstate(divide="ignore"):
+        keys = np.where(weights > 0, keys / np.maximum(weights, 1e-300), np.inf)
+    # Zero-weight items come after every weighted one, in a uniform order among themselves.
+    order = np.lexsort((rng.random(n), keys))
+    if 0 <= exclude < n:
+        order = order[order != exclude]
+    return np.sort(order[:k]).astype(np.int32)
+
+
 def add_video_negatives(
-    batch: pa.Table, video_ts: np.ndarray, num_negatives: int, seed: int, window_ms: int = 0
+    batch: pa.Table, video_ts: np.ndarray, num_negatives: int, seed: int, window_ms: int = 0,
+    protocol: str = "uniform_all", interaction_ts: np.ndarray | None = None,
+    interaction_video: np.ndarray | None = None,
 ) -> pa.Table:
-    """Fill `negatives` of video-task rows: up to num_negatives distinct videos published strictly before ts
-    (and at or after ts - window_ms when window_ms > 0), never the target, sampled uniformly with a generator
-    seeded by (seed, event_id). Fewer only when fewer such videos exist.
+    """Fill the candidate lists of video-task rows under every protocol of VIDEO_PROTOCOLS, each with up to
+    num_negatives distinct videos published strictly before ts, never the target (fewer only when fewer such
+    videos exist), sampled with a generator seeded by (seed, protocol, event_id); `negatives` is the one of
+    `protocol`.
+
+    - uniform_all: uniform over every video published before ts;
+    - alive_window: uniform over those published in [ts - window_ms, ts) (window_ms > 0 needed for it to be
+      the configured protocol; with 0 its column equals uniform_all's);
+    - popularity_at_t: in proportion to the positive interactions (interaction_ts / interaction_video, the
+      used positive video events) strictly before ts; videos without any only fill up the list, uniformly.
 
     `video_ts` is videos.parquet's ts column (non-decreasing, so the eligible videos are an index range).
     """
+    if protocol not in VIDEO_PROTOCOLS:
+        raise ValueError(f"unknown video protocol {protocol!r}; expected one of {VIDEO_PROTOCOLS}")
+    if protocol == "alive_window" and window_ms <= 0:
+        raise ValueError("protocol alive_window needs window_ms > 0")
+    if interaction_ts is None:
+        interaction_ts, interaction_video = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.argsort(interaction_ts, kind="stable")
+    inter_ts, inter_video = np.asarray(interaction_ts)[order], np.asarray(interaction_video)[order]
+
     ts = batch["ts"].to_numpy()
     hi = np.searchsorted(video_ts, ts, side="left")
     lo = np.searchsorted(video_ts, ts - window_ms, side="left") if window_ms > 0 else np.zeros_like(hi)
     targets = batch["target"].to_numpy()
-    negatives = []
-    for event_id, a, b, target in zip(batch["event_id"].to_pylist(), lo, hi, targets):
+    event_ids = batch["event_id"].to_pylist()
+    lists: dict[str, list[np.ndarray]] = {p: [None] * len(batch) for p in VIDEO_PROTOCOLS}
+    # Rows in time order, so the interaction counts before ts grow with one pass over the interactions.
+    counts = np.zeros(len(video_ts), np.int64)
+    seen = 0
+    for i in np.argsort(ts, kind="stable").tolist():
+        event_id, a, b, target = event_ids[i], int(lo[i]), int(hi[i]), int(targets[i])
         rng = np.random.default_rng(stable_seed(seed, "video", event_id))
-        negatives.append(sample_excluding(rng, int(a), int(b), int(target), num_negatives))
-    offsets = np.zeros(len(negatives) + 1, np.int64)
-    np.cumsum([len(x) for x in negatives], out=offsets[1:])
-    flat = np.concatenate(negatives) if negatives else np.zeros(0, np.int32)
-    column = list_array(offsets.astype(np.int32), flat, pa.int32())
-    return batch.set_column(batch.schema.get_field_index("negatives"), "negatives", column)
+        lists["uniform_all"][i] = sample_excluding(rng, 0, b, target, num_negatives)
+        rng = np.random.default_rng(stable_seed(seed, "video", event_id))  # same draws: windows agree when equal
+        lists["alive_window"][i] = sample_excluding(rng, a, b, target, num_negatives)
+        now = int(np.searchsorted(inter_ts, ts[i], side="left"))
+        np.add.at(counts, inter_video[seen:now], 1)
+        seen = now
+        rng = np.random.default_rng(stable_seed(seed, "video/popularity_at_t", event_id))
+        lists["popularity_at_t"][i] = _sample_weighted(rng, counts[:b], target, num_negatives)
+    for p in VIDEO_PROTOCOLS:
+        column = _list_of_arrays(lists[p])
+        batch = _set_or_append(batch, f"negatives_{p}", column)
+    return _set_or_append(batch, "negatives", batch[f"negatives_{protocol}"])
+
+
+def _list_of_arrays(rows: list[np.ndarray]) -> pa.ListArray:
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum([len(x) for x in rows], out=offsets[1:])
+    flat = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, np.int32)
+    return list_array(offsets.astype(np.int32), flat, pa.int32())
+
+
+def _set_or_append(table: pa.Table, name: str, column) -> pa.Table:
+    index = table.schema.get_field_index(name)
+    if index < 0:
+        return table.append_column(name, column)
+    return table.set_column(index, name, column)
 
 
 def select_rows(batch: pa.Table, row_kind: str, split: str | None = None) -> pa.Table:
@@ -582,6 +667,7 @@ def build_local(
     num_negatives: int = 99,
     seed: int = 0,
     window_ms: int = 0,
+    protocol: str = "alive_window",
     positive_video_actions: tuple[str, ...] = tuple(sorted(POSITIVE_VIDEO_ACTIONS)),
     positive_comment_actions: tuple[str, ...] = tuple(sorted(POSITIVE_COMMENT_ACTIONS)),
     split: str = "leave_last_out",
@@ -593,8 +679,9 @@ def build_local(
     (and the single-process baseline of the features benchmark).
 
     `cut_ts`: only events (and comment publications) at or before it are used, as in a build whose
-    watermark is cut_ts. Returns {"videos", "comments", "rows" (stage B output, with negatives), "users",
-    "video/<split>", "comment/<split>"}.
+    watermark is cut_ts. `window_ms` is W of the alive_window protocol; 0: the automatic one (alive_window_ms
+    over the used positive video events), as in the Ray build. Returns {"videos", "comments", "rows" (stage B
+    output, with negatives), "users", "video/<split>", "comment/<split>"}.
     """
     videos = index_videos(videos)
     comments, _ = index_comments(comments, videos)
@@ -611,10 +698,14 @@ def build_local(
     rows = _concat([user_rows(g, max_history, split, valid_ts, test_ts) for g in group_slices(annotated, "user_id")],
                    USER_ROWS_SCHEMA)
     video_rows = rows.filter(pc.equal(rows["row_kind"], "video"))
+    positive = annotated.filter(pc.equal(annotated["kind"], KIND_VIDEO_EVENT))
+    if window_ms == 0:  # the automatic W, also for the alive_window column under another protocol
+        window_ms = alive_window_ms(videos["ts"].to_numpy(), positive["ts"].to_numpy(), num_negatives)
     rows = pa.concat_tables([
-        add_video_negatives(video_rows, videos["ts"].to_numpy(), num_negatives, seed, window_ms),
+        add_video_negatives(video_rows, videos["ts"].to_numpy(), num_negatives, seed, window_ms, protocol,
+                            positive["ts"].to_numpy(), positive["video_idx"].to_numpy()),
         rows.filter(pc.not_equal(rows["row_kind"], "video")),
-    ])
+    ], promote_options="default")
     out = {"videos": videos, "comments": comments, "rows": rows, "users": select_rows(rows, "user")}
     for task in ("video", "comment"):
         for split in SPLITS:

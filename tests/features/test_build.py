@@ -113,6 +113,13 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
     assert (manifest["num_videos"], manifest["num_comments"], manifest["num_users"]) == (4, 3, 4)
     assert (manifest["embedding_dim"], manifest["encoder"], manifest["max_history"], manifest["num_negatives"]) == \
         (32, "hash", 50, 2)
+    # Automatic window with 2 negatives, over the used positive events with 3 videos before them: ve4 and ve5
+    # @36 (3rd newest before: v2 @20 -> 16), ve6 @41 (-> 21), ve8 @50 (-> 30): W = 30.
+    assert (manifest["video_protocol"], manifest["alive_window_ms"]) == ("alive_window", 30)
+    test_rows = rows_by_event(out / "examples" / "video" / "test")
+    assert test_rows["ve6"]["negatives"] == test_rows["ve6"]["negatives_alive_window"]
+    # popularity_at_t before 41: v1 twice (ve1, ve3), v2 and v4 once (ve4, ve5); v3 is the target.
+    assert sorted(test_rows["ve6"]["negatives_popularity_at_t"]) in ([0, 1], [0, 3], [1, 3])
 
     # The Ray build equals the one-process reference, negatives included.
     local = seq.build_local(*(tables(**LOG)[t] for t in ("videos", "comments", "video_events", "comment_events")),
@@ -184,8 +191,9 @@ def test_future_events_do_not_change_past_examples(tables):
         ],
     )
     names = ("videos", "comments", "video_events", "comment_events")
-    past = seq.build_local(*(tables(**LOG)[t] for t in names), num_negatives=2)["rows"]
-    full = seq.build_local(*(tables(**future)[t] for t in names), num_negatives=2)["rows"]
+    # A fixed alive window: the automatic one is a dataset-wide choice, like the global split cuts.
+    past = seq.build_local(*(tables(**LOG)[t] for t in names), num_negatives=2, window_ms=30)["rows"]
+    full = seq.build_local(*(tables(**future)[t] for t in names), num_negatives=2, window_ms=30)["rows"]
     keep = [c for c in past.column_names if c != "split"]  # only the split may move: later examples exist now
 
     def examples_before_100(rows):
@@ -253,6 +261,7 @@ def test_incremental_build_equals_a_full_rebuild(tmp_path, ray_session, tables):
     split_at = int(ts[len(ts) * 2 // 3])  # the first build sees two thirds of the video events
     valid_ts, test_ts = int(ts[len(ts) // 2]), int(ts[len(ts) * 5 // 6])
     settings = dict(encoder="hash", encoder_dim=16, num_negatives=5, embed_cache=str(tmp_path / "cache"),
+                    negative_window_ms=2 * 86_400_000,
                     split="global_time", split_valid_ts=valid_ts, split_test_ts=test_ts, lateness_ms=3_600_000)
 
     def day(ts):
@@ -311,6 +320,11 @@ def test_incremental_needs_a_fixed_global_cut():
         FeaturesConfig(eventlog="a", out="b", split="by_coin")
     with pytest.raises(ConfigError, match="frac"):
         FeaturesConfig(eventlog="a", out="b", split_valid_frac=0.6, split_test_frac=0.5)
+    with pytest.raises(ConfigError, match="negative_window_ms"):
+        FeaturesConfig(eventlog="a", out="b", incremental=True, split="global_time", split_valid_ts=1,
+                       split_test_ts=2)
+    with pytest.raises(ConfigError, match="video_protocol"):
+        FeaturesConfig(eventlog="a", out="b", video_protocol="newest")
 
 
 def test_global_time_split_by_fractions(tmp_path, ray_session, tables, eventlog_writer):

@@ -294,8 +294,11 @@ def test_video_negatives_published_before_ts_never_the_target():
     assert out["n2"]["negatives"] == []  # nothing before 10
     assert out["n3"]["negatives"] == [0, 1, 2, 3]
     assert out["n4"]["negatives"] == [0, 1, 2, 3]  # the target, published at 40, is not before 35 anyway
-    windowed = by_event(seq.add_video_negatives(batch, VIDEO_TS, num_negatives=5, seed=0, window_ms=15))
+    windowed = by_event(seq.add_video_negatives(batch, VIDEO_TS, num_negatives=5, seed=0, window_ms=15,
+                                                protocol="alive_window"))
     assert windowed["n3"]["negatives"] == [3]  # published in [26, 41): videos 3 and 4 (the target)
+    assert windowed["n3"]["negatives_uniform_all"] == [0, 1, 2, 3]
+    assert windowed["n1"]["negatives"] == [0, 2]  # [10, 25): videos 0, 1, 2 (0 at 10 = 25 - 15 is inside); 1 is the target
 
 
 def test_video_negatives_sample_is_fixed_by_seed_and_event_id():
@@ -455,3 +458,53 @@ def test_nothing_at_or_after_an_example_enters_it(tables, seed):
                                for n in row["negatives"])
                     assert comment_video[row["target"]] == row["query_video"]
     assert n_examples > 20  # the property is checked on a real number of examples
+
+
+def test_every_protocol_samples_only_videos_that_existed_and_alive_window_only_inside_it():
+    rng = np.random.default_rng(7)
+    video_ts = np.sort(rng.integers(0, 1000, size=60))
+    rows = [(f"e{i}", int(t), int(rng.integers(0, np.searchsorted(video_ts, t)))) for i, t in
+            enumerate(rng.integers(200, 1100, size=40))]
+    inter_ts = rng.integers(0, 1100, size=300)
+    inter_video = rng.integers(0, 60, size=300)
+    out = by_event(seq.add_video_negatives(video_rows(rows), video_ts, num_negatives=10, seed=1, window_ms=150,
+                                           protocol="popularity_at_t", interaction_ts=inter_ts,
+                                           interaction_video=inter_video))
+    for event_id, ts, target in rows:
+        row = out[event_id]
+        assert row["negatives"] == row["negatives_popularity_at_t"]
+        for name in seq.PROTOCOL_COLUMNS:
+            negatives = row[name]
+            assert target not in negatives and len(set(negatives)) == len(negatives)
+            assert all(video_ts[v] < ts for v in negatives), name
+        assert all(ts - 150 <= video_ts[v] for v in row["negatives_alive_window"])
+        assert len(row["negatives_uniform_all"]) == min(10, int(np.sum(video_ts < ts)) - 1)
+
+
+def test_popularity_at_t_counts_only_interactions_strictly_before_ts():
+    # Videos 0..4 published at 10 20 20 30 40. Before 35: video 3 had 5 interactions, video 0 one at 34;
+    # video 2's are at 35 (not before) and later. With 1 negative and target 1, video 3 wins almost always.
+    inter_ts = np.array([31, 32, 33, 33, 34, 34, 35, 35, 35, 35, 36])
+    inter_video = np.array([3, 3, 3, 3, 3, 0, 2, 2, 2, 2, 2])
+    picks = []
+    for seed in range(40):
+        out = seq.add_video_negatives(video_rows([("p", 35, 1)]), VIDEO_TS, num_negatives=1, seed=seed,
+                                      window_ms=5, protocol="popularity_at_t", interaction_ts=inter_ts,
+                                      interaction_video=inter_video)
+        picks.append(out["negatives"][0].as_py()[0])
+    assert set(picks) <= {0, 3} and picks.count(3) >= 25  # probability 5/6 per draw; never video 2
+    # Three negatives: both videos with interactions, and one of the zero-count ones (2) only to fill up.
+    out = seq.add_video_negatives(video_rows([("p", 35, 1)]), VIDEO_TS, num_negatives=3, seed=0, window_ms=5,
+                                  protocol="popularity_at_t", interaction_ts=inter_ts, interaction_video=inter_video)
+    assert out["negatives"][0].as_py() == [0, 2, 3]
+
+
+def test_alive_window_ms_is_the_smallest_window_holding_enough_videos():
+    video_ts = np.array([0, 10, 20, 30, 100, 105])
+    # 2 negatives need 3 videos: @31 the 3rd newest is @10 -> 21; @101 it is @20 -> 81; @106 -> 30 -> 76;
+    # @15 has only 2 videos before it and does not count.
+    assert seq.alive_window_ms(video_ts, np.array([15, 31, 101, 106]), num_negatives=2) == 81
+    assert seq.alive_window_ms(video_ts, np.array([15]), num_negatives=2) == 1
+    with pytest.raises(ValueError, match="alive_window"):
+        seq.add_video_negatives(video_rows([("p", 35, 1)]), VIDEO_TS, num_negatives=1, seed=0,
+                                protocol="alive_window")
