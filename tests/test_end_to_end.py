@@ -32,9 +32,12 @@ def test_every_valid_record_reaches_the_event_log(pipeline_run):
 def test_results_json_has_every_model_and_metric(pipeline_run):
     root, out = pipeline_run
     results = json.loads((root / "results.json").read_text())
-    assert set(results) == {"video", "comment"}
+    assert {"video", "comment", "protocol", "other_protocols"} <= set(results)
+    assert results["protocol"] == "alive_window" and set(results["other_protocols"]) == {"uniform_all", "popularity_at_t"}
+    # The time-aware baselines are always there (issue 8).
+    assert {"popularity", "sasrec", "sr_no_align", "recency", "popularity_at_t", "recency_pop_blend"} <= set(results["video"])
+    assert {"popularity", "sasrec", "sr_no_align", "newest", "most_engaged", "top_level"} <= set(results["comment"])
     for task in ("video", "comment"):
-        assert {"popularity", "sasrec", "sr_no_align"} <= set(results[task])
         for metrics in results[task].values():
             assert {"recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10", "mrr@5", "mrr@10"} <= set(metrics)
             assert 0.0 <= metrics["recall@1"] <= metrics["recall@5"] <= metrics["recall@10"] <= 1.0

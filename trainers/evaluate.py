@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainers.baselines import popularity_comment_scores, popularity_video_scores, video_train_counts
+from trainers.baselines import (BLEND_TAUS_H, CountsBefore, blend_scores, popularity_comment_scores,
+                                popularity_video_scores, recency_scores, top_level_scores, video_train_counts)
 from trainers.data import TASKS, collate, iter_examples, load_text_tables
 from trainers.metrics import METRIC_NAMES, ranking_metrics, ranks_from_scores
 from trainers.scoring import Scorer
@@ -57,15 +58,93 @@ def popularity_fn(features_dir: str | Path) -> ScoreFn:
     return score
 
 
+def time_baseline_fns(features_dir: str | Path, blend_tau_h: float = 24.0) -> dict[str, ScoreFn]:
+    """The time-aware baselines (issue 8): video recency, popularity_at_t, recency_pop_blend; comment newest,
+    most_engaged (likes + replies before t), top_level. Video interactions are the video-task examples of
+    every split (the used positive events with a history); replies come from comments.parquet."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from trainers.data import examples_path
+
+    videos = pq.read_table(Path(features_dir) / "videos.parquet", columns=["ts"])
+    comments = pq.read_table(Path(features_dir) / "comments.parquet", columns=["comment_id", "parent_id", "ts"])
+    video_ts = videos["ts"].to_numpy()
+    comment_ts = comments["ts"].to_numpy()
+    top_level = comments["parent_id"].is_null().to_numpy(zero_copy_only=False)
+    parent_idx = pa_index(comments)
+    replies = CountsBefore(parent_idx[parent_idx >= 0], comment_ts[parent_idx >= 0])
+    shown = [pads.dataset(examples_path(features_dir, "video", s), format="parquet").to_table(
+        columns=["target", "ts"]) for s in ("train", "valid", "test")]
+    interactions = CountsBefore(np.concatenate([t["target"].to_numpy() for t in shown]),
+                                np.concatenate([t["ts"].to_numpy() for t in shown]))
+
+    def video(fn):
+        def score(task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            idx = _candidates(batch).numpy()
+            return fn(idx, batch["ts"].numpy())
+        score.max_history = 1
+        return score
+
+    def comment(fn):
+        def score(task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return fn(_candidates(batch).numpy(), batch)
+        score.max_history = 1
+        return score
+
+    def engaged(idx, batch):
+        likes = torch.cat([batch["target_likes"][:, None], batch["negative_likes"]], 1).numpy()
+        return torch.from_numpy(np.where(idx >= 0, likes + replies(idx, batch["ts"].numpy()), -np.inf))
+
+    return {
+        "video": {
+            "recency": video(lambda idx, ts: recency_scores(video_ts, idx)),
+            "popularity_at_t": video(lambda idx, ts: torch.from_numpy(
+                np.where(idx >= 0, interactions(idx, ts).astype(np.float64), -np.inf))),
+            "recency_pop_blend": video(lambda idx, ts: blend_scores(video_ts, interactions(idx, ts), idx, ts,
+                                                                    blend_tau_h)),
+        },
+        "comment": {
+            "newest": comment(lambda idx, batch: recency_scores(comment_ts, idx)),
+            "most_engaged": comment(engaged),
+            "top_level": comment(lambda idx, batch: top_level_scores(top_level, comment_ts, idx)),
+        },
+    }
+
+
+def pa_index(comments) -> np.ndarray:
+    """[C] comment_idx of each comment's parent, -1 for top-level ones (or a parent not in the table)."""
+    import pyarrow.compute as pc
+
+    found = pc.index_in(comments["parent_id"], value_set=comments["comment_id"])
+    return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), np.int64)
+
+
+def tune_blend(features_dir: str | Path, max_examples: int = 0) -> float:
+    """tau (hours) of recency_pop_blend with the best NDCG@10 on the valid split's video examples."""
+    fns = {f"{tau}": time_baseline_fns(features_dir, tau)["video"]["recency_pop_blend"] for tau in BLEND_TAUS_H}
+    found = evaluate_fns(features_dir, fns, "valid", max_examples=max_examples, tasks=("video",))["video"]
+    best = max(BLEND_TAUS_H, key=lambda tau: (found[f"{tau}"].get("ndcg@10") or 0.0, -tau))
+    print(f"evaluate: recency_pop_blend tau tuned on valid: {best} h", flush=True)
+    return best
+
+
 def evaluate_fns(features_dir: str | Path, fns: dict[str, ScoreFn], split: str, batch_size: int = 512,
-                 max_examples: int = 0, tasks: tuple[str, ...] = TASKS) -> dict[str, dict[str, dict]]:
-    """Rank every example of `split` with every score function; max_examples > 0 caps each task."""
+                 max_examples: int = 0, tasks: tuple[str, ...] = TASKS,
+                 negatives_column: str = "negatives") -> dict[str, dict[str, dict]]:
+    """Rank every example of `split` with every score function; max_examples > 0 caps each task.
+    `negatives_column` picks the video task's candidate list (negatives_<protocol>: another protocol)."""
     results: dict[str, dict[str, dict]] = {}
     for task in tasks:
         ranks: dict[str, list[np.ndarray]] = {name: [] for name in fns}
         skipped = seen = 0
         started = time.monotonic()
         for rows in iter_examples(features_dir, task, split, batch_size, max_examples):
+            if task == "video" and negatives_column != "negatives":
+                if negatives_column not in rows:
+                    raise ValueError(f"{features_dir}: video examples have no {negatives_column} column "
+                                     "(built before candidate protocols; rebuild the features)")
+                rows["negatives"] = rows[negatives_column]
             has_negatives = np.array([len(n) > 0 for n in rows["negatives"]])
             seen += len(has_negatives)
             skipped += int((~has_negatives).sum())  # nothing to rank the target against
@@ -92,8 +171,16 @@ def evaluate_fns(features_dir: str | Path, fns: dict[str, ScoreFn], split: str, 
 
 def evaluate(features_dir: str | Path, checkpoints: dict[str, str | Path], split: str = "test",
              popularity: bool = True, batch_size: int = 512, max_examples: int = 0,
-             device: str = "cpu") -> dict[str, dict[str, dict]]:
-    """Metrics per task and model for the given checkpoints (name -> folder) plus "popularity"."""
+             device: str = "cpu") -> dict:
+    """Metrics per task and model for the checkpoints (name -> folder), "popularity" and the time-aware
+    baselines, under the build's video protocol ("protocol"); "other_protocols" holds the video task under
+    every other protocol the build wrote. {"protocol", "recency_pop_blend_tau_h", "video", "comment",
+    "other_protocols": {protocol: {"video": {...}}}}."""
+    import json
+
+    path = Path(features_dir) / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {}  # hand-made folders in tests have none
+    protocol = manifest.get("video_protocol", "uniform_all")
     fns: dict[str, ScoreFn] = {}
     if popularity:
         fns["popularity"] = popularity_fn(features_dir)
@@ -101,16 +188,27 @@ def evaluate(features_dir: str | Path, checkpoints: dict[str, str | Path], split
         if name in fns:
             raise ValueError(f"model name {name!r} is used twice")
         fns[name] = scorer_fn(Scorer(ckpt, features_dir, device=device))
-    return evaluate_fns(features_dir, fns, split, batch_size, max_examples)
+    tau = tune_blend(features_dir, max_examples)
+    baselines = time_baseline_fns(features_dir, tau)
+    results: dict = {"protocol": protocol, "recency_pop_blend_tau_h": tau}
+    for task in TASKS:
+        task_fns = {**fns, **baselines[task]}
+        results.update(evaluate_fns(features_dir, task_fns, split, batch_size, max_examples, tasks=(task,)))
+    results["other_protocols"] = {}
+    for other in manifest.get("video_protocols", []):
+        if other != protocol:
+            results["other_protocols"][other] = evaluate_fns(
+                features_dir, {**fns, **baselines["video"]}, split, batch_size, max_examples, tasks=("video",),
+                negatives_column=f"negatives_{other}")
+    return results
 
 
-def format_table(results: dict[str, dict[str, dict]]) -> str:
-    """Readable text table: one block per task, one row per model."""
+def _task_blocks(title: str, tasks: dict) -> list[str]:
     columns = ("count", *METRIC_NAMES)
     lines = []
-    for task, models in results.items():
+    for task, models in tasks.items():
         width = max([len("model"), *(len(name) for name in models)])
-        lines.append(f"{task} task")
+        lines.append(f"{task} task{title}")
         lines.append("  ".join([f"{'model':<{width}}", *(f"{c:>9}" for c in columns)]))
         for name, metrics in models.items():
             cells = [f"{metrics.get('count', 0):>9}"]
@@ -122,6 +220,22 @@ def format_table(results: dict[str, dict[str, dict]]) -> str:
         if skipped:
             lines.append(f"({skipped} examples without negatives skipped)")
         lines.append("")
+    return lines
+
+
+def format_table(results: dict) -> str:
+    """Readable text table: one block per task (and per other video protocol), one row per model."""
+    protocol = results.get("protocol")
+    lines = []
+    if protocol:
+        lines.append(f"video candidates: {protocol} (recency_pop_blend tau {results.get('recency_pop_blend_tau_h')} h, "
+                     "tuned on valid)")
+        lines.append("")
+    tasks = {k: v for k, v in results.items() if k in TASKS}
+    lines += _task_blocks(f" ({protocol})" if protocol else "", {k: v for k, v in tasks.items() if k == "video"})
+    lines += _task_blocks("", {k: v for k, v in tasks.items() if k != "video"})
+    for other, other_tasks in results.get("other_protocols", {}).items():
+        lines += _task_blocks(f" ({other})", other_tasks)
     return "\n".join(lines).rstrip() + "\n"
 
 

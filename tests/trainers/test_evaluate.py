@@ -23,9 +23,22 @@ def comment_row(likes, negative_likes):
             "target_likes": likes, "negative_likes": negative_likes, **EMPTY}
 
 
+def write_catalogs(root, video_ts, comment_ts, parents=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"ts": pa.array(video_ts, pa.int64())}), root / "videos.parquet")
+    parents = parents or [None] * len(comment_ts)
+    pq.write_table(pa.table({"comment_id": [f"c{i}" for i in range(len(comment_ts))],
+                             "parent_id": pa.array(parents, pa.string()), "ts": pa.array(comment_ts, pa.int64())}),
+                   root / "comments.parquet")
+
+
 def test_popularity_on_a_hand_made_case(tmp_path, features_writer):
     write_examples, write_embeddings = features_writer
     write_embeddings(tmp_path, np.eye(4, 2), np.eye(6, 2))
+    write_catalogs(tmp_path, video_ts=[1, 2, 3, 4], comment_ts=[1, 2, 3, 4, 5, 6])
+    write_examples(tmp_path, "video", "valid", [video_row(1, [0])])
     write_examples(tmp_path, "video", "train", [video_row(1, [0]), video_row(1, [0]), video_row(2, [0])])
     # Train counts: video 0 -> 0, 1 -> 2, 2 -> 1, 3 -> 0.
     write_examples(tmp_path, "video", "test", [video_row(1, [0, 2, 3]),  # 2 beats 0, 1, 0: rank 0
@@ -58,7 +71,10 @@ def test_models_and_popularity_in_one_run(fake_features, tmp_path):
     model = SASRec(SASRecConfig(num_videos=48, num_comments=192, hidden=16, inner=32, max_history=8))
     save_checkpoint(tmp_path, "sasrec", model.config, model.state_dict())
     results = evaluate(fake_features, {"sasrec": tmp_path}, split="test", batch_size=16)
-    assert set(results["video"]) == {"popularity", "sasrec"}
+    assert set(results["video"]) == {"popularity", "sasrec", "recency", "popularity_at_t", "recency_pop_blend"}
+    assert set(results["comment"]) == {"popularity", "sasrec", "newest", "most_engaged", "top_level"}
+    assert results["protocol"] == "uniform_all" and results["recency_pop_blend_tau_h"] in (1.0, 3.0, 6.0, 12.0,
+                                                                                          24.0, 48.0, 96.0, 192.0)
     empty = sum(len(n) == 0 for n in pads.dataset(fake_features / "examples/comment/test").to_table()
                 .column("negatives").to_pylist())
     assert empty > 0
@@ -69,3 +85,21 @@ def test_models_and_popularity_in_one_run(fake_features, tmp_path):
     with pytest.raises(ValueError, match="twice"):
         evaluate(fake_features, {"popularity": tmp_path})
     assert format_table({"video": {"m": {"count": 0, "recall@1": None}}}).count(" -") >= 1
+
+
+def test_time_baselines_score_a_hand_made_example():
+    from trainers.baselines import CountsBefore, blend_scores, recency_scores, top_level_scores
+
+    idx = np.array([[2, 0, -1]])
+    item_ts = np.array([10, 20, 30])
+    assert recency_scores(item_ts, idx).tolist() == [[30.0, 10.0, float("-inf")]]
+    # Interactions: item 0 at 5 and 50, item 2 at 40: before 45, item 2 has 1 and item 0 has 1; before 41 too.
+    counts = CountsBefore(np.array([0, 0, 2]), np.array([5, 50, 40]))
+    assert counts(idx, np.array([45])).tolist() == [[1, 1, 0]]
+    assert counts(idx, np.array([40])).tolist() == [[0, 1, 0]]  # strictly before
+    # Blend at t = 3_600_030 ms: ages 1 h - 30 ms (item 2) and about 1 h (item 0), tau 1 h.
+    blend = blend_scores(item_ts, np.array([[3, 0, 0]]), idx, np.array([3_600_030]), tau_h=1.0).numpy()
+    assert blend[0, 0] == pytest.approx(math.log(4) - 1.0, abs=1e-4) and blend[0, 1] == pytest.approx(-1.0, abs=1e-4)
+    # Top level first: comment 1 is a reply; among top-level ones the newer (2) first.
+    top = top_level_scores(np.array([True, False, True]), item_ts, np.array([[0, 1, 2]])).numpy()[0]
+    assert top[2] > top[0] > top[1]
