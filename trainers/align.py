@@ -14,15 +14,17 @@ ids; stage 2 (trainers/finetune.py, `init=ALIGNED`) adds the gated ID embeddings
 llm_mode:
 - `lora`: the LLM (+ LoRA r 8, alpha 32, dropout 0.1 on the attention projections) runs in every step;
 - `frozen`: the base LLM's last-prompt-token states are precomputed once with Ray Data batch inference
-  (`llm_states/` in the output folder, reused when present) and only the preference adapter is trained on
+  (under CACHE/llm_states/, keyed by the LLM, prompts and train files) and only the preference adapter is trained on
   the LLM side: the cheap option on CPU;
 - `auto` (default): lora with use_gpu, frozen without.
 
 Checkpoints (every `checkpoint_every` steps and at the end): the SR model as model.safetensors + config.json
 (docs/DATA.md section 4, loadable by stage 2), llm/lora (PEFT save_pretrained) and
-llm/preference_adapter.safetensors, state.json (step, epoch). After a worker failure Ray Train restarts the
-workers (FailureConfig(max_failures)) and they resume from the last checkpoint's weights and step count; the
-interrupted epoch is read again from its start.
+llm/preference_adapter.safetensors, optimizer.safetensors (AdamW moments), state.json (step, epoch, per-epoch
+history); train.json holds the last metrics and the per-epoch `history`. After a worker failure Ray Train
+restarts the workers (FailureConfig(max_failures)) and they resume from the last checkpoint's weights,
+optimizer state and step count; the interrupted epoch is read again from its start. `fail_once_at_step`
+injects one such failure (tests only).
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lsvcr.paths import cache_dir
 from trainers.checkpoint import CONFIG, WEIGHTS, load_state, read_weights, save_checkpoint
-from trainers.data import TASKS, collate, count_examples, examples_path, load_text_tables
-from trainers.finetune import _joint_batches
-from trainers.losses import info_nce, seq_sup_contrast, vc_contrast
+from trainers.data import TASKS, collate, count_examples, examples_path, load_item_times, load_text_tables
+from trainers.finetune import (INJECTED_FAILURE, _joint_batches, inject_failure, load_optimizer_tensors,
+                                optimizer_tensors)
+from trainers.losses import info_nce, item_vectors, seq_sup_contrast, vc_contrast
 from trainers.models.llm import DEFAULT_LLM, ItemTexts, LLMConfig, render_examples, resolve_llm_path
 from trainers.models.sr import SRConfig, SRModel
 
@@ -69,6 +73,7 @@ class AlignConfig:
     rec_weight: float = 1.0
     contrast_weight: float = 0.5
     vc_contrast: bool = True  # False = the lsvcr_no_vc_contrast ablation
+    time_features: bool = True  # item-age and history-gap embeddings (SRConfig.time_features, issue 8)
     max_prompt_tokens: int = 384
     max_response_tokens: int = 32
     lora_r: int = 8
@@ -81,8 +86,10 @@ class AlignConfig:
     log_every: int = 10
     checkpoint_every: int = 200  # steps between checkpoints (also written at the end)
     max_failures: int = 1  # worker failures Ray Train recovers from
+    fail_once_at_step: int = 0  # tests only: rank 0 raises once after this step (0 = never)
     storage_path: Optional[str] = None
     inference_batch_size: int = 16  # frozen mode: examples per LLM forward in the precompute
+    llm_dtype: str = "auto"  # frozen precompute: auto (bfloat16 on GPU or AMX CPUs), float32 or bfloat16
     # SR model (the paper's released configuration); stage 2 must use the same sizes.
     hidden: int = 64
     num_layers: int = 2
@@ -102,11 +109,13 @@ class AlignConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"AlignConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "max_examples", "weight_decay", "max_grad_norm", "rec_weight",
-                     "contrast_weight", "shuffle_buffer", "max_failures"):
+                     "contrast_weight", "shuffle_buffer", "max_failures", "fail_once_at_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AlignConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"AlignConfig.lr must be > 0, got {self.lr}")
+        if self.llm_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"AlignConfig.llm_dtype must be auto, float32 or bfloat16, got {self.llm_dtype!r}")
 
     @property
     def mode(self) -> str:
@@ -119,7 +128,7 @@ def sr_config(config: AlignConfig, text_dim: int) -> SRConfig:
     return SRConfig(text_dim=text_dim, hidden=config.hidden, num_layers=config.num_layers,
                     num_heads=config.num_heads, inner=config.inner, dropout=config.dropout,
                     max_history=config.max_history, temperature=config.temperature,
-                    use_id_embedding=False, random_positions=True)
+                    use_id_embedding=False, random_positions=True, time_features=config.time_features)
 
 
 def llm_config(config: AlignConfig) -> LLMConfig:
@@ -148,7 +157,7 @@ def stage1_losses(sr: SRModel, llm, batches: dict[str, dict | None], config: Ali
             continue
         batch = {k: v.to(device) for k, v in collate(rows, config.max_history).items()}
         out = sr.stage1_vectors(batch, batch["query_video"] if task == "comment" else None)
-        items = sr.video_item_vectors(batch["target"]) if task == "video" else sr.comment_item_vectors(batch["target"])
+        items = item_vectors(sr, task, batch["target"], batch.get("ts"))
         losses[f"rec_{task}"] = info_nce(out["user"], items, config.temperature, batch["target"])
         users.append(out["user"])
         video_h.append(out["video_history"])
@@ -236,7 +245,8 @@ def _llm_state_dict(llm, mode: str) -> dict[str, torch.Tensor]:
     return llm.trainable_state()
 
 
-def save_aligned(out_dir: str | Path, sr: SRModel, llm, config: AlignConfig, state: dict, info: dict) -> None:
+def save_aligned(out_dir: str | Path, sr: SRModel, llm, config: AlignConfig, state: dict, info: dict,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
     """SR checkpoint (docs/DATA.md section 4) + llm/ (PEFT adapter, preference adapter) + state.json."""
     from safetensors.torch import save_file
 
@@ -251,15 +261,17 @@ def save_aligned(out_dir: str | Path, sr: SRModel, llm, config: AlignConfig, sta
     # Everything trainable on the LLM side in one file, for resuming.
     save_file({k: v.detach().cpu().contiguous() for k, v in _llm_state_dict(llm, config.mode).items()},
               str(out / "llm" / "trainable.safetensors"))
+    if optimizer is not None:
+        save_file(optimizer_tensors(optimizer), str(out / "optimizer.safetensors"))
     (out / "state.json").write_text(json.dumps(state) + "\n")
 
 
-def _resume(sr: SRModel, llm, config: AlignConfig) -> dict:
+def _resume(sr: SRModel, llm, optimizer: torch.optim.Optimizer, config: AlignConfig) -> dict:
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return {"step": 0, "epoch": 0}
+        return {"step": 0, "epoch": 0, "history": [], "resumed_from": []}
     with checkpoint.as_directory() as folder:
         load_state(sr, read_weights(Path(folder) / WEIGHTS), "resume SR weights")
         saved = read_weights(Path(folder) / "llm" / "trainable.safetensors")
@@ -267,9 +279,11 @@ def _resume(sr: SRModel, llm, config: AlignConfig) -> dict:
             llm.load_state_dict({k[len("adapter."):]: v for k, v in saved.items()})
         else:
             llm.load_state_dict(saved, strict=False)
+        if (Path(folder) / "optimizer.safetensors").is_file():
+            load_optimizer_tensors(optimizer, read_weights(Path(folder) / "optimizer.safetensors"))
         state = json.loads((Path(folder) / "state.json").read_text())
     print(f"align: resumed from step {state['step']} (epoch {state['epoch']})", flush=True)
-    return state
+    return {"history": [], **state, "resumed_from": state.get("resumed_from", []) + [state["step"]]}
 
 
 def _train_loop(loop_config: dict) -> None:
@@ -284,25 +298,29 @@ def _train_loop(loop_config: dict) -> None:
     torch.manual_seed(config.seed)
     sr = SRModel(SRConfig(**loop_config["sr_config"]))
     sr.set_text_tables(*load_text_tables(config.features))
+    sr.set_item_times(*load_item_times(config.features))  # a no-op without time features
     sr.to(device)
     llm = _build_llm_side(config, loop_config["llm_path"], loop_config["llm_hidden"], device)
     texts = ItemTexts.from_features(config.features) if config.mode == "lora" else None
     params = _trainable([sr, llm])
-    state = _resume(sr, llm, config)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    state = _resume(sr, llm, optimizer, config)
     _sync(params, world, grads=False)
     torch.manual_seed(config.seed + 1 + rank + 1000 * state["step"])
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     shards = {task: ray.train.get_dataset_shard(task) for task in loop_config["tasks"]}
     names = ("total", "lm", "rec_video", "rec_comment", "seq_sup", "vc")
     step, started = state["step"], time.monotonic()
+    history, resumed_from = state["history"], state["resumed_from"]
 
     def checkpoint(epoch: int, metrics: dict, final: bool) -> None:
-        state_now = {"step": step, "epoch": epoch, "final": final}
+        state_now = {"step": step, "epoch": epoch, "final": final, "history": history,
+                     "resumed_from": resumed_from}
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 info = {"align_config": dataclasses.asdict(config), "llm_path": loop_config["llm_path"],
-                        "mode": config.mode, **metrics, "workers": world}
-                save_aligned(tmp, sr, llm, config, state_now, info)
+                        "mode": config.mode, **metrics, "workers": world, "history": history,
+                        "resumed_from": resumed_from}
+                save_aligned(tmp, sr, llm, config, state_now, info, optimizer)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
@@ -326,6 +344,7 @@ def _train_loop(loop_config: dict) -> None:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             step += 1
+            inject_failure(config, step, rank)
             values = {"total": loss, **losses}
             for i, name in enumerate(names):
                 if name in values and isinstance(values[name], torch.Tensor):
@@ -362,6 +381,7 @@ def _train_loop(loop_config: dict) -> None:
         if rank == 0:
             print("align: epoch done: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in metrics.items()), flush=True)
+        history.append(metrics)
         final = done or epoch == config.epochs
         checkpoint(epoch, metrics, final=final)
         if done:
@@ -375,11 +395,11 @@ class _LLMStates:
     """Ray Data batch inference (frozen mode): example rows -> + llm_state (the base LLM's final hidden
     state at the last prompt token)."""
 
-    def __init__(self, llm_path: str, task: str, features: str, max_prompt_tokens: int):
-        from trainers.models.llm import LLMRecommender, load_base
+    def __init__(self, llm_path: str, task: str, features: str, max_prompt_tokens: int, dtype: str = "auto"):
+        from trainers.models.llm import LLMRecommender, inference_dtype, load_base
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1)))
-        base, tokenizer = load_base(llm_path)
+        base, tokenizer = load_base(llm_path, dtype=inference_dtype(dtype))
         self.llm = LLMRecommender(base, tokenizer, LLMConfig(frozen=True, max_prompt_tokens=max_prompt_tokens))
         self.llm.eval()
         self.task, self.texts, self.max_prompt_tokens = task, ItemTexts.from_features(features), max_prompt_tokens
@@ -394,16 +414,27 @@ class _LLMStates:
         return rows
 
 
-def precompute_states(config: AlignConfig, llm_path: str, tasks: list[str], out: Path) -> dict[str, str]:
-    """Frozen mode: write examples + llm_state per task under out/llm_states/<task> (reused when its
-    marker says it was computed from the same LLM, prompt budget and example count)."""
+def states_key(config: AlignConfig, llm_path: str, task: str) -> dict:
+    """What the LLM states of a task depend on: the LLM, the prompt budget and dtype, the example cap and the
+    train files themselves (names and sizes, so a rebuilt features folder at the same path is not reused)."""
+    source = examples_path(config.features, task, "train")
+    files = sorted((p.name, p.stat().st_size) for p in source.glob("*.parquet"))
+    return {"llm": str(llm_path), "max_prompt_tokens": config.max_prompt_tokens, "dtype": config.llm_dtype,
+            "max_examples": config.max_examples, "source": str(source), "files": files}
+
+
+def precompute_states(config: AlignConfig, llm_path: str, tasks: list[str], root: Path) -> dict[str, str]:
+    """Frozen mode: write examples + llm_state per task under root/llm_states/<hash of states_key>/<task>,
+    reused by every later run with the same key (the suite's three stage 1 runs share one precompute)."""
+    import hashlib
+
     import ray.data
 
     folders = {}
     for task in tasks:
-        folder = out / "llm_states" / task
-        key = {"llm": str(llm_path), "max_prompt_tokens": config.max_prompt_tokens,
-               "max_examples": config.max_examples, "source": str(examples_path(config.features, task, "train"))}
+        key = json.loads(json.dumps(states_key(config, llm_path, task)))  # tuples -> lists, as read back
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        folder = root / "llm_states" / digest / task
         marker = folder / "_done.json"
         if not (marker.is_file() and json.loads(marker.read_text()) == key):
             shutil.rmtree(folder, ignore_errors=True)
@@ -414,7 +445,8 @@ def precompute_states(config: AlignConfig, llm_path: str, tasks: list[str], out:
             dataset = dataset.map_batches(
                 _LLMStates, fn_constructor_kwargs={"llm_path": str(llm_path), "task": task,
                                                    "features": config.features,
-                                                   "max_prompt_tokens": config.max_prompt_tokens},
+                                                   "max_prompt_tokens": config.max_prompt_tokens,
+                                                   "dtype": config.llm_dtype},
                 batch_size=config.inference_batch_size, batch_format="numpy", concurrency=1)
             dataset.write_parquet(str(folder))
             rows = ray.data.read_parquet(str(folder)).count()
@@ -434,8 +466,9 @@ def align(config: AlignConfig) -> str:
 
     from lsvcr.ray_runtime import init_ray
 
-    config = dataclasses.replace(config, features=os.path.abspath(config.features))
+    config = dataclasses.replace(config, features=os.path.abspath(config.features), out=os.path.abspath(config.out))
     out = Path(config.out).resolve()
+    (out / INJECTED_FAILURE).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     video_text, _ = load_text_tables(config.features)
     counts = {task: count_examples(config.features, task, "train") for task in TASKS}
@@ -448,7 +481,7 @@ def align(config: AlignConfig) -> str:
           flush=True)
     init_ray()
     if config.mode == "frozen":
-        sources = precompute_states(config, llm_path, tasks, out)
+        sources = precompute_states(config, llm_path, tasks, cache_dir())
     else:
         sources = {task: str(examples_path(config.features, task, "train")) for task in tasks}
     datasets = {}

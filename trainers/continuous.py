@@ -71,6 +71,10 @@ class ContinuousConfig:
     max_history: int = 50
     num_negatives: int = 99
     lateness_ms: int = 0
+    # W of the alive_window video negatives. The incremental build needs a fixed one (its automatic W would
+    # change as events arrive, and earlier examples would no longer match later ones): 7 days covers the
+    # generator's timeline and a week of a real catalog.
+    negative_window_ms: int = 7 * 24 * 3_600_000
     # When to train.
     every_examples: int = 2000  # K new examples (both tasks) since the last trained window
     every_minutes: float = 10.0  # T: train anyway after this long if anything is new
@@ -109,7 +113,8 @@ class ContinuousConfig:
             raise ConfigError("ContinuousConfig.bootstrap is required when consume=true "
                               "(or set LSVCR_KAFKA_BOOTSTRAP)")
         for name in ("every_examples", "window_examples", "valid_examples", "holdout_examples",
-                     "min_train_examples", "epochs", "patience", "batch_size", "num_workers", "max_history"):
+                     "min_train_examples", "epochs", "patience", "batch_size", "num_workers", "max_history",
+                     "negative_window_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ContinuousConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("every_minutes", "poll_s", "margin", "max_eval_examples", "align_every", "max_cycles",
@@ -440,7 +445,8 @@ class ContinuousTrainer:
         build_features(FeaturesConfig(
             eventlog=str(c.eventlog_dir), out=str(self.features), incremental=True, split="global_time",
             split_valid_ts=NO_SPLIT_TS, split_test_ts=NO_SPLIT_TS, encoder=c.encoder, encoder_dim=c.encoder_dim,
-            max_history=c.max_history, num_negatives=c.num_negatives, lateness_ms=c.lateness_ms))
+            max_history=c.max_history, num_negatives=c.num_negatives, lateness_ms=c.lateness_ms,
+            negative_window_ms=c.negative_window_ms))
         self.built_files = files
         return time.time() - started
 

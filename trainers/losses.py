@@ -114,15 +114,27 @@ def in_batch_logits(queries: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor
     return logits.masked_fill(duplicate, float("-inf"))
 
 
+def item_vectors(model: nn.Module, kind: str, idx: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """model.<kind>_item_vectors(idx), with the request times ts (broadcastable to idx) for a model with
+    time features (SRConfig.time_features): its item vectors include the item's age at that time."""
+    fn = model.video_item_vectors if kind == "video" else model.comment_item_vectors
+    if getattr(getattr(model, "config", None), "time_features", False):
+        return fn(idx, ts)
+    return fn(idx)
+
+
 def video_loss(model: nn.Module, batch: dict[str, torch.Tensor], train_negatives: int) -> torch.Tensor:
     """InfoNCE of the user vector against its target video: negatives are the other targets of the batch
     plus up to `train_negatives` of the example's own sampled negatives (videos alive at its time)."""
     target = batch["target"]  # [B]
     user = model.user_video_vector(batch)  # [B, H]
-    logits = in_batch_logits(user, model.video_item_vectors(target), target, model.temperature)
+    # In-batch negatives are aged at their own example's time (one [B, H] key matrix for the batch).
+    logits = in_batch_logits(user, item_vectors(model, "video", target, batch.get("ts")), target,
+                             model.temperature)
     if train_negatives > 0:
         negatives = batch["negatives"][:, :train_negatives]  # [B, K]
-        neg_logits = torch.einsum("bh,bkh->bk", user, model.video_item_vectors(negatives)) / model.temperature
+        keys = item_vectors(model, "video", negatives, batch.get("ts")[:, None] if "ts" in batch else None)
+        neg_logits = torch.einsum("bh,bkh->bk", user, keys) / model.temperature
         drop = (negatives < 0) | (negatives == target[:, None])
         logits = torch.cat([logits, neg_logits.masked_fill(drop, float("-inf"))], 1)  # [B, B + K]
     return F.cross_entropy(logits, torch.arange(len(target), device=target.device))
@@ -133,7 +145,8 @@ def comment_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     negatives contributes 0."""
     context = model.comment_context_vector(batch, batch["query_video"])  # [B, H]
     candidates = torch.cat([batch["target"][:, None], batch["negatives"]], 1)  # [B, 1 + K]
-    logits = torch.einsum("bh,bkh->bk", context, model.comment_item_vectors(candidates)) / model.temperature
+    keys = item_vectors(model, "comment", candidates, batch.get("ts")[:, None] if "ts" in batch else None)
+    logits = torch.einsum("bh,bkh->bk", context, keys) / model.temperature
     logits = logits.masked_fill(candidates < 0, float("-inf"))
     return F.cross_entropy(logits, torch.zeros(len(candidates), dtype=torch.long, device=candidates.device))
 

@@ -11,6 +11,7 @@
 | sr_no_align | the SR model, stage 2 only |
 | sr_text_only | the SR model without ID embeddings, stage 2 only |
 | lsvcr_no_vc_contrast | stage 1 without the video-comment contrast, then stage 2 |
+| lsvcr_no_time | full LSVCR without the item-age and history-gap embeddings (issue 8's ablation) |
 | lsvcr | stage 1 (all losses), then stage 2 |
 
 Every model sees the same features folder and splits. `align` / `finetune` are key=value overrides applied to
@@ -27,11 +28,13 @@ from trainers.align import AlignConfig, align as run_align
 from trainers.evaluate import evaluate
 from trainers.finetune import FinetuneConfig, finetune as run_finetune
 
-MODEL_NAMES = ("popularity", "sasrec", "sr_no_align", "sr_text_only", "lsvcr_no_vc_contrast", "lsvcr")
+MODEL_NAMES = ("popularity", "sasrec", "sr_no_align", "sr_text_only", "lsvcr_no_vc_contrast", "lsvcr_no_time",
+               "lsvcr")
 STAGE2 = {"sasrec": {"model": "sasrec"}, "sr_no_align": {}, "sr_text_only": {"text_only": True},
-          "lsvcr_no_vc_contrast": {}, "lsvcr": {}}
-STAGE1 = {"lsvcr_no_vc_contrast": {"vc_contrast": False}, "lsvcr": {}}
-SIZE_KEYS = ("hidden", "num_layers", "num_heads", "inner", "dropout", "max_history", "temperature")
+          "lsvcr_no_vc_contrast": {}, "lsvcr_no_time": {"time_features": False}, "lsvcr": {}}
+STAGE1 = {"lsvcr_no_vc_contrast": {"vc_contrast": False}, "lsvcr_no_time": {"time_features": False}, "lsvcr": {}}
+# Stage 2 loads stage 1's weights strictly, so these must agree between the two stages.
+SIZE_KEYS = ("hidden", "num_layers", "num_heads", "inner", "dropout", "max_history", "temperature", "time_features")
 
 
 def _overrides(items: list[str] | None) -> dict[str, str]:

@@ -6,7 +6,7 @@ import torch
 
 from trainers.align import AlignConfig, save_aligned, sr_config, stage1_losses, total_loss
 from trainers.checkpoint import load_init_weights
-from trainers.data import collate, iter_examples, load_text_tables
+from trainers.data import collate, iter_examples, load_item_times, load_text_tables
 from trainers.finetune import FinetuneConfig, model_config
 from trainers.models import build_model
 from trainers.models.llm import ItemTexts, LLMRecommender, load_base
@@ -25,6 +25,7 @@ def setup(fake_features, tiny_llm, tmp_path, **overrides):
     torch.manual_seed(0)
     sr = SRModel(sr_config(config, 32))
     sr.set_text_tables(*load_text_tables(fake_features))
+    sr.set_item_times(*load_item_times(fake_features))
     base, tokenizer = load_base(str(tiny_llm))
     from trainers.align import llm_config
 
@@ -68,6 +69,7 @@ def test_frozen_mode_trains_only_the_adapter_on_precomputed_states(fake_features
     config = AlignConfig(features=str(fake_features), out=str(tmp_path), llm_mode="frozen", **SIZE)
     sr = SRModel(sr_config(config, 32))
     sr.set_text_tables(*load_text_tables(fake_features))
+    sr.set_item_times(*load_item_times(fake_features))
     adapter = torch.nn.Linear(24, 16)
     rows = first_rows(fake_features, "video")
     rows["llm_state"] = np.random.default_rng(0).normal(size=(len(rows["target"]), 24)).astype(np.float32)
@@ -97,6 +99,7 @@ def test_stage2_init_reproduces_stage1_outputs_exactly(fake_features, tiny_llm, 
         if "video_id.weight" in fresh:
             stage2.zero_id_embeddings()  # as trainers/finetune.py does
         stage2.set_text_tables(video_text, comment_text)
+        stage2.set_item_times(*load_item_times(fake_features))
         sr.eval()
         stage2.eval()
         for task in ("video", "comment"):
@@ -104,7 +107,7 @@ def test_stage2_init_reproduces_stage1_outputs_exactly(fake_features, tiny_llm, 
             if task == "video":
                 expected, got = sr.user_video_vector(batch), stage2.user_video_vector(batch)
                 items = torch.arange(10)
-                assert torch.equal(sr.video_item_vectors(items), stage2.video_item_vectors(items))
+                assert torch.equal(sr.video_item_vectors(items, batch["ts"][0]), stage2.video_item_vectors(items, batch["ts"][0]))
             else:
                 expected = sr.comment_context_vector(batch, batch["query_video"])
                 got = stage2.comment_context_vector(batch, batch["query_video"])

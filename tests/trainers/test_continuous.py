@@ -1,6 +1,7 @@
 """Continuous training: the pure decisions (when to train, window cuts, publish or refuse, warm-start remap)."""
 
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -83,10 +84,30 @@ def test_cut_window_writes_splits_and_copies_item_tables(tmp_path):
     assert json.loads((tmp_path / "w" / "manifest.json").read_text())["window"]["cut"] == 40
 
 
-def test_config_validation():
+def test_config_validation(monkeypatch):
+    monkeypatch.delenv("LSVCR_KAFKA_BOOTSTRAP", raising=False)  # the session broker's fixture may have set it
     with pytest.raises(ConfigError, match="bootstrap"):
         ContinuousConfig(workdir="w", registry="r", bootstrap="", consume=True)
     with pytest.raises(ConfigError, match="every_examples"):
         ContinuousConfig(workdir="w", registry="r", consume=False, every_examples=0)
     with pytest.raises(ConfigError, match="object storage"):
         ContinuousConfig(workdir="s3://bucket/w", registry="r", consume=False)
+    with pytest.raises(ConfigError, match="negative_window_ms"):
+        ContinuousConfig(workdir="w", registry="r", consume=False, negative_window_ms=0)
+
+
+def test_benchmark_stamps_records_with_now_in_their_order(tmp_path):
+    from trainers.continuous_benchmark import FILES, stamp_now
+
+    source = tmp_path / "src"
+    source.mkdir()
+    ts = {"videos.jsonl": [5, 50], "comments.jsonl": [7], "video_events.jsonl": [10, 60], "comment_events.jsonl": [55]}
+    for name, values in ts.items():
+        (source / name).write_text("".join(json.dumps({"ts": t, "orig": t}) + "\n" for t in values))
+    before = int(time.time() * 1000)
+    newest = stamp_now(source, tmp_path / "out")
+    rows = sorted((json.loads(line) for name in FILES for line in (tmp_path / "out" / name).read_text().splitlines()),
+                  key=lambda r: r["ts"])
+    assert [r["orig"] for r in rows] == [5, 7, 10, 50, 55, 60]  # the original order, kept
+    assert [r["ts"] for r in rows] == list(range(newest - 5, newest + 1))  # 1 ms apart, the newest now
+    assert before <= newest <= int(time.time() * 1000)

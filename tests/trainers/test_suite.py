@@ -4,8 +4,12 @@ from trainers.suite import MODEL_NAMES, STAGE1, STAGE2, train_all
 
 
 def test_names_cover_baselines_and_ablations():
-    assert MODEL_NAMES == ("popularity", "sasrec", "sr_no_align", "sr_text_only", "lsvcr_no_vc_contrast", "lsvcr")
-    assert set(STAGE1) == {"lsvcr", "lsvcr_no_vc_contrast"} and STAGE1["lsvcr_no_vc_contrast"] == {"vc_contrast": False}
+    assert MODEL_NAMES == ("popularity", "sasrec", "sr_no_align", "sr_text_only", "lsvcr_no_vc_contrast",
+                           "lsvcr_no_time", "lsvcr")
+    assert set(STAGE1) == {"lsvcr", "lsvcr_no_vc_contrast", "lsvcr_no_time"}
+    assert STAGE1["lsvcr_no_vc_contrast"] == {"vc_contrast": False}
+    # The time ablation drops the time embeddings in both stages (stage 2 loads stage 1 strictly).
+    assert STAGE1["lsvcr_no_time"] == STAGE2["lsvcr_no_time"] == {"time_features": False}
     assert STAGE2["sasrec"] == {"model": "sasrec"} and STAGE2["sr_text_only"] == {"text_only": True}
 
 

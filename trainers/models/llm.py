@@ -125,9 +125,25 @@ def resolve_llm_path(name: str) -> Path:
     return path
 
 
-def load_base(name: str = DEFAULT_LLM, device: str | torch.device = "cpu"):
-    """(causal LM in float32, tokenizer) from `name` (see resolve_llm_path); the tokenizer pads on the right
-    and has a pad token."""
+def inference_dtype(name: str = "auto", device: str | torch.device = "cpu") -> torch.dtype:
+    """"auto": bfloat16 on a GPU or on a CPU with AMX bf16 tiles (measured 24x faster than float32 for the
+    frozen SmolLM2 forward on such a 2-core CPU), else float32; or "float32" / "bfloat16" as asked."""
+    if name != "auto":
+        if name not in ("float32", "bfloat16"):
+            raise ValueError(f"llm dtype must be auto, float32 or bfloat16, got {name!r}")
+        return getattr(torch, name)
+    if str(device).startswith("cuda"):
+        return torch.bfloat16
+    try:
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return torch.bfloat16 if " amx_bf16" in flags else torch.float32
+
+
+def load_base(name: str = DEFAULT_LLM, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(causal LM in `dtype`, float32 by default, tokenizer) from `name` (see resolve_llm_path); the tokenizer
+    pads on the right and has a pad token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_llm_path(name)
@@ -135,7 +151,7 @@ def load_base(name: str = DEFAULT_LLM, device: str | torch.device = "cpu"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
     return model, tokenizer
 
 
@@ -296,6 +312,10 @@ class LLMRecommender(nn.Module):
 
     def hidden(self, enc: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(last prompt token's final hidden state [B, llm_hidden], LM loss on responses or None)."""
+        if self.config.frozen:
+            # The decoder alone: the LM head's [B, T, vocab] logits would cost about a fifth of the forward.
+            states = self.lm.get_decoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            return states[torch.arange(len(states), device=states.device), enc["last_prompt"]], None
         with_labels = not self.config.frozen and bool((enc["labels"] != -100).any())
         out = self.lm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                       labels=enc["labels"] if with_labels else None, output_hidden_states=True)

@@ -80,3 +80,25 @@ def test_save_adapter_writes_peft_and_preference_files(tiny_llm, tmp_path):
 def test_unknown_llm_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         resolve_llm_path(str(tmp_path))
+
+
+def test_frozen_states_skip_the_lm_head_but_equal_the_full_models_last_hidden_state(tiny_llm):
+    base, tokenizer = load_base(str(tiny_llm))
+    frozen = LLMRecommender(base, tokenizer, LLMConfig(sr_hidden=16, frozen=True)).eval()
+    enc = frozen.encode(["recommend the next video", "a longer task prompt here"])
+    with torch.no_grad():
+        last, loss = frozen.hidden(enc)
+        full = base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
+    expected = full.hidden_states[-1][torch.arange(2), enc["last_prompt"]]
+    assert loss is None
+    torch.testing.assert_close(last, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_inference_dtype_is_explicit_or_auto():
+    from trainers.models.llm import inference_dtype
+
+    assert inference_dtype("float32") == torch.float32 and inference_dtype("bfloat16") == torch.bfloat16
+    assert inference_dtype("auto", "cuda:0") == torch.bfloat16
+    assert inference_dtype("auto") in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
+        inference_dtype("float16")

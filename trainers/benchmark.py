@@ -1,0 +1,160 @@
+"""`lsvcr benchmark train`: stage 1 and stage 2 throughput and peak memory, for 1 and 2 Ray Train workers.
+
+Steps, all in one run:
+1. a generated dataset (ingestion.generator, `users` users) written as an event log and built into features
+   with the hash encoder (features/benchmark.py does the same; cached under WORKDIR by users and seed);
+2. stage 1 in frozen mode with the real packaged SmolLM2-135M-Instruct: the Ray Data precompute of the LLM
+   states is timed on its own (align_tokens_per_s = prompt tokens / s through the LLM), then the Ray Train
+   loop for `align_steps` steps (align_examples_per_s, from the run's train.json);
+3. optionally stage 1 in LoRA mode for `lora_steps` steps (the LLM forward and backward in every step;
+   lora_examples_per_s, lora_tokens_per_s); 0 skips it;
+4. stage 2 (the SR model, `finetune_epochs` epochs) from the frozen stage 1 checkpoint:
+   finetune_examples_per_s is train examples / train-loop seconds of the first epoch (valid evaluation not
+   included).
+Steps 2-4 run once per worker count in `workers`. Peak memory sums RSS over this process and every
+descendant (Ray head, raylet, workers), sampled every 0.5 s.
+
+Overrides: users=2000 seed=0 workdir=/tmp/lsvcr_bench_train workers=1,2 align_steps=40 align_batch=16
+lora_steps=4 lora_batch=2 finetune_epochs=1 finetune_batch=256 max_prompt_tokens=256
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+DEFAULTS = {"users": 2000, "seed": 0, "workdir": "/tmp/lsvcr_bench_train", "workers": "1,2", "align_steps": 40,
+            "align_batch": 16, "lora_steps": 4, "lora_batch": 2, "finetune_epochs": 1, "finetune_batch": 256,
+            "max_prompt_tokens": 256}
+
+
+def options(overrides: list[str]) -> dict:
+    opts = dict(DEFAULTS)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in opts:
+            raise SystemExit(f"train benchmark: unknown override {item!r}; known: {sorted(opts)}")
+        opts[key] = type(opts[key])(value)
+    workers = [int(w) for w in str(opts["workers"]).split(",") if w.strip()]
+    if not workers or min(workers) < 1:
+        raise SystemExit(f"train benchmark: workers must be a comma-separated list of counts >= 1, got "
+                         f"{opts['workers']!r}")
+    opts["workers"] = workers
+    return opts
+
+
+def build_dataset(work: Path, users: int, seed: int) -> Path:
+    """Generated log -> features folder (hash encoder); reused when its manifest exists."""
+    from features.benchmark import dataset, write_eventlog
+    from features.build import FeaturesConfig, build_features
+
+    features = work / f"features-{users}-{seed}"
+    if (features / "manifest.json").is_file():
+        return features
+    data, eventlog = work / f"gen-{users}-{seed}", work / "eventlog"
+    dataset(data, users, seed)
+    shutil.rmtree(eventlog, ignore_errors=True)
+    write_eventlog(data, eventlog)
+    build_features(FeaturesConfig(eventlog=str(eventlog), out=str(features), encoder="hash", encoder_dim=64,
+                                  embed_cache="off"))
+    return features
+
+
+def _train_info(folder: Path) -> dict:
+    return json.loads((folder / "train.json").read_text())
+
+
+def measure(features: Path, work: Path, workers: int, opts: dict) -> dict:
+    """Figures for one worker count, keys suffixed _w<workers>."""
+    from trainers.align import AlignConfig, align, precompute_states
+    from trainers.data import TASKS, count_examples
+    from trainers.finetune import FinetuneConfig, finetune
+    from trainers.models.llm import resolve_llm_path
+
+    tag, out = f"_w{workers}", work / f"runs-w{workers}"
+    shutil.rmtree(out, ignore_errors=True)
+    figures = {}
+    frozen = AlignConfig(features=str(features), out=str(out / "aligned"), llm_mode="frozen",
+                         max_steps=opts["align_steps"], batch_size=opts["align_batch"], num_workers=workers,
+                         max_prompt_tokens=opts["max_prompt_tokens"], checkpoint_every=10**9,
+                         log_every=max(1, opts["align_steps"] // 4),
+                         # enough examples for the steps on every worker, not the whole train split
+                         max_examples=opts["align_steps"] * opts["align_batch"] * workers)
+    tasks = [t for t in TASKS if count_examples(str(features), t, "train") > 0]
+    started = time.perf_counter()
+    folders = precompute_states(frozen, str(resolve_llm_path(frozen.llm)), tasks, Path(frozen.out).resolve())
+    precompute_s = time.perf_counter() - started
+    tokens = sum(int(pq.read_table(folder, columns=["llm_tokens"])["llm_tokens"].to_numpy().sum())
+                 for folder in folders.values())
+    states = sum(pq.read_metadata(p).num_rows for f in folders.values() for p in Path(f).glob("*.parquet"))
+    figures[f"align_llm_precompute_s{tag}"] = round(precompute_s, 2)
+    figures[f"align_tokens_per_s{tag}"] = round(tokens / precompute_s, 1)
+    figures[f"align_llm_states_per_s{tag}"] = round(states / precompute_s, 2)
+    align(frozen)  # reuses the states just written
+    info = _train_info(Path(frozen.out))
+    figures[f"align_examples_per_s{tag}"] = round(info["examples_per_s"], 1)
+    figures[f"align_steps{tag}"] = info["step"]
+
+    if opts["lora_steps"] > 0:
+        lora = AlignConfig(features=str(features), out=str(out / "aligned-lora"), llm_mode="lora",
+                           max_steps=opts["lora_steps"], batch_size=opts["lora_batch"], num_workers=workers,
+                           max_prompt_tokens=opts["max_prompt_tokens"], checkpoint_every=10**9, log_every=1,
+                           max_examples=opts["lora_steps"] * opts["lora_batch"] * workers)
+        align(lora)
+        info = _train_info(Path(lora.out))
+        figures[f"lora_examples_per_s{tag}"] = round(info["examples_per_s"], 2)
+        figures[f"lora_tokens_per_s{tag}"] = round(info["tokens_per_s"], 1)
+
+    ckpt = finetune(FinetuneConfig(features=str(features), out=str(out / "lsvcr"), init=frozen.out,
+                                   epochs=opts["finetune_epochs"], patience=opts["finetune_epochs"],
+                                   batch_size=opts["finetune_batch"], num_workers=workers, max_eval_examples=2000))
+    first = _train_info(Path(ckpt))["history"][0]
+    figures[f"finetune_examples_per_s{tag}"] = round(first["examples_per_s"], 1)
+    figures[f"finetune_epoch_s{tag}"] = first["epoch_s"]
+    return figures
+
+
+def run(overrides: list[str]) -> dict:
+    from features.benchmark import PeakRss
+    from lsvcr.ray_runtime import init_ray
+
+    opts = options(overrides)
+    work = Path(opts["workdir"])
+    work.mkdir(parents=True, exist_ok=True)
+    init_ray()
+    features = build_dataset(work, opts["users"], opts["seed"])
+    manifest = json.loads((features / "manifest.json").read_text())
+    figures: dict = {"users": opts["users"], "workers": ",".join(map(str, opts["workers"]))}
+    peaks = {}
+    for workers in opts["workers"]:
+        print(f"train benchmark: {workers} worker(s)", flush=True)
+        with PeakRss() as rss:
+            figures.update(measure(features, work, workers, opts))
+        peaks[workers] = rss.peak_gb
+        figures[f"peak_rss_gb_w{workers}"] = rss.peak_gb
+    most = max(opts["workers"])
+    # The DESIGN.md keys: the figures of the largest worker count.
+    for key in ("align_examples_per_s", "align_tokens_per_s", "finetune_examples_per_s"):
+        figures[key] = figures[f"{key}_w{most}"]
+    figures["peak_rss_gb"] = max(peaks.values())
+    counts = {task: {split: v["count"] for split, v in splits.items()} for task, splits in manifest["tasks"].items()}
+    figures["notes"] = (
+        f"Generated {opts['users']}-user dataset (examples {json.dumps(counts)}), hash text embeddings. "
+        f"Stage 1 is frozen mode with the packaged SmolLM2-135M-Instruct: align_tokens_per_s is the Ray Data "
+        f"precompute of the LLM states (prompt tokens through the LLM per second, prompts cut at "
+        f"{opts['max_prompt_tokens']} tokens, one actor), align_examples_per_s the Ray Train loop over "
+        f"{opts['align_steps']} steps of {opts['align_batch']} video + {opts['align_batch']} comment examples per "
+        f"worker (SR model + preference adapter, all-gathered negatives). "
+        + (f"lora_* figures: LoRA mode, the LLM forward and backward in every step, {opts['lora_steps']} steps of "
+           f"{opts['lora_batch']} + {opts['lora_batch']} examples per worker. " if opts["lora_steps"] else "")
+        + f"Stage 2: SR model from the stage 1 checkpoint, batch {opts['finetune_batch']} per task and worker, "
+        f"first epoch's train loop (valid evaluation excluded), examples read through get_dataset_shard "
+        f"(materialised once below FinetuneConfig.materialize_max_mb on disk, streamed from Parquet above). "
+        f"align_llm_precompute_s includes the Ray Data actor start and the LLM load, which dominate a small run. Suffix _wN: N Ray Train workers on this machine's cores (workers and Ray Data "
+        f"share them, so 2 workers on 2 cores shows the communication overhead more than a speed-up). "
+        f"peak_rss_gb sums RSS over this process and its descendants (shared pages counted more than once).")
+    return figures
