@@ -33,14 +33,7 @@ import pyarrow.parquet as pq
 ROWS_PER_PART = 250_000
 
 
-def _options(overrides: list[str]) -> dict:
-    opts = {"users": 100_000, "seed": 0, "workdir": "/tmp/lsvcr_bench", "embed_sample": 20_000}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or key not in opts:
-            raise SystemExit(f"features benchmark: unknown override {item!r}; known: {sorted(opts)}")
-        opts[key] = type(opts[key])(value)
-    return opts
+DEFAULTS = {"users": 100_000, "seed": 0, "workdir": "/tmp/lsvcr_bench", "embed_sample": 20_000}
 
 
 class PeakRss:
@@ -165,7 +158,9 @@ def run(overrides: list[str]) -> dict:
     from features.pandas_baseline import build_pandas
     from lsvcr.ray_runtime import init_ray
 
-    opts = _options(overrides)
+    from lsvcr.benchmark import parse_overrides
+
+    opts = parse_overrides("features", DEFAULTS, overrides)
     work = Path(opts["workdir"])
     data = work / f"gen-{opts['users']}-{opts['seed']}"
     counts = dataset(data, opts["users"], opts["seed"])

@@ -24,6 +24,17 @@ BENCHMARKS = {
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def parse_overrides(name: str, defaults: dict, overrides: list[str]) -> dict:
+    """A benchmark's key=value overrides over its defaults, each cast to its default's type."""
+    opts = dict(defaults)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in opts:
+            raise SystemExit(f"{name} benchmark: unknown override {item!r}; known: {sorted(opts)}")
+        opts[key] = type(opts[key])(value)
+    return opts
+
+
 def machine() -> dict:
     mem_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
     return {"cores": os.cpu_count(), "ram_gb": round(mem_kb / 2**20, 1)}

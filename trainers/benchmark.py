@@ -33,12 +33,9 @@ DEFAULTS = {"users": 2000, "seed": 0, "workdir": "/tmp/lsvcr_bench_train", "work
 
 
 def options(overrides: list[str]) -> dict:
-    opts = dict(DEFAULTS)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or key not in opts:
-            raise SystemExit(f"train benchmark: unknown override {item!r}; known: {sorted(opts)}")
-        opts[key] = type(opts[key])(value)
+    from lsvcr.benchmark import parse_overrides
+
+    opts = parse_overrides("train", DEFAULTS, overrides)
     workers = [int(w) for w in str(opts["workers"]).split(",") if w.strip()]
     if not workers or min(workers) < 1:
         raise SystemExit(f"train benchmark: workers must be a comma-separated list of counts >= 1, got "

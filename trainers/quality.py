@@ -5,8 +5,9 @@ stage 1 with the real packaged SmolLM2 (frozen mode on CPU: the LLM vectors are 
 batch inference, then the SR side is aligned to them) -> stage 2 for every model -> evaluation on the test
 split. Nothing is tuned on test: early stopping and every tuned baseline look at the valid split only.
 
-Overrides (key=value): users=20000 seed=0 epochs=3 (stage 2 epochs, the best on valid NDCG@5 kept; 0: up
-to the trainer's 10 with early stopping; 3 keeps the seven-model run near an hour on 2 cores) align_examples=4000 (train
+Overrides (key=value): users=20000 seed=0 epochs=1 (stage 2 epochs over ~146k train examples, the best on valid
+NDCG@5 kept; 0: up to the trainer's 10 with early stopping; one epoch keeps the seven-model run under an hour on
+2 cores, each SR epoch costing ~6 min there) align_examples=2000 (train
 examples per task that get an LLM vector; 0 = all) align_epochs=3 max_prompt_tokens=256 workdir=.run/quality
 models=all. Results keep the DESIGN.md section 10 shape: {"video": {MODEL: {...}}, "comment": {...}}.
 """
@@ -19,18 +20,8 @@ from pathlib import Path
 
 from lsvcr.paths import run_dir
 
-DEFAULTS = {"users": 20_000, "seed": 0, "epochs": 3, "align_examples": 4000, "align_epochs": 3,
+DEFAULTS = {"users": 20_000, "seed": 0, "epochs": 1, "align_examples": 2000, "align_epochs": 3,
             "max_prompt_tokens": 256, "workdir": "", "models": "all"}
-
-
-def _options(overrides: list[str]) -> dict:
-    opts = dict(DEFAULTS)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or key not in opts:
-            raise SystemExit(f"quality benchmark: unknown override {item!r}; known: {sorted(opts)}")
-        opts[key] = type(opts[key])(value)
-    return opts
 
 
 def verdict(metrics: dict, model: str = "lsvcr", rivals: tuple[str, ...] = ("sr_no_align", "sasrec"),
@@ -56,12 +47,13 @@ def verdict(metrics: dict, model: str = "lsvcr", rivals: tuple[str, ...] = ("sr_
 
 def run(overrides: list[str]) -> dict:
     from ingestion.generator import GeneratorConfig, generate
+    from lsvcr.benchmark import parse_overrides
     from lsvcr.config import load_config
     from lsvcr.pipeline import PipelineConfig, run_pipeline
     from trainers.evaluate import format_table
     from trainers.suite import MODEL_NAMES
 
-    opts = _options(overrides)
+    opts = parse_overrides("quality", DEFAULTS, overrides)
     root = Path(opts["workdir"] or run_dir() / "quality")
     data = root / f"data-u{opts['users']}-s{opts['seed']}"
     if not (data / "comment_events.jsonl").exists():

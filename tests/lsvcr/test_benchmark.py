@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from lsvcr.benchmark import write_results
 
 
@@ -22,3 +24,12 @@ def test_nested_metric_tables_stay_in_the_results_file_and_out_of_the_markdown_r
     assert result["video"]["lsvcr"]["ndcg@10"] == 0.5
     md = (tmp_path / "BENCHMARKS.md").read_text()
     assert "| `users` | 20 |" in md and "`video`" not in md and "the table" in md
+
+
+def test_overrides_are_cast_to_the_defaults_types_and_unknown_keys_refused():
+    from lsvcr.benchmark import parse_overrides
+
+    opts = parse_overrides("x", {"users": 10, "workdir": "/tmp", "rate": 0.5}, ["users=20", "rate=2"])
+    assert opts == {"users": 20, "workdir": "/tmp", "rate": 2.0}
+    with pytest.raises(SystemExit, match="unknown override 'userz=1'"):
+        parse_overrides("x", {"users": 10}, ["userz=1"])
