@@ -34,7 +34,9 @@ def test_ray_build_has_the_same_rows_as_the_pandas_baseline(tmp_path, ray_sessio
     assert benchmark.same_rows(tmp_path / "out", tmp_path / "baseline") == ["comment/train"]
 
 
-def test_options_reject_unknown_keys():
-    assert benchmark._options(["users=7"])["users"] == 7
-    with pytest.raises(SystemExit, match="unknown override"):
-        benchmark._options(["user=7"])
+def test_defaults_name_the_benchmark_size():
+    from lsvcr.benchmark import parse_overrides
+
+    # issue 4: 1M events from 100k generated users
+    assert parse_overrides("features", benchmark.DEFAULTS, ["users=7"])["users"] == 7
+    assert benchmark.DEFAULTS["users"] == 100_000
