@@ -743,8 +743,11 @@ def unique_values(batch: pa.Table, column: str) -> pa.Table:
 
 
 def count_by(batch: pa.Table, keys: list[str]) -> pa.Table:
-    """Rows and ts range per distinct keys: partial results that the caller merges (no shuffle needed)."""
-    return batch.group_by(keys).aggregate([("ts", "count"), ("ts", "min"), ("ts", "max")])
+    """Rows and ts range per distinct keys: partial results that the caller merges (no shuffle needed).
+
+    Single-threaded: Arrow's threaded group-by failed inside Ray Data tasks ("thread index 10 is out of range
+    [0, 10)", pyarrow 26, seen under load), and these batches are small."""
+    return batch.group_by(keys, use_threads=False).aggregate([("ts", "count"), ("ts", "min"), ("ts", "max")])
 
 
 def merge_counts(parts: list[dict], keys: list[str]) -> dict[tuple, dict]:

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -104,6 +105,9 @@ class ContinuousConfig:
     max_cycles: int = 0
     max_versions: int = 0
     keep_refused: bool = False  # keep refused candidates' window folders (for inspection)
+    # A failed step (features or training) is logged and retried at the next poll; this many in a row stop
+    # the job with the last error.
+    max_failed_steps: int = 3
 
     def __post_init__(self):
         if not self.workdir or not self.registry:
@@ -114,7 +118,7 @@ class ContinuousConfig:
                               "(or set LSVCR_KAFKA_BOOTSTRAP)")
         for name in ("every_examples", "window_examples", "valid_examples", "holdout_examples",
                      "min_train_examples", "epochs", "patience", "batch_size", "num_workers", "max_history",
-                     "negative_window_ms"):
+                     "negative_window_ms", "max_failed_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ContinuousConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("every_minutes", "poll_s", "margin", "max_eval_examples", "align_every", "max_cycles",
@@ -329,6 +333,7 @@ class ContinuousTrainer:
         self.state = {"trained_cut": None, "trained_cycles": 0, "published": [], "pending": None,
                       "in_progress": None, "last_train_wall": time.time()}
         self._gauges = None
+        self.failed_steps = 0
 
     # ---- setup / cleanup ----------------------------------------------------------------------------
 
@@ -401,7 +406,7 @@ class ContinuousTrainer:
                 if self.consumer is not None and self.consumer.poll() is not None:
                     raise RuntimeError(f"the consumer exited with {self.consumer.returncode}; "
                                        f"see {self.workdir / 'consumer.log'}")
-                self.step()
+                self._step_or_retry()
                 self.stop.wait(self.config.poll_s)
         finally:
             self.cleanup()
@@ -414,6 +419,20 @@ class ContinuousTrainer:
         c = self.config
         return ((c.max_cycles and self.state["trained_cycles"] >= c.max_cycles)
                 or (c.max_versions and len(self.state["published"]) >= c.max_versions))
+
+    def _step_or_retry(self) -> None:
+        """One step; a failure is logged and the step retried at the next poll (the features build and the
+        window's training both start over from the saved state), up to max_failed_steps in a row."""
+        try:
+            self.step()
+        except Exception as err:
+            self.failed_steps += 1
+            self._log(f"step failed ({self.failed_steps} of {self.config.max_failed_steps} in a row allowed): "
+                      f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
+            if self.failed_steps >= self.config.max_failed_steps:
+                raise
+        else:
+            self.failed_steps = 0
 
     def step(self) -> None:
         """Extend the features when the log changed; train one window when due."""

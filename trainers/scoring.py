@@ -10,8 +10,9 @@ Item vectors are precomputed once (`refresh_items`), so every caller ranks again
 Time features (trainers/models/sr.py): the request time is `ts` in the history batch: an example's event
 time offline, or, for rows without one (users.parquet, the sequence store), the clock when `histories` is
 called, so serving measures ages at request time. A model's item vector is then normalize(item) +
-age[bucket(ts - published)], and a score is user . matrix[i] / T + (user @ age_table.T / T)[bucket]: the
-corpus matrix stays precomputed and each request adds one gathered [B, num_buckets] term per item.
+age[bucket(ts - published)]. Candidate scores are user . matrix[i] / T + (user @ age_table.T / T)[bucket]:
+the matrix stays precomputed and each request adds one gathered [B, num_buckets] term per item. Full-corpus
+scores use the matrix with the age terms added, rebuilt only when some video changes bucket.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from trainers.checkpoint import CheckpointError, load_model
 from trainers.data import collate_histories, load_item_times, load_text_tables
+from trainers.models.layers import time_bucket_edges
 
 
 class Scorer:
@@ -83,6 +85,7 @@ class Scorer:
         else:
             video, comment = self.model.video_item_vectors, self.model.comment_item_vectors
         self.video_matrix = matrix(video, self.num_videos)  # [V, H]
+        self._aged = None  # (from ts, until ts, video_matrix with the age terms at from ts)
         self.comment_matrix = matrix(comment, self.num_comments)  # [C, H]
 
     def histories(self, rows: dict, now_ms: int | None = None) -> dict[str, torch.Tensor]:
@@ -115,11 +118,30 @@ class Scorer:
         """Cosine / temperature of each user against every video: [B, V] (CPU)."""
         hist = self._to_device(hist)
         user = self.model.user_video_vector(hist)  # [B, H]
-        scores = user @ self.video_matrix.T / self.temperature  # [B, V]
-        if self.time_features:
-            every = torch.arange(self.num_videos, device=self.device).expand(len(user), -1)  # [B, V]
-            scores = scores + self._age_scores("video", user, every, hist["ts"])
+        if not self.time_features:
+            return (user @ self.video_matrix.T / self.temperature).cpu()  # [B, V]
+        ts = hist["ts"].to(self.device)
+        scores = torch.empty(len(user), self.num_videos, device=self.device)
+        for t in ts.unique().tolist():  # one in a serving batch: the rows share one clock reading
+            rows = (ts == t).nonzero().squeeze(1)
+            scores[rows] = user[rows] @ self._aged_video_matrix(t).T / self.temperature
         return scores.cpu()
+
+    def _aged_video_matrix(self, t: int) -> torch.Tensor:
+        """Every video's vector at request time t, age term included: [V, H].
+
+        Kept until the first moment some video moves to its next age bucket, so requests arriving in between
+        (about a second apart for 50k videos spread over days; many requests at serving rates) reuse it and
+        pay only the matrix product."""
+        if self._aged is not None and self._aged[0] <= t < self._aged[1]:
+            return self._aged[2]
+        age = t - self.video_pub_ts.to(self.device)
+        buckets = self.model.age_buckets("video", torch.arange(self.num_videos, device=self.device), t)
+        edges = time_bucket_edges(self.model.config.num_time_buckets).to(self.device)
+        moving = buckets < len(edges)  # the last bucket is open-ended
+        until = t + int((edges[buckets[moving]] - age[moving]).min()) if bool(moving.any()) else 2**62
+        self._aged = (t, until, self.video_matrix + self.model.age_table("video")[buckets])
+        return self._aged[2]
 
     @torch.no_grad()
     def video_candidate_scores(self, hist: dict[str, torch.Tensor], candidate_idx: torch.Tensor) -> torch.Tensor:

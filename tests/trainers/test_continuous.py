@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lsvcr.config import ConfigError
-from trainers.continuous import (ContinuousConfig, align_due, cut_window, mean_score, publish_decision, remap_rows,
+from trainers.continuous import (ContinuousConfig, ContinuousTrainer, align_due, cut_window, mean_score, publish_decision, remap_rows,
                                  should_train, split_of, window_bounds)
 
 
@@ -94,6 +94,27 @@ def test_config_validation(monkeypatch):
         ContinuousConfig(workdir="s3://bucket/w", registry="r", consume=False)
     with pytest.raises(ConfigError, match="negative_window_ms"):
         ContinuousConfig(workdir="w", registry="r", consume=False, negative_window_ms=0)
+
+
+def test_a_failed_step_is_retried_and_too_many_in_a_row_stop_the_job(tmp_path, capsys):
+    trainer = ContinuousTrainer(ContinuousConfig(workdir=str(tmp_path), registry=str(tmp_path / "r"), consume=False,
+                                                 max_failed_steps=2))
+    outcomes = iter([OSError("disk hiccup"), None, ValueError("bad batch"), ValueError("again")])
+
+    def step():
+        outcome = next(outcomes)
+        if outcome is not None:
+            raise outcome
+
+    trainer.step = step
+    trainer._step_or_retry()
+    assert trainer.failed_steps == 1 and "OSError: disk hiccup" in capsys.readouterr().out
+    trainer._step_or_retry()  # a success resets the count
+    assert trainer.failed_steps == 0
+    trainer._step_or_retry()
+    with pytest.raises(ValueError, match="again"):
+        trainer._step_or_retry()
+    assert trainer.failed_steps == 2
 
 
 def test_benchmark_stamps_records_with_now_in_their_order(tmp_path):

@@ -101,7 +101,11 @@ def test_time_features_score_alike_in_every_path(fake_features, timed_checkpoint
     picked = scorer.video_candidate_scores(hist, cands)
     assert torch.allclose(picked[:, :2], scores[:, [3, 7]], atol=1e-5) and (picked[:, 2] == float("-inf")).all()
     # A later request ages every item: the scores move.
-    assert not torch.allclose(scorer.video_scores(scorer.histories(users, now_ms=10**12)), scores, atol=1e-3)
+    later = scorer.video_scores(scorer.histories(users, now_ms=10**12))
+    assert not torch.allclose(later, scores, atol=1e-3)
+    # Rows of one batch at different request times are each scored at their own time.
+    mixed = dict(hist, ts=torch.tensor([hist["ts"][0], 10**12, hist["ts"][0]]))
+    assert torch.allclose(scorer.video_scores(mixed), torch.stack([scores[0], later[1], scores[2]]), atol=1e-5)
     # Comments, against the model's own vectors at the same request time.
     query, cands = torch.tensor([4, 5, 6]), torch.tensor([[16, 17, 18], [20, 21, -1], [24, 25, 26]])
     got = scorer.comment_scores(hist, query, cands)
@@ -122,3 +126,23 @@ def test_grown_tables_take_new_items_as_published_now(fake_features, timed_check
     hist = scorer.histories(pq.read_table(fake_features / "users.parquet").slice(0, 1).to_pydict())
     assert scorer.model.age_buckets("video", torch.tensor([49]), hist["ts"][0]).item() == 0  # under a minute
     assert scorer.video_scores(hist).shape == (1, 50)
+
+
+def test_full_corpus_scores_follow_bucket_changes_through_the_cache(fake_features, timed_checkpoint):
+    scorer = Scorer(timed_checkpoint, fake_features)
+    model = scorer.model
+    users = pq.read_table(fake_features / "users.parquet").slice(0, 2).to_pydict()
+    now = 1_000_000 + 40 * 60_000  # every video in bucket 12 (see above), which ends at ceil(60000 * 2^6) ms
+    # Video 0 (published at 0) is the oldest: it reaches 3,840,000 ms of age first, 440,000 ms from now.
+    crossing = 3_840_000 - now
+
+    def direct(t):
+        hist = scorer.histories(users, now_ms=t)
+        with torch.no_grad():
+            return model.user_video_vector(hist) @ model.video_item_vectors(torch.arange(48), t).T / 0.07
+
+    for t in (now, now + crossing - 1, now + crossing, now + 10**9):
+        assert torch.allclose(scorer.video_scores(scorer.histories(users, now_ms=t)), direct(t), atol=1e-5), t
+    assert model.age_buckets("video", torch.tensor([0, 1]), now + crossing).tolist() == [13, 12]
+    scorer.video_scores(scorer.histories(users, now_ms=now))
+    assert scorer._aged[:2] == (now, now + crossing)
