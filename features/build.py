@@ -42,7 +42,11 @@ from features.embeddings import check_encoder_name, embed_texts
 from ingestion.schema import COMMENT_ACTIONS, POSITIVE_COMMENT_ACTIONS, POSITIVE_VIDEO_ACTIONS, VIDEO_ACTIONS
 from lsvcr.config import ConfigError
 
-SCHEMA_VERSION = 1
+# Positive events that are not examples, by (task, the split stage B gives them) -> their manifest "dropped" key.
+NOT_EXAMPLES = {("video", "dropped"): "video_examples_empty_history",
+                ("comment", "dropped"): "comment_examples_empty_history",
+                ("comment", "unrankable"): "comment_examples_target_not_yet_published"}
+SCHEMA_VERSION = 2  # 2: comment events whose comment was not published before them are not examples
 TASKS = ("video", "comment")
 USERS_PARTS = "_users_parts"  # user rows written by the workers, merged into users.parquet at the end
 SHUFFLE = "_shuffle"  # partition files between the stages of one build, removed at its end
@@ -393,16 +397,15 @@ def build_features(config: FeaturesConfig) -> dict:
     if after is not None:
         # Add the earlier builds' example counts: the window's rows came on top of them.
         old_manifest = json.loads((out / "manifest.json").read_text())
-        for task in TASKS:
-            for split in (*seq.SPLITS, "dropped"):
-                prev = old_manifest["tasks"][task].get(split) if split != "dropped" else {
-                    "count": old_manifest["dropped"][f"{task}_examples_empty_history"], "ts_min": None, "ts_max": None}
-                if prev and prev["count"]:
-                    now = stats.setdefault((task, split), {"count": 0, "ts_min": prev["ts_min"], "ts_max": prev["ts_max"]})
-                    now["count"] += prev["count"]
-                    if prev["ts_min"] is not None:
-                        now["ts_min"] = min(v for v in (now["ts_min"], prev["ts_min"]) if v is not None)
-                        now["ts_max"] = max(v for v in (now["ts_max"], prev["ts_max"]) if v is not None)
+        for task, split in [(t, s) for t in TASKS for s in seq.SPLITS] + list(NOT_EXAMPLES):
+            prev = old_manifest["tasks"][task].get(split) if (task, split) not in NOT_EXAMPLES else {
+                "count": old_manifest["dropped"][NOT_EXAMPLES[task, split]], "ts_min": None, "ts_max": None}
+            if prev and prev["count"]:
+                now = stats.setdefault((task, split), {"count": 0, "ts_min": prev["ts_min"], "ts_max": prev["ts_max"]})
+                now["count"] += prev["count"]
+                if prev["ts_min"] is not None:
+                    now["ts_min"] = min(v for v in (now["ts_min"], prev["ts_min"]) if v is not None)
+                    now["ts_max"] = max(v for v in (now["ts_max"], prev["ts_max"]) if v is not None)
     num_users = pq.ParquetFile(out / "users.parquet").metadata.num_rows
     for task in TASKS:
         for split in seq.SPLITS:
@@ -460,8 +463,7 @@ def build_features(config: FeaturesConfig) -> dict:
             "comments_unknown_video": comments_unknown_video,
             "video_events_unknown_video": status.get((seq.KIND_VIDEO_EVENT, "unknown_video"), 0),
             "comment_events_unknown_comment": status.get((seq.KIND_COMMENT_EVENT, "unknown_comment"), 0),
-            "video_examples_empty_history": stats.get(("video", "dropped"), {}).get("count", 0),
-            "comment_examples_empty_history": stats.get(("comment", "dropped"), {}).get("count", 0),
+            **{key: stats.get(task_split, {}).get("count", 0) for task_split, key in NOT_EXAMPLES.items()},
         },
         "config": asdict(config),
         "build_s": round(time.time() - started, 3),

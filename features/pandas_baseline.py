@@ -82,6 +82,7 @@ def _annotate(events: pd.DataFrame, comments: pd.DataFrame, num_negatives: int, 
     events), all as of the event's ts, by a sweep over each video's events."""
     hot = np.full(len(events), -1, np.int32)
     target_likes = np.zeros(len(events), np.int32)
+    rankable = np.ones(len(events), bool)  # comment events: the target was published strictly before ts
     negatives: list[list[int]] = [[] for _ in range(len(events))]
     negative_likes: list[list[int]] = [[] for _ in range(len(events))]
     comments_of = {v: (g["comment_idx"].to_numpy(), g["ts"].to_numpy())
@@ -110,11 +111,13 @@ def _annotate(events: pd.DataFrame, comments: pd.DataFrame, num_negatives: int, 
             elif kind == "c":
                 target = local_of[int(comment)]
                 target_likes[row] = likes[target]
+                rankable[row] = target < published
                 rng = np.random.default_rng(stable_seed(seed, "comment", event_id))
                 picks = sample_excluding(rng, 0, published, target, num_negatives)
                 negatives[row] = pub_idx[picks].tolist()
                 negative_likes[row] = likes[picks].tolist()
-    events = events.assign(hot=hot, target_likes=target_likes, negatives=negatives, negative_likes=negative_likes)
+    events = events.assign(hot=hot, target_likes=target_likes, negatives=negatives, negative_likes=negative_likes,
+                           rankable=rankable)
     return events[events["kind"] != "l"].drop(columns=["row"])
 
 
@@ -165,11 +168,12 @@ def _histories(video_hist, records, record_ts, max_history) -> dict[str, list]:
     }
 
 
-def _split(frame: pd.DataFrame, split: str, valid_ts: int, test_ts: int) -> pd.Series:
-    """Split of each example of one task: "dropped" when both histories are empty, else the policy's."""
+def _split(frame: pd.DataFrame, rankable: pd.Series, split: str, valid_ts: int, test_ts: int) -> pd.Series:
+    """Split of each example of one task: "unrankable" when its target was not published before it,
+    "dropped" when both histories are empty, else the policy's."""
     dropped = (frame["hist_video"].str.len() == 0) & (frame["hist_cmt_video"].str.len() == 0)
-    out = pd.Series("dropped", index=frame.index, dtype=object)
-    kept = frame[~dropped].sort_values(["user_id", "ts", "event_id"], kind="stable")
+    out = pd.Series(np.where(rankable, "dropped", "unrankable"), index=frame.index, dtype=object)
+    kept = frame[~dropped & rankable].sort_values(["user_id", "ts", "event_id"], kind="stable")
     if split == "global_time":
         out[kept.index] = np.where(kept["ts"] < valid_ts, "train", np.where(kept["ts"] < test_ts, "valid", "test"))
         return out
@@ -226,7 +230,7 @@ def build_pandas(
     comment = examples[examples["kind"] == "c"].copy()
     comment["target"], comment["query_video"] = comment["comment_idx"], comment["video_idx"]
     for task, frame in (("video", video), ("comment", comment)):
-        split_of = _split(frame, split, valid_ts, test_ts)
+        split_of = _split(frame, examples["rankable"][frame.index], split, valid_ts, test_ts)
         for name in SPLITS:
             out[f"{task}/{name}"] = _arrow(frame[split_of == name], EXAMPLE_SCHEMA[task])
     return out

@@ -66,6 +66,9 @@ ANNOTATED_SCHEMA = pa.schema([
     ("negatives", pa.list_(pa.int32())),  # comment events: other comments under the video published before ts
     ("target_likes", pa.int32()),
     ("negative_likes", pa.list_(pa.int32())),
+    # Comment events: the target was published strictly before ts, like its candidates. A comment the user
+    # writes at ts did not exist when the section was shown: a history element, never a ranking example.
+    ("rankable", pa.bool_()),
 ])
 
 HISTORY_FIELDS = [
@@ -79,8 +82,8 @@ HISTORY_FIELDS = [
 HISTORY_COLUMNS = [name for name, _ in HISTORY_FIELDS]
 
 # Stage B output: video examples, comment examples and one "user" row per user, in one table so that one
-# Ray Data pass produces all of them. `split` is train/valid/test, "dropped" (both histories empty) or ""
-# (user rows).
+# Ray Data pass produces all of them. `split` is train/valid/test, "dropped" (both histories empty),
+# "unrankable" (a comment event whose comment was not published before it) or "" (user rows).
 USER_ROWS_SCHEMA = pa.schema([
     ("row_kind", pa.string()),  # "video", "comment" or "user"
     ("split", pa.string()),
@@ -334,6 +337,7 @@ def annotate_video_group(group: pa.Table, num_negatives: int, seed: int) -> pa.T
     n_rows = len(rows)
     hot = np.full(n_rows, -1, np.int32)
     target_likes = np.zeros(n_rows, np.int32)
+    rankable = np.ones(n_rows, bool)
     negatives: list[list[int]] = [[] for _ in range(n_rows)]
     negative_likes: list[list[int]] = [[] for _ in range(n_rows)]
     event_ids = group["event_id"].to_pylist()
@@ -357,6 +361,7 @@ def annotate_video_group(group: pa.Table, num_negatives: int, seed: int) -> pa.T
             hot[ref] = pub_idx[best] if prefix else -1
             continue
         target = target_local[ref]
+        rankable[ref] = target < prefix
         target_likes[ref] = counts[target]
         rng = np.random.default_rng(stable_seed(seed, "comment", event_ids[rows[ref]]))
         local = sample_excluding(rng, 0, prefix, target, num_negatives).tolist()
@@ -369,7 +374,7 @@ def annotate_video_group(group: pa.Table, num_negatives: int, seed: int) -> pa.T
         "video_idx": out["video_idx"], "comment_idx": out["comment_idx"], "ts": out["ts"],
         "hot": pa.array(hot), "negatives": list_column(negatives, pa.int32()),
         "target_likes": pa.array(target_likes),
-        "negative_likes": list_column(negative_likes, pa.int32()),
+        "negative_likes": list_column(negative_likes, pa.int32()), "rankable": pa.array(rankable),
     }, schema=ANNOTATED_SCHEMA)
 
 
@@ -477,7 +482,8 @@ def user_rows(
 ) -> pa.Table:
     """Stage B, one user's annotated positive events -> examples of both tasks plus one "user" row.
 
-    Examples whose two histories are both empty are marked split="dropped". With split="leave_last_out" the
+    Examples whose two histories are both empty are marked split="dropped", comment events that are not
+    rankable (their comment was not published before them) split="unrankable". With split="leave_last_out" the
     split is assigned after that, over the kept examples in (ts, event_id) order, so every user with at least
     two kept examples of a task gets a test example of that task; with "global_time" it is the example's
     side of the cuts valid_ts / test_ts (global_time_splits). The user row holds the histories as of the end
@@ -495,13 +501,15 @@ def user_rows(
     lengths = [pc.list_value_length(hist[c]).to_numpy(zero_copy_only=False) for c in ("hist_video", "hist_cmt_video")]
     empty = (lengths[0] == 0) & (lengths[1] == 0)
     split_of = np.full(n + 1, "", dtype=object)
+    unrankable = ~group["rankable"].to_numpy(zero_copy_only=False)
+    split_of[np.flatnonzero(unrankable)] = "unrankable"
     for task_kind in (KIND_VIDEO_EVENT, KIND_COMMENT_EVENT):
-        rows = np.flatnonzero((kind == task_kind) & ~empty[:n])  # already in (ts, event_id) order
+        rows = np.flatnonzero((kind == task_kind) & ~empty[:n] & ~unrankable)  # already in (ts, event_id) order
         if split == "leave_last_out":
             split_of[rows] = assign_splits(len(rows))
         else:
             split_of[rows] = global_time_splits(group["ts"].to_numpy()[rows], valid_ts, test_ts)
-        split_of[np.flatnonzero((kind == task_kind) & empty[:n])] = "dropped"
+        split_of[np.flatnonzero((kind == task_kind) & empty[:n] & ~unrankable)] = "dropped"
     split = split_of
 
     is_video = kind == KIND_VIDEO_EVENT

@@ -108,7 +108,7 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
     assert manifest["tasks"]["comment"]["valid"]["count"] == 0
     assert manifest["dropped"] == {"comments_unknown_video": 1, "video_events_unknown_video": 1,
                                    "comment_events_unknown_comment": 1, "video_examples_empty_history": 2,
-                                   "comment_examples_empty_history": 2}
+                                   "comment_examples_empty_history": 2, "comment_examples_target_not_yet_published": 0}
     assert manifest["events"]["video_events_not_positive"] == 1
     assert (manifest["num_videos"], manifest["num_comments"], manifest["num_users"]) == (4, 3, 4)
     assert (manifest["embedding_dim"], manifest["encoder"], manifest["max_history"], manifest["num_negatives"]) == \

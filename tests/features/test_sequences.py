@@ -144,6 +144,9 @@ def test_comment_candidates_and_likes_before_ts(tables):
         "q4": ([0, 1], [3, 4], 5),  # c3 liked @51..54 and @60
     }
     assert out["q1"]["hot"] == -1 and out["q1"]["comment_idx"] == 1 and out["q1"]["video_idx"] == 0
+    # q3 writes c3 at 50: its target did not exist before 50, so it cannot be ranked; q4 replies to it later.
+    assert {e: out[e]["rankable"] for e in ("q1", "q2", "q3", "q4")} == {"q1": True, "q2": True, "q3": False,
+                                                                        "q4": True}
 
 
 def test_comment_negatives_are_sampled_by_seed_and_event_id(tables):
@@ -184,12 +187,13 @@ def test_hot_comments_match_the_definition_on_a_random_log(tables):
 # ------------------------------------------------------------------------------------------------ stage B
 
 
-def annotated(user, video_rows=(), comment_rows=()):
-    """video_rows: (event_id, video_idx, ts, hot); comment_rows: (event_id, video_idx, comment_idx, ts)."""
+def annotated(user, video_rows=(), comment_rows=(), unrankable=()):
+    """video_rows: (event_id, video_idx, ts, hot); comment_rows: (event_id, video_idx, comment_idx, ts);
+    unrankable: event ids of comment events whose comment was not published before them."""
     rows = [dict(kind=0, event_id=e, user_id=user, video_idx=v, comment_idx=-1, ts=ts, hot=h, negatives=[],
-                 target_likes=0, negative_likes=[]) for e, v, ts, h in video_rows]
+                 target_likes=0, negative_likes=[], rankable=True) for e, v, ts, h in video_rows]
     rows += [dict(kind=1, event_id=e, user_id=user, video_idx=v, comment_idx=c, ts=ts, hot=-1, negatives=[7, 8],
-                  target_likes=3, negative_likes=[1, 2]) for e, v, c, ts in comment_rows]
+                  target_likes=3, negative_likes=[1, 2], rankable=e not in unrankable) for e, v, c, ts in comment_rows]
     rows = rows[::-1]  # user_rows must not rely on input order
     return pa.Table.from_pylist(rows, schema=seq.ANNOTATED_SCHEMA)
 
@@ -259,6 +263,15 @@ def test_user_with_only_comment_events():
     user = rows.to_pylist()[-1]
     assert user["row_kind"] == "user" and user["user_id"] == "u3"
     assert hist(user) == ([], [], [], [2, 0], [3, 4, -1, 0, -1, -1], [28, 31])
+
+
+def test_a_written_comment_is_history_but_not_an_example():
+    # x2 writes comment 4 at 28 (published at 28 itself): unrankable, yet x3 still sees it in its record.
+    rows = seq.user_rows(annotated("u3", comment_rows=[("x1", 2, 3, 27), ("x2", 2, 4, 28), ("x3", 0, 0, 31)],
+                                   unrankable={"x2"}), max_history=50)
+    got = by_event(rows.filter(pa.compute.not_equal(rows["row_kind"], "user")))
+    assert [got[e]["split"] for e in ("x1", "x2", "x3")] == ["dropped", "unrankable", "train"]
+    assert hist(got["x3"]) == ([], [], [], [2], [3, 4, -1], [28])
 
 
 def test_single_kept_example_is_train():
