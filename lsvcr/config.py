@@ -77,5 +77,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return cls(**kwargs)
 
 
+def config_from_argv(cls: type[T], argv: list[str]) -> T:
+    """`python -m trainers.X [CONFIG.yaml] key=value ...` (how Ray Jobs start the entry points) -> `cls`."""
+    path = argv[0] if argv and "=" not in argv[0] else None
+    return load_config(cls, path, [a for a in argv if "=" in a])
+
+
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)

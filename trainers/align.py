@@ -522,11 +522,9 @@ def align(config: AlignConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lsvcr.config import load_config
+    from lsvcr.config import config_from_argv
 
-    args = sys.argv[1:] if argv is None else argv
-    path = args[0] if args and "=" not in args[0] else None
-    align(load_config(AlignConfig, path, [a for a in args if "=" in a]))
+    align(config_from_argv(AlignConfig, sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -597,11 +597,9 @@ def run_continuous(config: ContinuousConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lsvcr.config import load_config
+    from lsvcr.config import config_from_argv
 
-    args = sys.argv[1:] if argv is None else argv
-    path = args[0] if args and "=" not in args[0] else None
-    run_continuous(load_config(ContinuousConfig, path, [a for a in args if "=" in a]))
+    run_continuous(config_from_argv(ContinuousConfig, sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

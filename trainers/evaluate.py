@@ -58,10 +58,12 @@ def popularity_fn(features_dir: str | Path) -> ScoreFn:
     return score
 
 
-def time_baseline_fns(features_dir: str | Path, blend_tau_h: float = 24.0) -> dict[str, ScoreFn]:
+def time_baseline_fns(features_dir: str | Path, blend_tau_h: float = 24.0,
+                      blend_taus_h: tuple[float, ...] = ()) -> dict[str, ScoreFn]:
     """The time-aware baselines (issue 8): video recency, popularity_at_t, recency_pop_blend; comment newest,
     most_engaged (likes + replies before t), top_level. Video interactions are the video-task examples of
-    every split (the used positive events with a history); replies come from comments.parquet."""
+    every split (the used positive events with a history); replies come from comments.parquet.
+    blend_taus_h adds one "recency_pop_blend@<tau>" per tau (for tuning, from the same tables)."""
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
@@ -96,13 +98,16 @@ def time_baseline_fns(features_dir: str | Path, blend_tau_h: float = 24.0) -> di
         likes = torch.cat([batch["target_likes"][:, None], batch["negative_likes"]], 1).numpy()
         return torch.from_numpy(np.where(idx >= 0, likes + replies(idx, batch["ts"].numpy()), -np.inf))
 
+    def blend(tau):
+        return video(lambda idx, ts: blend_scores(video_ts, interactions(idx, ts), idx, ts, tau))
+
     return {
         "video": {
             "recency": video(lambda idx, ts: recency_scores(video_ts, idx)),
             "popularity_at_t": video(lambda idx, ts: torch.from_numpy(
                 np.where(idx >= 0, interactions(idx, ts).astype(np.float64), -np.inf))),
-            "recency_pop_blend": video(lambda idx, ts: blend_scores(video_ts, interactions(idx, ts), idx, ts,
-                                                                    blend_tau_h)),
+            "recency_pop_blend": blend(blend_tau_h),
+            **{f"recency_pop_blend@{tau}": blend(tau) for tau in blend_taus_h},
         },
         "comment": {
             "newest": comment(lambda idx, batch: recency_scores(comment_ts, idx)),
@@ -122,9 +127,10 @@ def pa_index(comments) -> np.ndarray:
 
 def tune_blend(features_dir: str | Path, max_examples: int = 0) -> float:
     """tau (hours) of recency_pop_blend with the best NDCG@10 on the valid split's video examples."""
-    fns = {f"{tau}": time_baseline_fns(features_dir, tau)["video"]["recency_pop_blend"] for tau in BLEND_TAUS_H}
+    video = time_baseline_fns(features_dir, blend_taus_h=BLEND_TAUS_H)["video"]
+    fns = {name: fn for name, fn in video.items() if name.startswith("recency_pop_blend@")}
     found = evaluate_fns(features_dir, fns, "valid", max_examples=max_examples, tasks=("video",))["video"]
-    best = max(BLEND_TAUS_H, key=lambda tau: (found[f"{tau}"].get("ndcg@10") or 0.0, -tau))
+    best = max(BLEND_TAUS_H, key=lambda tau: (found[f"recency_pop_blend@{tau}"].get("ndcg@10") or 0.0, -tau))
     print(f"evaluate: recency_pop_blend tau tuned on valid: {best} h", flush=True)
     return best
 

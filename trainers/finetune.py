@@ -476,11 +476,9 @@ def finetune(config: FinetuneConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lsvcr.config import load_config
+    from lsvcr.config import config_from_argv
 
-    args = sys.argv[1:] if argv is None else argv
-    path = args[0] if args and "=" not in args[0] else None
-    finetune(load_config(FinetuneConfig, path, [a for a in args if "=" in a]))
+    finetune(config_from_argv(FinetuneConfig, sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

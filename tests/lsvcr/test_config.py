@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from lsvcr.config import ConfigError, load_config
+from lsvcr.config import ConfigError, config_from_argv, load_config
 
 
 @dataclasses.dataclass
@@ -35,3 +35,11 @@ def test_unknown_keys_bad_values_and_validation_are_errors():
         load_config(Example, None, ["epochs"])
     with pytest.raises(ConfigError, match=">= 1"):
         load_config(Example, None, {"epochs": 0})
+
+
+def test_entry_point_arguments_are_an_optional_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.5\n")
+    assert config_from_argv(Example, [str(path), "epochs=2"]) == Example(lr=0.5, epochs=2)
+    assert config_from_argv(Example, ["epochs=3"]) == Example(epochs=3)
+    assert config_from_argv(Example, []) == Example()
