@@ -46,7 +46,8 @@ def _payloads(n: int, seed: int, tag: str) -> list[tuple[str, bytes, bytes]]:
     return out
 
 
-def _produce(bootstrap: str, prefix: str, payloads, rate_per_s: float | None = None) -> float:
+def produce(bootstrap: str, prefix: str, payloads, rate_per_s: float | None = None) -> float:
+    """Send (table, key, value) byte payloads, paced to rate_per_s when given; seconds until all are acked."""
     topics = topic_names(prefix)
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5 if rate_per_s else 20,
                              batch_size=256 * 1024, acks="all")
@@ -99,7 +100,7 @@ def run(overrides: list[str]) -> dict:
     ensure_topics(bootstrap, prefix)
     n = opts["events"]
     print(f"[bench ingest] producing {n:,} events ...", flush=True)
-    _produce(bootstrap, prefix, _payloads(n, 1, tag))
+    produce(bootstrap, prefix, _payloads(n, 1, tag))
     raw_s = raw_consume(bootstrap, prefix, n)
     print(f"[bench ingest] raw consume: {n / raw_s:,.0f} events/s", flush=True)
     cfg = IngestConfig(eventlog=str(work / "log"), bootstrap=bootstrap, topic_prefix=prefix, group=f"{tag}-tput",
@@ -128,7 +129,7 @@ def run(overrides: list[str]) -> dict:
         time.sleep(0.2)
     count = opts["freshness_rate"] * opts["freshness_s"]
     print(f"[bench ingest] freshness: {count:,} events at {opts['freshness_rate']:,}/s ...", flush=True)
-    produce_s = _produce(bootstrap, prefix, _payloads(count, 2, tag + "f"), rate_per_s=opts["freshness_rate"])
+    produce_s = produce(bootstrap, prefix, _payloads(count, 2, tag + "f"), rate_per_s=opts["freshness_rate"])
     if proc.wait(timeout=300) != 0:
         raise RuntimeError("freshness consumer failed")
     fresh = json.loads(out.read_text())

@@ -17,9 +17,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer
 
 from ingestion import broker
+from ingestion.benchmark import produce as produce_payloads
 from ingestion.consumer import IngestConfig, Ingestor, ingest, read_dead_letter_counts
 from ingestion.eventlog import EventLog
 from ingestion.sequence_store import SequenceStore
@@ -49,19 +50,12 @@ def make_events(n: int, seed: int, users: int = 200) -> list[tuple[str, dict]]:
 
 def produce(bootstrap: str, prefix: str, items, rate_per_s: float | None = None) -> None:
     """Send (table, record-or-raw-bytes) items keyed by user_id, optionally paced."""
-    topics = topic_names(prefix)
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all")
-    started = time.monotonic()
-    for i, (table, record) in enumerate(items):
+    payloads = []
+    for table, record in items:
         raw = record if isinstance(record, bytes) else json.dumps(record).encode()
-        key = record.get("user_id", "x").encode() if isinstance(record, dict) and isinstance(record.get("user_id"), str) else b"bad"
-        producer.send(topics[table], key=key, value=raw)
-        if rate_per_s and i % 100 == 99:
-            ahead = (i + 1) / rate_per_s - (time.monotonic() - started)
-            if ahead > 0:
-                time.sleep(ahead)
-    producer.flush()
-    producer.close()
+        user = record.get("user_id") if isinstance(record, dict) else None
+        payloads.append((table, user.encode() if isinstance(user, str) else b"bad", raw))
+    produce_payloads(bootstrap, prefix, payloads, rate_per_s)
 
 
 def expected_ids(items) -> dict[str, list[str]]:
