@@ -58,6 +58,9 @@ class IngestConfig:
     # of waiting for the session timeout of its dead predecessor. Empty: dynamic membership.
     instance_id: str = ""
     session_timeout_ms: int = 10_000
+    # Out of the group (never joined, or revoked and not given partitions again) for this long: close the
+    # consumer and start a new one. kafka-python has been seen to stay out for good under heavy load.
+    rejoin_after_s: float = 60.0
     # Date partitions whose ids stay in memory (see IdIndex).
     max_id_partitions: int = 64
 
@@ -70,6 +73,8 @@ class IngestConfig:
             raise ValueError("until_idle_s must be positive or None")
         if self.max_history < 1 or self.max_id_partitions < 1:
             raise ValueError("max_history and max_id_partitions must be >= 1")
+        if self.rejoin_after_s <= self.session_timeout_ms / 1000:
+            raise ValueError("rejoin_after_s must be longer than the session timeout")
         if self.session_timeout_ms < 6_000:
             raise ValueError("session_timeout_ms must be >= 6000 (the broker's group.min.session.timeout.ms)")
 
@@ -195,8 +200,16 @@ class Ingestor:
         self._metrics = _ray_metrics()
         self._check_store: set = set()
         self.last_durable = time.monotonic()
+        self.consumer = self._new_consumer()
+        self.dead_letters = KafkaProducer(bootstrap_servers=config.bootstrap, acks="all", client_id="lsvcr-dlq",
+                                          max_request_size=MAX_MESSAGE_BYTES + 64 * 1024, linger_ms=5)
+
+    def _new_consumer(self) -> KafkaConsumer:
+        """A consumer subscribed to the event and catalog topics; out of the group until its first assignment."""
+        config = self.config
+        self.out_of_group_since: float | None = time.monotonic()
         extra = {"group_instance_id": config.instance_id} if config.instance_id else {}
-        self.consumer = KafkaConsumer(
+        consumer = KafkaConsumer(
             bootstrap_servers=config.bootstrap,
             group_id=config.group,
             enable_auto_commit=False,
@@ -208,9 +221,26 @@ class Ingestor:
             client_id=f"lsvcr-ingest-{self.member}",
             **extra,
         )
-        self.consumer.subscribe(list(self.table_of_topic), listener=_Rebalance(self))
-        self.dead_letters = KafkaProducer(bootstrap_servers=config.bootstrap, acks="all", client_id="lsvcr-dlq",
-                                          max_request_size=MAX_MESSAGE_BYTES + 64 * 1024, linger_ms=5)
+        consumer.subscribe(list(self.table_of_topic), listener=_Rebalance(self))
+        return consumer
+
+    def rejoin_if_stuck(self, now: float) -> bool:
+        """Replace the consumer when it has been out of the group for rejoin_after_s. Returns whether it did.
+        Buffered records are written first; the new member starts at the group's last commit and the log
+        drops what it already holds by event_id."""
+        since = self.out_of_group_since
+        if since is None or now - since < self.config.rejoin_after_s:
+            return False
+        print(f"[ingest] out of group {self.config.group!r} for {now - since:.0f}s: starting a new consumer",
+              flush=True)
+        self.flush(commit=False)
+        try:
+            self.consumer.close(autocommit=False)
+        except KafkaError as err:
+            print(f"[ingest] closing the old consumer: {err}", flush=True)
+        self.stats["rejoins"] += 1
+        self.consumer = self._new_consumer()
+        return True
 
     # -- rebalance ------------------------------------------------------------------------------------
 
@@ -218,11 +248,13 @@ class Ingestor:
     # Writing the buffer is enough: the next owner starts at the last commit and finds these ids in the log.
 
     def on_revoked(self, revoked) -> None:
+        self.out_of_group_since = time.monotonic()
         self.flush(commit=False)
         self.ledger.forget([(tp.topic, tp.partition) for tp in revoked])
         self.stats["rebalances"] += 1
 
     def on_assigned(self, assigned) -> None:
+        self.out_of_group_since = None
         self.index.clear()  # the previous owner may have written since we loaded these ids
         for tp in assigned:
             self.ledger.load(tp.topic, tp.partition)
@@ -353,6 +385,8 @@ class Ingestor:
         try:
             while True:
                 batches = self.consumer.poll(timeout_ms=200)
+                if self.rejoin_if_stuck(time.monotonic()):
+                    continue
                 if self._check_store:
                     self.replay_store_gaps()
                 now = time.monotonic()

@@ -61,3 +61,27 @@ def test_replay_then_ingest_stores_valid_records_once_and_dead_letters_the_rest(
     assert len(letters) == 3
     by_reason = {dict(m.headers)["reason"].decode(): m.value for m in letters}
     assert by_reason["malformed_json"] == b"{broken json"
+
+
+def test_a_consumer_out_of_the_group_too_long_is_replaced_and_ingests(tmp_path, kafka_bootstrap):
+    from ingestion.consumer import Ingestor
+
+    prefix = "t-rejoin."
+    ensure_topics(kafka_bootstrap, prefix)
+    data = tmp_path / "data"
+    data.mkdir()
+    _write(data, "video_events.jsonl", [{"event_id": f"e{i}", "user_id": f"u{i}", "video_id": "v1", "action": "like",
+                                         "watch_ms": 10, "ts": T0 + i} for i in range(20)])
+    for name in ("videos.jsonl", "comments.jsonl", "comment_events.jsonl"):
+        _write(data, name, [])
+    replay(data, kafka_bootstrap, prefix)
+    ingestor = Ingestor(IngestConfig(eventlog=str(tmp_path / "log"), bootstrap=kafka_bootstrap, topic_prefix=prefix,
+                                     group="g-rejoin", until_idle_s=1.5, flush_interval_s=0.5, rejoin_after_s=11))
+    first = ingestor.consumer
+    now = ingestor.out_of_group_since
+    assert not ingestor.rejoin_if_stuck(now + 10)  # not out long enough
+    assert ingestor.rejoin_if_stuck(now + 12)
+    assert ingestor.consumer is not first and ingestor.stats["rejoins"] == 1
+    stats = ingestor.run()  # the replacement joins the group and reads everything
+    assert stats["stored"] == 20 and EventLog(tmp_path / "log").count("video_events") == 20
+    assert ingestor.stats["rejoins"] == 1  # it joined: no second replacement

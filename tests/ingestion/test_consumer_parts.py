@@ -41,4 +41,6 @@ def test_config_rejects_bad_values():
         IngestConfig(eventlog="x", bootstrap="b", flush_records=0)
     with pytest.raises(ValueError):
         IngestConfig(eventlog="x", bootstrap="b", session_timeout_ms=1000)
+    with pytest.raises(ValueError, match="rejoin_after_s"):
+        IngestConfig(eventlog="x", bootstrap="b", session_timeout_ms=10_000, rejoin_after_s=5)
     assert IngestConfig(eventlog="/tmp/log", bootstrap="b").store_path.as_posix() == "/tmp/log/_state/sequences.sqlite"
