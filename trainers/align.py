@@ -423,9 +423,11 @@ def states_key(config: AlignConfig, llm_path: str, task: str) -> dict:
             "max_examples": config.max_examples, "source": str(source), "files": files}
 
 
-def precompute_states(config: AlignConfig, llm_path: str, tasks: list[str], root: Path) -> dict[str, str]:
+def precompute_states(config: AlignConfig, llm_path: str, tasks: list[str], root: Path,
+                      fresh: bool = False) -> dict[str, str]:
     """Frozen mode: write examples + llm_state per task under root/llm_states/<hash of states_key>/<task>,
-    reused by every later run with the same key (the suite's three stage 1 runs share one precompute)."""
+    reused by every later run with the same key (the suite's three stage 1 runs share one precompute).
+    fresh=True computes them again even when they are there (the train benchmark times this)."""
     import hashlib
 
     import ray.data
@@ -436,7 +438,7 @@ def precompute_states(config: AlignConfig, llm_path: str, tasks: list[str], root
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         folder = root / "llm_states" / digest / task
         marker = folder / "_done.json"
-        if not (marker.is_file() and json.loads(marker.read_text()) == key):
+        if fresh or not (marker.is_file() and json.loads(marker.read_text()) == key):
             shutil.rmtree(folder, ignore_errors=True)
             started = time.monotonic()
             dataset = ray.data.read_parquet(str(examples_path(config.features, task, "train")))

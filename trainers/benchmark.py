@@ -67,6 +67,7 @@ def _train_info(folder: Path) -> dict:
 
 def measure(features: Path, work: Path, workers: int, opts: dict) -> dict:
     """Figures for one worker count, keys suffixed _w<workers>."""
+    from lsvcr.paths import cache_dir
     from trainers.align import AlignConfig, align, precompute_states
     from trainers.data import TASKS, count_examples
     from trainers.finetune import FinetuneConfig, finetune
@@ -75,7 +76,7 @@ def measure(features: Path, work: Path, workers: int, opts: dict) -> dict:
     tag, out = f"_w{workers}", work / f"runs-w{workers}"
     shutil.rmtree(out, ignore_errors=True)
     figures = {}
-    frozen = AlignConfig(features=str(features), out=str(out / "aligned"), llm_mode="frozen",
+    frozen = AlignConfig(features=str(features.resolve()), out=str(out / "aligned"), llm_mode="frozen",
                          max_steps=opts["align_steps"], batch_size=opts["align_batch"], num_workers=workers,
                          max_prompt_tokens=opts["max_prompt_tokens"], checkpoint_every=10**9,
                          log_every=max(1, opts["align_steps"] // 4),
@@ -83,7 +84,8 @@ def measure(features: Path, work: Path, workers: int, opts: dict) -> dict:
                          max_examples=opts["align_steps"] * opts["align_batch"] * workers)
     tasks = [t for t in TASKS if count_examples(str(features), t, "train") > 0]
     started = time.perf_counter()
-    folders = precompute_states(frozen, str(resolve_llm_path(frozen.llm)), tasks, Path(frozen.out).resolve())
+    # Into the cache that align() reads, so that it trains on these states instead of computing them again.
+    folders = precompute_states(frozen, str(resolve_llm_path(frozen.llm)), tasks, cache_dir(), fresh=True)
     precompute_s = time.perf_counter() - started
     tokens = sum(int(pq.read_table(folder, columns=["llm_tokens"])["llm_tokens"].to_numpy().sum())
                  for folder in folders.values())
