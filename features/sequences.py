@@ -504,12 +504,13 @@ def user_rows(
     unrankable = ~group["rankable"].to_numpy(zero_copy_only=False)
     split_of[np.flatnonzero(unrankable)] = "unrankable"
     for task_kind in (KIND_VIDEO_EVENT, KIND_COMMENT_EVENT):
-        rows = np.flatnonzero((kind == task_kind) & ~empty[:n] & ~unrankable)  # already in (ts, event_id) order
+        candidates = (kind == task_kind) & ~unrankable
+        rows = np.flatnonzero(candidates & ~empty[:n])  # already in (ts, event_id) order
         if split == "leave_last_out":
             split_of[rows] = assign_splits(len(rows))
         else:
             split_of[rows] = global_time_splits(group["ts"].to_numpy()[rows], valid_ts, test_ts)
-        split_of[np.flatnonzero((kind == task_kind) & empty[:n] & ~unrankable)] = "dropped"
+        split_of[np.flatnonzero(candidates & empty[:n])] = "dropped"
     split = split_of
 
     is_video = kind == KIND_VIDEO_EVENT

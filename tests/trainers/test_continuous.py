@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lsvcr.config import ConfigError
-from trainers.continuous import (ContinuousConfig, ContinuousTrainer, align_due, cut_window, mean_score, publish_decision, remap_rows,
-                                 should_train, split_of, window_bounds)
+from trainers.continuous import (ContinuousConfig, ContinuousTrainer, align_due, cut_window, mean_score,
+                                 publish_decision, remap_rows, should_train, split_of, window_bounds)
 
 
 def test_should_train_on_count_or_timer():
