@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("serve", help="serve recommendations with Ray Serve, following the model registry")
-    p.add_argument("--registry", default=str(run_dir() / "registry"))
+    p.add_argument("--registry", default=str(run_dir() / "registry"),
+                   help="the model registry: a folder or a URI such as s3://bucket/registry")
     p.add_argument("--checkpoint", help="serve this checkpoint instead of the registry's current version")
     p.add_argument("--features", default=str(run_dir() / "features"), help="with --checkpoint")
     p.add_argument("--sequence-store", default=str(run_dir() / "eventlog" / "_state" / "sequences.sqlite"),
@@ -269,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("registry", help="model versions: list, publish, rollback")
     p.add_argument("action", choices=["list", "publish", "rollback"])
-    p.add_argument("--registry", default=str(run_dir() / "registry"))
+    p.add_argument("--registry", default=str(run_dir() / "registry"),
+                   help="the model registry: a folder or a URI such as s3://bucket/registry")
     p.add_argument("--checkpoint", help="publish: the checkpoint folder")
     p.add_argument("--features", default=str(run_dir() / "features"), help="publish: its features folder")
     p.add_argument("--to", help="rollback: this version (default: the one before the current)")

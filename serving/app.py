@@ -155,8 +155,7 @@ class Recommender:
             self.state = self._with_arrivals(self.state)
 
     def _load_version(self, version: str) -> ModelState:
-        manifest = self.registry.manifest(version)
-        return load_state(version, self.registry.path(version), manifest["features"])
+        return load_state(version, self.registry.path(version), self.registry.features_path(version))
 
     def _watch(self, poll_s: float) -> None:
         while not self._stop.wait(poll_s):

@@ -47,6 +47,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from lsvcr import storage
 from lsvcr.config import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ METRIC = "ndcg@5"
 @dataclass
 class ContinuousConfig:
     workdir: str  # state.json, metrics.jsonl, features/, windows/, checkpoints/ (shared storage on a cluster)
-    registry: str  # model registry serving follows
+    registry: str  # model registry serving follows: a path, or a URI such as s3://bucket/registry
     bootstrap: str = ""  # Kafka bootstrap servers; "" = $LSVCR_KAFKA_BOOTSTRAP
     topic_prefix: str = ""
     group: str = "lsvcr-ingest"  # consumer group writing the event log
@@ -127,10 +128,10 @@ class ContinuousConfig:
                 raise ConfigError(f"ContinuousConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"ContinuousConfig.lr must be > 0, got {self.lr}")
-        for name in ("workdir", "registry", "eventlog"):
-            if getattr(self, name).startswith(("s3://", "gs://")):
-                raise ConfigError(f"ContinuousConfig.{name}: object storage is not supported here; use a shared "
-                                  "file system path (storage_path may be s3://)")
+        for name in ("workdir", "eventlog"):
+            if not storage.is_local(getattr(self, name)):
+                raise ConfigError(f"ContinuousConfig.{name}: the job's working state needs a file system path "
+                                  "(registry and storage_path may be URIs such as s3://...)")
 
     @property
     def eventlog_dir(self) -> Path:
@@ -508,7 +509,7 @@ class ContinuousTrainer:
         version = self.registry.current()
         if version is not None:
             source = self.registry.path(version)
-            features = Path(self.registry.manifest(version)["features"])
+            features = self.registry.features_path(version)
         elif self.config.init:
             return Path(self.config.init), f"init {self.config.init}"
         else:

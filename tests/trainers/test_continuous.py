@@ -90,8 +90,9 @@ def test_config_validation(monkeypatch):
         ContinuousConfig(workdir="w", registry="r", bootstrap="", consume=True)
     with pytest.raises(ConfigError, match="every_examples"):
         ContinuousConfig(workdir="w", registry="r", consume=False, every_examples=0)
-    with pytest.raises(ConfigError, match="object storage"):
+    with pytest.raises(ConfigError, match="workdir: the job's working state needs a file system path"):
         ContinuousConfig(workdir="s3://bucket/w", registry="r", consume=False)
+    assert ContinuousConfig(workdir="w", registry="s3://bucket/r", consume=False).registry == "s3://bucket/r"
     with pytest.raises(ConfigError, match="negative_window_ms"):
         ContinuousConfig(workdir="w", registry="r", consume=False, negative_window_ms=0)
 
