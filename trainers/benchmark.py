@@ -156,8 +156,10 @@ def run(overrides: list[str]) -> dict:
         + f"Stage 2: SR model from the stage 1 checkpoint, batch {opts['finetune_batch']} per task and worker, "
         f"first epoch's train loop (valid evaluation excluded), examples read through get_dataset_shard "
         f"(materialised once below FinetuneConfig.materialize_max_mb on disk, streamed from Parquet above). "
-        f"align_llm_precompute_s includes the Ray Data actor start and the LLM load, which dominate a small run. "
-        f"Suffix _wN: N Ray Train workers on this machine's cores (workers and Ray Data "
-        f"share them, so 2 workers on 2 cores shows the communication overhead more than a speed-up). "
+        f"align_llm_precompute_s includes the Ray Data actor start and the LLM load. "
+        f"Suffix _wN: N Ray Train workers, each one CPU of Ray's and one torch thread, so 1 worker uses one of "
+        f"the 2 cores and 2 workers use both: w2 over w1 is the data-parallel scaling at a fixed per-worker "
+        f"batch (all-gather included). The precompute is one Ray Data actor with every core either way, over "
+        f"as many examples as the workers then train on. "
         f"peak_rss_gb sums RSS over this process and its descendants (shared pages counted more than once).")
     return figures
