@@ -62,12 +62,24 @@ app = FastAPI(
 )
 
 
-@app.middleware("http")
-async def limit_body_size(request: Request, call_next):
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-        return JSONResponse(status_code=413, content={"detail": f"request body over {MAX_BODY_BYTES} bytes"})
-    return await call_next(request)
+class BodySizeLimit:
+    """413 for bodies over MAX_BODY_BYTES by their Content-Length, before anything reads them. A plain ASGI
+    middleware: Starlette's @app.middleware("http") adds a task and a stream to every request."""
+
+    def __init__(self, asgi_app):
+        self.app = asgi_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+                refusal = JSONResponse(status_code=413, content={"detail": f"request body over {MAX_BODY_BYTES} bytes"})
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+app.add_middleware(BodySizeLimit)
 
 
 @app.exception_handler(RequestValidationError)

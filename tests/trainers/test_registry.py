@@ -96,7 +96,8 @@ def test_object_storage_registry(tmp_path, serving_files, monkeypatch):
     assert reg.manifest(v1)["features"].startswith(f"{root}/features/")
     local = reg.features_path(v3)
     assert local.is_relative_to(tmp_path / "cache")
-    assert {p.name: p.read_bytes() for p in local.iterdir()} == {p.name: p.read_bytes() for p in serving_files.iterdir()}
+    copied = {p.name: p.read_bytes() for p in local.iterdir()}
+    assert copied == {p.name: p.read_bytes() for p in serving_files.iterdir()}
 
     # Readers get local folders that load; the two versions are different models.
     kind, m1 = load_model(reg.path(v1))
