@@ -238,8 +238,10 @@ def test_third_consumer_joining_mid_stream_loses_and_duplicates_nothing(tmp_path
             time.sleep(0.2)
         assert len(list(members.glob("*.json"))) >= n
 
+    # until_idle_s must outlast the gap between the two bursts (starting the third consumer takes several
+    # seconds on a loaded machine); otherwise the first two exit idle and the third takes everything.
     cfg = IngestConfig(eventlog=str(log_dir), bootstrap=kafka_bootstrap, topic_prefix=prefix, group="rebalance",
-                       until_idle_s=3.0, flush_interval_s=0.5, flush_records=2_000)
+                       until_idle_s=15.0, flush_interval_s=0.5, flush_records=2_000)
     procs = [_consumer_process(cfg, tmp_path / f"r{i}.json") for i in range(2)]
     produce(kafka_bootstrap, prefix, items[:3_000], 1_500.0)
     wait_members(2)
