@@ -224,10 +224,7 @@ def remap_rows(old: np.ndarray, old_ids: list[str], fresh: np.ndarray, new_ids: 
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    storage.write_text(str(path), json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_example_ts(features: Path, task: str) -> np.ndarray:

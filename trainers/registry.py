@@ -113,9 +113,8 @@ class Registry:
     def _write_version(self, files: list[Path], manifest: dict) -> str:
         text = json.dumps(manifest, indent=2) + "\n"
         if not self.local:
-            existing = storage.list_dir(self.versions_dir)  # unfinished folders too: never write into one
-            numbers = [int(name[1:]) for name, _ in existing if name[1:].isdigit()]
-            version = f"v{max(numbers, default=0) + 1:04d}"
+            # Unfinished folders count too: never write into one.
+            version = _next_version([name for name, _ in storage.list_dir(self.versions_dir)])
             for file in files:
                 storage.upload(file, storage.join(self.versions_dir, version, file.name))
             storage.write_text(storage.join(self.versions_dir, version, MANIFEST), text)
@@ -130,8 +129,7 @@ class Registry:
         # Version numbers come from the folder names, so two publishers cannot take the same one: the
         # rename fails for the second and it tries the next number.
         while True:
-            existing = self.versions()
-            version = f"v{(int(existing[-1][1:]) if existing else 0) + 1:04d}"
+            version = _next_version(self.versions())
             try:
                 os.rename(tmp, versions_dir / version)
                 return version
@@ -183,6 +181,12 @@ class Registry:
             except FileNotFoundError:
                 before = ""
             storage.write_text(history, before + line)
+
+
+def _next_version(names: list[str]) -> str:
+    """The version name after the highest vNNNN among `names`."""
+    numbers = [int(name[1:]) for name in names if name.startswith("v") and name[1:].isdigit()]
+    return f"v{max(numbers, default=0) + 1:04d}"
 
 
 def _cache(kind: str) -> Path:
