@@ -19,6 +19,14 @@ belong to. It falls back to a full rebuild when the state is missing or was buil
 a new file holds an event (or a catalog item) at or before the old cut (later than the lateness bound), or
 when the catalog order changed. Either way the rows equal a full rebuild's.
 
+Storage: EVENTLOG and OUT may be URIs (lsvcr/storage.py: s3://, gs://, ...). The event log is read through
+its URI's file system. With OUT a URI, the build runs in a local staging folder (<cache>/features-staging/,
+its Ray tasks pinned to the driver's node, since they write there) and the folder is then uploaded with
+manifest.json last, the marker of a complete folder (storage.upload_dir). An incremental build starts from the
+remote folder (downloaded into staging unless staging already holds that very build) and sends only what
+changed: part files are named by a hash of their rows' ids, so in an extending build an existing part is the
+same part.
+
 The feature logic lives in `features/sequences.py` as pure functions; this file only wires them into Ray.
 """
 
@@ -40,6 +48,7 @@ import pyarrow.parquet as pq
 from features import sequences as seq
 from features.embeddings import check_encoder_name, embed_texts
 from ingestion.schema import COMMENT_ACTIONS, POSITIVE_COMMENT_ACTIONS, POSITIVE_VIDEO_ACTIONS, VIDEO_ACTIONS
+from lsvcr import storage
 from lsvcr.config import ConfigError
 
 # Positive events that are not examples, by (task, the split stage B gives them) -> their manifest "dropped" key.
@@ -60,8 +69,8 @@ ROW_FIELDS = ("max_history", "num_negatives", "seed", "video_protocol", "negativ
 
 @dataclass
 class FeaturesConfig:
-    eventlog: str
-    out: str
+    eventlog: str  # a folder or a URI (s3://bucket/eventlog)
+    out: str  # a folder or a URI: built in a local staging folder, then uploaded (module docstring)
     max_history: int = 50
     num_negatives: int = 99
     seed: int = 0
@@ -80,7 +89,8 @@ class FeaturesConfig:
     embed_device: str = "cpu"
     embed_threads: int = 0  # torch threads per encoder actor; 0: the machine's cores / embed_concurrency
     shuffle_partitions: int = 0  # stage partitions (tasks per stage); 0: from the number of rows and CPUs
-    # Embedding cache by content hash, per encoder; "" = <lsvcr cache dir>/embeddings, "off" = no cache.
+    # Embedding cache by content hash, per encoder (a local folder: each node keeps its own);
+    # "" = <lsvcr cache dir>/embeddings, "off" = no cache.
     embed_cache: str = ""
     # Splits: "leave_last_out" (per user and task) or "global_time" (one cut for everyone). The global cut is
     # split_valid_ts / split_test_ts when both are > 0, else the quantiles split_valid_frac / split_test_frac
@@ -97,8 +107,11 @@ class FeaturesConfig:
     def __post_init__(self):
         if not self.eventlog or not self.out:
             raise ConfigError("FeaturesConfig: eventlog and out are required")
-        if Path(self.eventlog).resolve() == Path(self.out).resolve():
+        if _same_location(self.eventlog, self.out):
             raise ConfigError("FeaturesConfig: out must differ from eventlog")
+        if self.embed_cache not in ("", "off") and not storage.is_local(self.embed_cache):
+            raise ConfigError(f"FeaturesConfig.embed_cache: {self.embed_cache!r} is a URI; the embedding cache is "
+                              "read and written row by row on the driver, so it must be a local folder")
         for name in ("max_history", "embed_batch_size", "embed_concurrency", "encoder_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"FeaturesConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -138,6 +151,12 @@ class FeaturesConfig:
             raise ConfigError(f"FeaturesConfig.embed_device: expected cpu or cuda[:n], got {self.embed_device!r}")
 
 
+def _same_location(a: str, b: str) -> bool:
+    if storage.is_local(a) and storage.is_local(b):
+        return storage.local_path(a).resolve() == storage.local_path(b).resolve()
+    return str(a).rstrip("/") == str(b).rstrip("/")
+
+
 _STARTED = [time.time()]
 
 
@@ -145,24 +164,24 @@ def _log(message: str) -> None:
     print(f"features [{time.time() - _STARTED[0]:7.1f}s]: {message}", flush=True)
 
 
-def eventlog_files(eventlog: Path, table: str) -> list[str]:
-    """Every visible Parquet file under EVENTLOG/<table>/, flat or in hive-style partitions (date=.../).
+def eventlog_files(eventlog: str | Path, table: str) -> list[str]:
+    """Every visible Parquet file under EVENTLOG/<table>/, flat or in hive-style partitions (date=.../), as
+    paths inside the event log's file system (storage.filesystem; absolute paths when it is local).
 
     Writers keep temporary files hidden: names (of files or folders) starting with "." or "_" are skipped.
     """
-    folder = eventlog / table
-    if not folder.is_dir():
-        return []
-    return sorted(str(p) for p in folder.rglob("*.parquet")
-                  if not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts))
+    _, folder = storage.filesystem(storage.join(eventlog, table))
+    return sorted(f"{folder}/{name}" for name in storage.list_files(storage.join(eventlog, table))
+                  if name.endswith(".parquet") and not any(part.startswith((".", "_")) for part in name.split("/")))
 
 
-def read_catalog(eventlog: Path, table: str) -> pa.Table:
+def read_catalog(eventlog: str | Path, table: str) -> pa.Table:
     schema = seq.EVENTLOG_SCHEMA[table]
     files = eventlog_files(eventlog, table)
     if not files:
         return schema.empty_table()
-    return pa.concat_tables([pq.read_table(f).select(schema.names).cast(schema) for f in files])
+    fs, _ = storage.filesystem(eventlog)
+    return pa.concat_tables([pq.read_table(f, filesystem=fs).select(schema.names).cast(schema) for f in files])
 
 
 def _prepare_out(out: Path) -> None:
@@ -246,7 +265,7 @@ def _row_config(config: FeaturesConfig) -> dict:
 
 
 def _load_state(out: Path, config: FeaturesConfig, files: dict[str, list[str]], videos: pa.Table,
-                comments: pa.Table) -> tuple[dict | None, str]:
+                comments: pa.Table, eventlog_fs) -> tuple[dict | None, str]:
     """The previous build's state when this build may extend it, else (None, why not)."""
     path = out / STATE / "state.json"
     if not path.exists() or not (out / "manifest.json").exists():
@@ -265,7 +284,8 @@ def _load_state(out: Path, config: FeaturesConfig, files: dict[str, list[str]], 
     seen = set(state["files"])
     for table in ("video_events", "comment_events"):
         for f in files[table]:
-            if f not in seen and pa.compute.min(pq.read_table(f, columns=["ts"])["ts"]).as_py() <= state["cut_ts"]:
+            if f not in seen and pa.compute.min(pq.read_table(f, columns=["ts"], filesystem=eventlog_fs)["ts"]).as_py() \
+                    <= state["cut_ts"]:
                 return None, f"{f} holds events at or before the old cut {state['cut_ts']} (beyond the lateness bound)"
     return state, ""
 
@@ -275,24 +295,73 @@ def build_features(config: FeaturesConfig) -> dict:
 
     Needs Ray (call lsvcr.ray_runtime.init_ray() first; it is started here if it is not).
     """
+    if storage.is_local(config.out):
+        return _build(config, storage.local_path(config.out), pin=False)
+    from lsvcr.paths import cache_dir
+
+    staging = cache_dir() / "features-staging" / hashlib.sha256(config.out.rstrip("/").encode()).hexdigest()[:16]
+    prepare_staging(staging, config.out, config.incremental)
+    manifest = _build(config, staging, pin=True)
+    extended = manifest["mode"] == "incremental"
+    sent = storage.upload_dir(staging, config.out, "manifest.json", unchanged=lambda name: extended and _is_part(name))
+    _log(f"uploaded {len(sent)} files to {config.out} (manifest.json last)")
+    return manifest
+
+
+def _is_part(name: str) -> bool:
+    """A part file named by the hash of its rows' ids (write_parts, _stage_a): in an extending build, a part
+    that exists remotely under that name holds the same rows."""
+    return name.rsplit("/", 1)[-1].startswith("part-") and name.endswith(".parquet")
+
+
+def prepare_staging(staging: Path, uri: str, incremental: bool) -> None:
+    """The local folder a build for `uri` runs in. A full build starts empty; an incremental one starts from
+    the remote folder, downloaded unless staging already holds that very build (same manifest.json)."""
+    if incremental:
+        try:
+            remote = storage.read_text(storage.join(uri, "manifest.json"))
+        except FileNotFoundError:
+            remote = None  # nothing complete there: a full build follows
+        local = staging / "manifest.json"
+        if remote is not None and local.is_file() and local.read_text() == remote:
+            return
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    if incremental and remote is not None:
+        import pyarrow.fs as pafs
+
+        fs, path = storage.filesystem(uri)
+        pafs.copy_files(path, str(staging), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def _build(config: FeaturesConfig, out: Path, pin: bool) -> dict:
+    """The build into local folder `out`. pin: run the tasks that write into `out` on this node (a staging
+    folder that only this node has)."""
     import ray
 
     from lsvcr.paths import cache_dir
     from lsvcr.ray_runtime import init_ray
 
     started = _STARTED[0] = time.time()
-    eventlog, out = Path(config.eventlog), Path(config.out)
-    if not eventlog.is_dir():
+    eventlog = config.eventlog
+    if storage.kind(eventlog) != "dir":
         raise FileNotFoundError(f"event log folder {eventlog} does not exist")
-    if not any((eventlog / t).is_dir() for t in seq.EVENTLOG_SCHEMA):
+    if not any(storage.kind(storage.join(eventlog, t)) == "dir" for t in seq.EVENTLOG_SCHEMA):
         raise FileNotFoundError(f"{eventlog} holds none of the event-log tables {list(seq.EVENTLOG_SCHEMA)}")
     init_ray()
+    eventlog_fs, _ = storage.filesystem(eventlog)
     files = {t: eventlog_files(eventlog, t) for t in seq.EVENTLOG_SCHEMA}
+    remote_args = {}
+    if pin:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        remote_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                            soft=False)
 
     # Catalogs: small enough for the driver, and their order defines the dense indices.
     videos = seq.index_videos(read_catalog(eventlog, "videos"))
     comments, comments_unknown_video = seq.index_comments(read_catalog(eventlog, "comments"), videos)
-    state, why = _load_state(out, config, files, videos, comments) if config.incremental else (None, "")
+    state, why = _load_state(out, config, files, videos, comments, eventlog_fs) if config.incremental else (None, "")
     if config.incremental and state is None:
         _log(f"full rebuild: {why}")
     if state is None:
@@ -321,7 +390,8 @@ def build_features(config: FeaturesConfig) -> dict:
     if shuffle.exists():
         shutil.rmtree(shuffle)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    n_rows = sum(pq.ParquetFile(f).metadata.num_rows for t in ("video_events", "comment_events") for f in files[t])
+    n_rows = sum(pq.ParquetFile(f, filesystem=eventlog_fs).metadata.num_rows
+                 for t in ("video_events", "comment_events") for f in files[t])
     partitions = config.shuffle_partitions or min(256, max(cpus, math.ceil((n_rows + len(comments)) / ROWS_PER_PARTITION)))
     parts = []
     for table, kwargs in (
@@ -333,11 +403,12 @@ def build_features(config: FeaturesConfig) -> dict:
     ):
         if files[table]:
             # A few read tasks of many files each: a task per small date file costs more than it reads.
-            read = ray.data.read_parquet(files[table], partitioning=None,
+            read = ray.data.read_parquet(files[table], partitioning=None, filesystem=eventlog_fs,
                                          override_num_blocks=min(len(files[table]), partitions))
             parts.append(read.map_batches(
                 _events_to_partitions, batch_format="pyarrow", batch_size=None,
-                fn_kwargs={"table": table, "out": str(out), "partitions": partitions, "row_kwargs": kwargs}))
+                fn_kwargs={"table": table, "out": str(out), "partitions": partitions, "row_kwargs": kwargs},
+                **remote_args))
     counted = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).take_all() if parts else []
     by_status = seq.merge_counts(counted, ["kind", "status"])
     status = {k: v["count"] for k, v in by_status.items()}
@@ -369,7 +440,7 @@ def build_features(config: FeaturesConfig) -> dict:
             _stage_a, batch_format="pyarrow", batch_size=1,
             fn_kwargs={"out": str(out), "partitions": partitions, "cut": cut, "after": after, "touched": touched,
                        "publications": publications, "num_negatives": config.num_negatives, "seed": config.seed,
-                       "incremental": config.incremental}).take_all()
+                       "incremental": config.incremental}, **remote_args).take_all()
         _log("stage A (hot comments, comment candidates) done")
         # popularity_at_t and the automatic alive window need every used positive video event (also the
         # earlier ones in an incremental build).
@@ -389,7 +460,8 @@ def build_features(config: FeaturesConfig) -> dict:
                        "write_kwargs": {"out": str(out), "video_ts": videos["ts"].to_numpy(),
                                         "num_negatives": config.num_negatives, "seed": config.seed,
                                         "window_ms": window_ms, "protocol": config.video_protocol,
-                                        "interaction_ts": pos_ts, "interaction_video": pos_video}})
+                                        "interaction_ts": pos_ts, "interaction_video": pos_video}},
+            **remote_args)
         stats = seq.merge_counts(written.take_all(), ["row_kind", "split"])
     if shuffle.exists():
         shutil.rmtree(shuffle)
@@ -477,7 +549,7 @@ def build_features(config: FeaturesConfig) -> dict:
                       "catalog": {"videos": {"count": len(videos), "digest": _digest(videos["video_id"].to_pylist())},
                                   "comments": {"count": len(comments),
                                                "digest": _digest(comments["comment_id"].to_pylist())}}}
-        (out / STATE / "state.json").write_text(json.dumps(state_json, indent=2) + "\n")
+        storage.write_text(str(out / STATE / "state.json"), json.dumps(state_json, indent=2) + "\n")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=list) + "\n")
     _log(f"done: {json.dumps(manifest['tasks'])}")
     return manifest
