@@ -7,6 +7,7 @@ keeps serving. Scores come from `trainers.scoring.Scorer`, the code offline eval
 """
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -331,12 +332,37 @@ def stop() -> None:
     serve.shutdown()
 
 
+def replica_urls(app_name: str = APP_NAME, timeout_s: float = 60.0) -> list[str]:
+    """The base URLs at which the app's replicas answer HTTP themselves (Serve's direct ingress, on when
+    lsvcr starts Ray: lsvcr/ray_runtime.py): the short path, without the proxy. [] when direct ingress is off.
+
+    A replica binds the app's HTTP host; Serve reports each target by its node's address, which is the one to
+    use when that host is all interfaces. Waits up to timeout_s for Serve to report a just-deployed app's ports."""
+    from ray.serve.context import _get_global_client  # Serve's own details (the dashboard's /api/serve)
+
+    client = _get_global_client()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        details = client.get_serve_details()
+        http = details.get("http_options") or {}
+        host, proxy_port = http.get("host") or "127.0.0.1", http.get("port")
+        urls = [f"http://{target['ip'] if host in ('0.0.0.0', '::') else host}:{target['port']}"
+                for group in details.get("target_groups", [])
+                if group.get("app_name") == app_name and str(group.get("protocol")).endswith("HTTP")
+                for target in group["targets"] if target["port"] != proxy_port]
+        if urls or time.monotonic() > deadline or os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+            return urls
+        time.sleep(0.5)
+
+
 def serve_forever(registry: str | None = None, checkpoint: str | None = None, features: str | None = None,
                   host: str = "127.0.0.1", port: int = 8000, **options) -> None:
     url = start(registry, checkpoint, features, host, port, **options)
     source = f"registry {registry}" if registry else f"checkpoint {checkpoint}"
     print(f"[serve] {url} serving {source}\n[serve] API docs {url}/docs, Ray dashboard http://127.0.0.1:8265;"
           " Ctrl-C stops", flush=True)
+    for direct in replica_urls():
+        print(f"[serve] replica {direct} answers the same API without the proxy hop (direct ingress)", flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -39,6 +39,17 @@ def served(tmp_path_factory, serving_features, kafka_bootstrap):
     stop()
 
 
+@pytest.fixture(scope="module")
+def direct(served):
+    """A client of the replica's own HTTP port (Serve's direct ingress), the short path beside the proxy."""
+    from serving.app import replica_urls
+
+    urls = replica_urls()
+    assert len(urls) == 1, urls
+    with httpx.Client(base_url=urls[0], timeout=30) as client:
+        yield client
+
+
 def _wait_for_version(client, version, timeout_s=20.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -76,20 +87,35 @@ def test_answers_match_offline_scoring(served, serving_features):
         np.testing.assert_allclose([item["score"] for item in body["items"]], offline[order].numpy(), atol=1e-5)
 
 
-def test_hot_swap_under_load_fails_no_request(served, serving_features):
+def test_the_replica_answers_on_its_own_loopback_port_as_through_the_proxy(served, direct, serving_features):
+    import psutil
+
+    client, _, _ = served
+    port = direct.base_url.port
+    assert direct.base_url.host == "127.0.0.1" and port != PORT
+    bound = {c.laddr.ip for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert bound == {"127.0.0.1"}  # nothing listens on other interfaces
+    users = pq.read_table(serving_features / "users.parquet", columns=["user_id"])["user_id"].to_pylist()
+    for body in ({"user_id": users[0], "k": 7, "exclude_seen": False}, {"user_id": "nobody-knows-me", "k": 3}):
+        assert direct.post("/v1/recommend/videos", json=body).json() == client.post("/v1/recommend/videos", json=body).json()
+    assert direct.get("/v1/model").json()["model_version"] == client.get("/v1/model").json()["model_version"]
+
+
+def test_hot_swap_under_load_fails_no_request(served, direct, serving_features):
     client, registry, root = served
     user = pq.read_table(serving_features / "users.parquet", columns=["user_id"])["user_id"][0].as_py()
     old = registry.current()
     results, stop = [], threading.Event()
 
-    def load():
-        with httpx.Client(base_url=str(client.base_url), timeout=30) as c:
+    def load(url):
+        with httpx.Client(base_url=url, timeout=30) as c:
             while not stop.is_set() and len(results) < 5000:
                 sent = time.monotonic()
                 r = c.post("/v1/recommend/videos", json={"user_id": user, "k": 5})
                 results.append((sent, r.status_code, r.json().get("model_version") if r.status_code == 200 else None))
 
-    threads = [threading.Thread(target=load) for _ in range(4)]
+    # half the clients through the proxy, half straight to the replica
+    threads = [threading.Thread(target=load, args=(str(c.base_url),)) for c in (client, direct, client, direct)]
     for t in threads:
         t.start()
     time.sleep(1.5)
@@ -237,8 +263,9 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize("method,path,kwargs,status", BAD_REQUESTS)
-def test_bad_requests_get_a_clear_4xx(served, method, path, kwargs, status):
+def test_bad_requests_get_a_clear_4xx(served, direct, method, path, kwargs, status):
     client, _, _ = served
-    reply = client.request(method, path, **kwargs)
-    assert reply.status_code == status
-    assert reply.json()["detail"]
+    for c in (client, direct):
+        reply = c.request(method, path, **kwargs)
+        assert reply.status_code == status, c.base_url
+        assert reply.json()["detail"]
