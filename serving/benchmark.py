@@ -9,6 +9,7 @@ the same `ModelState` code, measured in the same run at the same concurrency.
 import asyncio
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -182,15 +183,39 @@ def _wait_ready(url: str, timeout_s: float = 120) -> None:
     raise TimeoutError(f"{url} not ready after {timeout_s}s")
 
 
-def _measure(name: str, url: str, users: list[str], levels: tuple[int, ...], seconds: float, prefix: str = "") -> dict:
+def _cpu_s(pids: dict[str, int]) -> dict[str, float]:
+    import psutil
+
+    return {name: sum(psutil.Process(pid).cpu_times()[:2]) for name, pid in pids.items()}
+
+
+def _measure(name: str, url: str, users: list[str], levels: tuple[int, ...], seconds: float, prefix: str = "",
+             pids: dict[str, int] | None = None) -> dict:
+    """rps, p50, p99 and failures at each concurrency level; with `pids`, also each named process's CPU time
+    per request (user + system) at the top level."""
     load(url, users, 4, 2.0)  # warm-up
     figures = {}
     for c in levels:
+        before = _cpu_s(pids if pids and c == max(levels) else {})
         r = load(url, users, c, seconds)
         print(f"[bench serve] {name}, concurrency {c}: {r}", flush=True)
         figures.update({f"{prefix}rps_c{c}": r["rps"], f"{prefix}p50_ms_c{c}": r["p50_ms"], f"{prefix}p99_ms_c{c}": r["p99_ms"],
                         f"{prefix}failed_c{c}": r["failed"]})
+        for proc, cpu in _cpu_s({name: pids[name] for name in before}).items():
+            figures[f"{prefix}{proc}_cpu_ms_per_request_c{c}"] = (cpu - before[proc]) * 1000 / max(r["requests"], 1)
     return figures
+
+
+def serve_pids() -> dict[str, int]:
+    """The app's replica and the HTTP proxy on this node, by Serve's own details."""
+    from ray.serve.context import _get_global_client
+
+    from ray.util.state import get_actor
+
+    details = _get_global_client().get_serve_details()
+    replica = next(r for app in details["applications"].values() for d in app["deployments"].values() for r in d["replicas"])
+    proxy = next(iter(details["proxies"].values()))
+    return {name: actor.get("pid") or get_actor(actor["actor_id"]).pid for name, actor in (("replica", replica), ("proxy", proxy))}
 
 
 def headline_concurrency(figures: dict, levels: tuple[int, ...], p99_target_ms: float) -> int:
@@ -220,8 +245,9 @@ def run(overrides: list[str]) -> dict:
         if not direct:
             raise RuntimeError("the replica reports no direct-ingress HTTP port: was Ray started by lsvcr (init_ray)?")
         figures["path"] = "direct ingress (replica's own HTTP server)"
-        figures.update(_measure("ray serve, direct to the replica", direct[0], users, cfg.concurrency, cfg.seconds))
-        figures.update(_measure("ray serve, through the proxy", url, users, cfg.concurrency, cfg.seconds, "proxy_"))
+        pids = {**serve_pids(), "load_generator": os.getpid()}
+        figures.update(_measure("ray serve, direct to the replica", direct[0], users, cfg.concurrency, cfg.seconds, pids=pids))
+        figures.update(_measure("ray serve, through the proxy", url, users, cfg.concurrency, cfg.seconds, "proxy_", pids))
         best = headline_concurrency(figures, cfg.concurrency, cfg.p99_target_ms)
         figures.update(rps=figures[f"rps_c{best}"], p50_ms=figures[f"p50_ms_c{best}"], p99_ms=figures[f"p99_ms_c{best}"],
                        concurrency=best)
@@ -257,14 +283,15 @@ def run(overrides: list[str]) -> dict:
                                str(features), str(cfg.baseline_port)])
     try:
         _wait_ready(base_url)
-        baseline = _measure("minimal uvicorn", base_url, users, tuple(sorted({best, top})), cfg.seconds, "baseline_")
+        baseline = _measure("minimal uvicorn", base_url, users, tuple(sorted({1, best, top})), cfg.seconds, "baseline_")
     finally:
         server.terminate()
         server.wait(timeout=30)
     figures.update(baseline)
     figures.update(baseline_rps=baseline[f"baseline_rps_c{best}"], baseline_p99_ms=baseline[f"baseline_p99_ms_c{best}"])
     figures["ratio_vs_baseline"] = figures["rps"] / figures["baseline_rps"]
-    figures["ratio_vs_baseline_c" + str(top)] = figures[f"rps_c{top}"] / baseline[f"baseline_rps_c{top}"]
+    for c in sorted({1, best, top}):
+        figures[f"ratio_vs_baseline_c{c}"] = figures[f"rps_c{c}"] / baseline[f"baseline_rps_c{c}"]
     figures["notes"] = (
         f"Closed-loop load generator (one asyncio loop, keep-alive connections, pre-encoded requests) on the same "
         f"2 cores as the server, {cfg.seconds:.0f}s per level, full-corpus top-10 over {cfg.videos:,} videos per "
