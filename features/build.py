@@ -352,11 +352,8 @@ def _build(config: FeaturesConfig, out: Path, pin: bool) -> dict:
     eventlog_fs, _ = storage.filesystem(eventlog)
     files = {t: eventlog_files(eventlog, t) for t in seq.EVENTLOG_SCHEMA}
     remote_args = {}
-    if pin:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        remote_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                            soft=False)
+    if pin:  # every node has the resource "node:<its ip>"; a sliver of it keeps the tasks on this one
+        remote_args["resources"] = {f"node:{ray.util.get_node_ip_address()}": 0.001}
 
     # Catalogs: small enough for the driver, and their order defines the dense indices.
     videos = seq.index_videos(read_catalog(eventlog, "videos"))

@@ -127,7 +127,8 @@ def cmd_registry(a) -> None:
         if a.action == "publish":
             if not a.checkpoint:
                 raise RegistryError("publish needs --checkpoint DIR")
-            print(f"[registry] published {registry.publish(a.checkpoint, a.features)} (now current)")
+            print(f"[registry] published {registry.publish(a.checkpoint, _publish_features(registry, a.features))} "
+                  "(now current)")
         elif a.action == "rollback":
             print(f"[registry] current version is now {registry.rollback(a.to)}")
         else:
@@ -138,6 +139,22 @@ def cmd_registry(a) -> None:
                 print(f"{mark} {version}  {m['model']:7s} {m['published_at']}  {m['source']}")
     except RegistryError as err:
         raise SystemExit(f"[registry] {err}") from None
+
+
+def _publish_features(registry, features: str) -> str:
+    """The local features folder to publish with. A URI is copied into the cache; only an object-storage
+    registry can take one (it uploads the serving files), since a local registry records the folder's path."""
+    from lsvcr import storage
+    from trainers.data import local_features
+    from trainers.registry import RegistryError
+
+    if storage.is_local(features):
+        return features
+    if registry.local:
+        raise RegistryError(f"--features {features} is a URI, but the registry {registry.root} is a local folder, "
+                            "which records its features by path: give a features folder on the shared file "
+                            "system, or use a registry URI (s3://...)")
+    return str(local_features(features))
 
 
 def cmd_run(a) -> None:
@@ -233,14 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("features", help="build point-in-time examples and item embeddings with Ray Data")
     p.add_argument("action", choices=["build"])
-    p.add_argument("--eventlog", default=str(run_dir() / "eventlog"))
-    p.add_argument("--out", default=str(run_dir() / "features"))
+    p.add_argument("--eventlog", default=str(run_dir() / "eventlog"), help="the event log: a folder or a URI")
+    p.add_argument("--out", default=str(run_dir() / "features"),
+                   help="a folder, or a URI (s3://...) the build is uploaded to with manifest.json last")
     _add_overrides(p)
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("train", help="train with Ray Train: stage 1 `align` (SR + LLM), stage 2 `finetune`")
     p.add_argument("stage", choices=["align", "finetune"])
-    p.add_argument("--features", default=str(run_dir() / "features"))
+    p.add_argument("--features", default=str(run_dir() / "features"), help="a features folder or URI (s3://...)")
     p.add_argument("--out", help="checkpoint folder (default .run/checkpoints/<aligned|model>)")
     p.add_argument("--model", default="sr", choices=["sr", "sasrec"], help="finetune: which model")
     p.add_argument("--init", help="finetune: start from this checkpoint (an aligned stage 1 model)")
@@ -248,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="rank-based metrics for both tasks, with the popularity baseline")
-    p.add_argument("--features", default=str(run_dir() / "features"))
+    p.add_argument("--features", default=str(run_dir() / "features"), help="a features folder or URI (s3://...)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--json", help="also write the metrics here")

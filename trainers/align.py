@@ -46,7 +46,9 @@ import torch.distributed as dist
 
 from lsvcr.paths import cache_dir
 from trainers.checkpoint import CONFIG, WEIGHTS, load_state, read_weights, save_checkpoint
-from trainers.data import TASKS, collate, count_examples, examples_path, load_item_times, load_text_tables
+from lsvcr import storage
+from trainers.data import (TASKS, collate, count_examples, examples_path, examples_source, load_item_times,
+                           load_text_tables, local_features, worker_features)
 from trainers.finetune import (INJECTED_FAILURE, _joint_batches, inject_failure, load_optimizer_tensors,
                                 optimizer_tensors)
 from trainers.losses import info_nce, item_vectors, seq_sup_contrast, vc_contrast
@@ -59,7 +61,7 @@ STATE_COLUMN = "llm_state"
 
 @dataclass
 class AlignConfig:
-    features: str
+    features: str  # features folder: a path (shared storage on a cluster) or a URI (copied once per node)
     out: str
     llm: str = DEFAULT_LLM  # "default" (packaged SmolLM2-135M-Instruct) or a local HF checkpoint folder
     llm_mode: str = "auto"
@@ -291,7 +293,8 @@ def _train_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     torch.set_num_threads(1)
-    config = AlignConfig(**loop_config["config"])
+    config = AlignConfig(**{**loop_config["config"], "features": worker_features(
+        loop_config["config"]["features"], loop_config["features_source"])})
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -395,9 +398,11 @@ class _LLMStates:
     """Ray Data batch inference (frozen mode): example rows -> + llm_state (the base LLM's final hidden
     state at the last prompt token)."""
 
-    def __init__(self, llm_path: str, task: str, features: str, max_prompt_tokens: int, dtype: str = "auto"):
+    def __init__(self, llm_path: str, task: str, features: str, max_prompt_tokens: int, dtype: str = "auto",
+                 source: str | None = None):
         from trainers.models.llm import LLMRecommender, inference_dtype, load_base
 
+        features = worker_features(features, source or features)
         torch.set_num_threads(max(1, (os.cpu_count() or 1)))
         base, tokenizer = load_base(llm_path, dtype=inference_dtype(dtype))
         self.llm = LLMRecommender(base, tokenizer, LLMConfig(frozen=True, max_prompt_tokens=max_prompt_tokens))
@@ -424,10 +429,11 @@ def states_key(config: AlignConfig, llm_path: str, task: str) -> dict:
 
 
 def precompute_states(config: AlignConfig, llm_path: str, tasks: list[str], root: Path,
-                      fresh: bool = False) -> dict[str, str]:
+                      fresh: bool = False, source: str | None = None) -> dict[str, str]:
     """Frozen mode: write examples + llm_state per task under root/llm_states/<hash of states_key>/<task>,
     reused by every later run with the same key (the suite's three stage 1 runs share one precompute).
-    fresh=True computes them again even when they are there (the train benchmark times this)."""
+    fresh=True computes them again even when they are there (the train benchmark times this). source: the
+    folder or URI config.features (a local copy) was taken from."""
     import hashlib
 
     import ray.data
@@ -441,12 +447,13 @@ def precompute_states(config: AlignConfig, llm_path: str, tasks: list[str], root
         if fresh or not (marker.is_file() and json.loads(marker.read_text()) == key):
             shutil.rmtree(folder, ignore_errors=True)
             started = time.monotonic()
-            dataset = ray.data.read_parquet(str(examples_path(config.features, task, "train")))
+            path, filesystem = examples_source(source or config.features, config.features, task, "train")
+            dataset = ray.data.read_parquet(path, filesystem=filesystem)
             if config.max_examples:
                 dataset = dataset.limit(config.max_examples)
             dataset = dataset.map_batches(
                 _LLMStates, fn_constructor_kwargs={"llm_path": str(llm_path), "task": task,
-                                                   "features": config.features,
+                                                   "features": config.features, "source": source,
                                                    "max_prompt_tokens": config.max_prompt_tokens,
                                                    "dtype": config.llm_dtype},
                 batch_size=config.inference_batch_size, batch_format="numpy", concurrency=1)
@@ -468,7 +475,9 @@ def align(config: AlignConfig) -> str:
 
     from lsvcr.ray_runtime import init_ray
 
-    config = dataclasses.replace(config, features=os.path.abspath(config.features), out=os.path.abspath(config.out))
+    source = config.features if not storage.is_local(config.features) else os.path.abspath(config.features)
+    # A URI is downloaded once into the cache; the workers use that copy, or their node's own.
+    config = dataclasses.replace(config, features=str(local_features(source)), out=os.path.abspath(config.out))
     out = Path(config.out).resolve()
     (out / INJECTED_FAILURE).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -483,26 +492,29 @@ def align(config: AlignConfig) -> str:
           flush=True)
     init_ray()
     if config.mode == "frozen":
-        sources = precompute_states(config, llm_path, tasks, cache_dir())
+        sources = {task: (path, None) for task, path in
+                   precompute_states(config, llm_path, tasks, cache_dir(), source=source).items()}
     else:
-        sources = {task: str(examples_path(config.features, task, "train")) for task in tasks}
+        sources = {task: examples_source(source, config.features, task, "train") for task in tasks}
     datasets = {}
     for task in tasks:
-        dataset = ray.data.read_parquet(sources[task])  # streamed into the workers' shards each epoch
+        path, filesystem = sources[task]
+        dataset = ray.data.read_parquet(path, filesystem=filesystem)  # streamed into the workers' shards each epoch
         if config.max_examples and config.mode != "frozen":
             dataset = dataset.limit(config.max_examples)
         datasets[task] = dataset
     resources = {"CPU": 1, "GPU": 1} if config.use_gpu else {"CPU": 1}
-    storage = config.storage_path or tempfile.mkdtemp(prefix="lsvcr-align-")
+    storage_path = config.storage_path or tempfile.mkdtemp(prefix="lsvcr-align-")
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"config": dataclasses.asdict(config),
                            "sr_config": dataclasses.asdict(sr_config(config, video_text.shape[1])),
-                           "llm_path": llm_path, "llm_hidden": llm_hidden, "tasks": tasks},
+                           "llm_path": llm_path, "llm_hidden": llm_hidden, "tasks": tasks,
+                           "features_source": source},
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(name=f"align-{int(time.time())}", storage_path=storage,
+        run_config=ray.train.RunConfig(name=f"align-{int(time.time())}", storage_path=storage_path,
                                        failure_config=ray.train.FailureConfig(max_failures=config.max_failures)),
         datasets=datasets,
     )
@@ -518,7 +530,7 @@ def align(config: AlignConfig) -> str:
             elif name in (WEIGHTS, CONFIG) or source.suffix in (".json", ".safetensors"):
                 shutil.copy2(source, target)
     if not config.storage_path:
-        shutil.rmtree(storage, ignore_errors=True)
+        shutil.rmtree(storage_path, ignore_errors=True)
     print(f"align: wrote {out} ({result.metrics.get('step')} steps)", flush=True)
     return str(out)
 

@@ -24,6 +24,12 @@ before a kill is evaluated and published on restart instead of being retrained. 
 training was never completed, so it is trained once when the job comes back.
 
 Stopping: SIGTERM, SIGINT or the stop file (`workdir/STOP`) finish the current step and exit 0.
+
+Storage: `workdir` and `eventlog` are the driver node's own folders (the consumer commits offsets with fsync +
+rename and keeps a SQLite sequence store; the incremental features build, windows and checkpoints are local
+files the driver reads), so they must be file system paths. What other machines read may be URIs: the
+registry (serving), `storage_path` (Ray Train checkpoints) and `windows_uri`, where each cycle's window folder
+is uploaded for the Ray Train workers on other nodes (deleted again once the cycle is trained).
 """
 
 from __future__ import annotations
@@ -60,8 +66,11 @@ METRIC = "ndcg@5"
 
 @dataclass
 class ContinuousConfig:
-    workdir: str  # state.json, metrics.jsonl, features/, windows/, checkpoints/ (shared storage on a cluster)
+    workdir: str  # state.json, metrics.jsonl, features/, windows/, checkpoints/: a folder on the driver's node
     registry: str  # model registry serving follows: a path, or a URI such as s3://bucket/registry
+    # Where the fine-tuning workers read each cycle's window: "" = workdir/windows/<name> (one machine, or a
+    # workdir every node mounts); a URI (s3://bucket/lsvcr/windows) or a shared folder: uploaded there first.
+    windows_uri: str = ""
     bootstrap: str = ""  # Kafka bootstrap servers; "" = $LSVCR_KAFKA_BOOTSTRAP
     topic_prefix: str = ""
     group: str = "lsvcr-ingest"  # consumer group writing the event log
@@ -130,8 +139,14 @@ class ContinuousConfig:
             raise ConfigError(f"ContinuousConfig.lr must be > 0, got {self.lr}")
         for name in ("workdir", "eventlog"):
             if not storage.is_local(getattr(self, name)):
-                raise ConfigError(f"ContinuousConfig.{name}: the job's working state needs a file system path "
-                                  "(registry and storage_path may be URIs such as s3://...)")
+                raise ConfigError(f"ContinuousConfig.{name}={getattr(self, name)!r}: must be a file system path on "
+                                  "the driver's node: the consumer commits its offsets with fsync + rename and keeps "
+                                  "a SQLite sequence store there, which object storage cannot do. What other nodes "
+                                  "read may be URIs: registry, storage_path, windows_uri")
+        if self.windows_uri and storage.is_local(self.windows_uri) and storage.is_local(self.workdir) and \
+                storage.local_path(self.windows_uri).resolve() == (Path(self.workdir) / "windows").resolve():
+            raise ConfigError("ContinuousConfig.windows_uri: give another location than workdir/windows "
+                              "(the job cuts its windows there), or leave it empty")
 
     @property
     def eventlog_dir(self) -> Path:
@@ -304,7 +319,7 @@ def warm_start(source_ckpt: Path, source_features: Path, window: Path, out: Path
     return out
 
 
-def _finetune_config(config: ContinuousConfig, window: Path, out: Path, init: Path | None):
+def _finetune_config(config: ContinuousConfig, window: str | Path, out: Path, init: Path | None):
     from trainers.finetune import FinetuneConfig
 
     return FinetuneConfig(features=str(window), out=str(out), model="sr", init=str(init) if init else None,
@@ -478,12 +493,15 @@ class ContinuousTrainer:
         self._log(f"cycle {n} ({trigger}, {new_examples} new examples): window {bounds}, examples {counts}")
         if sum(counts[t]["train"] for t in TASKS) == 0:
             return
-        init, init_from = self._init_for(window, n)
+        shared = self._share(window)
+        init, init_from = self._init_for(window, n, shared)
         self.state["in_progress"] = {"cycle": n, **bounds}
         self._save_state()
         train_started = time.time()
-        ckpt = Path(finetune(_finetune_config(self.config, window, self.workdir / "checkpoints" / name, init)))
+        ckpt = Path(finetune(_finetune_config(self.config, shared, self.workdir / "checkpoints" / name, init)))
         train_s = time.time() - train_started
+        if shared != str(window):
+            storage.delete(shared)  # the workers are done with it; the local window stays for evaluation
         self.state.update(trained_cut=bounds["cut"], trained_cycles=n, in_progress=None,
                           last_train_wall=time.time(),
                           pending={"cycle": n, "name": name, "bounds": bounds, "ckpt": str(ckpt),
@@ -493,13 +511,23 @@ class ContinuousTrainer:
         self._save_state()
         self._finish_pending()
 
-    def _init_for(self, window: Path, n: int) -> tuple[Path | None, str]:
-        """What this cycle's fine-tuning starts from: stage 1 when due, else the serving version."""
+    def _share(self, window: Path) -> str:
+        """Where the Ray Train workers read the window: the local folder, or its upload to windows_uri
+        (manifest.json last)."""
+        if not self.config.windows_uri:
+            return str(window)
+        uri = storage.join(self.config.windows_uri, window.name)
+        storage.upload_dir(window, uri, "manifest.json")
+        return uri
+
+    def _init_for(self, window: Path, n: int, shared: str | None = None) -> tuple[Path | None, str]:
+        """What this cycle's fine-tuning starts from: stage 1 when due (reading `shared`, the window as the
+        workers see it), else the serving version."""
         if align_due(n - 1, self.config.align_every):
             from trainers.align import AlignConfig, align
 
             out = self.workdir / "align" / window.name
-            align(AlignConfig(features=str(window), out=str(out), llm_mode=self.config.align_llm_mode,
+            align(AlignConfig(features=shared or str(window), out=str(out), llm_mode=self.config.align_llm_mode,
                               max_examples=self.config.align_max_examples, num_workers=self.config.num_workers,
                               use_gpu=self.config.use_gpu, max_history=self.config.max_history))
             return out, f"align {out}"

@@ -7,6 +7,10 @@ the models handle because position ids count back from the newest slot (trainers
 
 Text embeddings are not copied into batches: `load_text_tables` memory-maps the .npy matrices once per
 process and the models index them on their own device.
+
+A features folder given as a URI (s3://...) is read through a local copy (`local_features`), taken once per
+node at each entry point; Ray Data reads its example files through the URI (`examples_source`), so read tasks
+may run on any node.
 """
 
 from __future__ import annotations
@@ -168,6 +172,36 @@ def load_item_times(features_dir: str | Path) -> tuple[torch.Tensor, torch.Tenso
     """(video publication ts [V], comment publication ts [C]) in ms, long, row = item index (videos.parquet
     and comments.parquet `ts`), loaded once per process and folder: the reference points of item ages."""
     return _load_item_times(os.path.abspath(features_dir))
+
+
+def local_features(features: str | Path) -> Path:
+    """A local folder with the features folder `features`: the folder itself when it is a path, else a copy
+    downloaded once per node into <LSVCR_CACHE_DIR>/features, keyed by the URI and its manifest.json."""
+    from lsvcr import storage
+    from lsvcr.paths import cache_dir
+
+    return Path(os.path.abspath(storage.local_copy(str(features), cache_dir() / "features", "manifest.json")))
+
+
+def worker_features(local: str, source: str) -> str:
+    """In a Ray worker or actor: the driver's local copy `local` when this node has it (the same machine: a
+    copy is renamed into place whole and named by the URI and its manifest, so one that is there is the one
+    meant), else this node's own copy of `source` (the folder or URI the driver was given)."""
+    if local == source or os.path.isfile(os.path.join(local, "manifest.json")):
+        return local
+    return str(local_features(source))
+
+
+def examples_source(source: str, local: str, task: str, split: str) -> tuple[str, object]:
+    """(path, pyarrow file system or None) for Ray Data's read_parquet of a split: inside the URI's file system
+    when `source` is a URI (any node can read it), else the local folder."""
+    from lsvcr import storage
+
+    folder = str(examples_path(local, task, split))  # checks the split exists
+    if storage.is_local(source):
+        return folder, None
+    fs, path = storage.filesystem(storage.join(source, "examples", task, split))
+    return path, fs
 
 
 def examples_path(features_dir: str | Path, task: str, split: str) -> Path:

@@ -22,7 +22,7 @@ import torch
 
 from trainers.baselines import (BLEND_TAUS_H, CountsBefore, blend_scores, popularity_comment_scores,
                                 popularity_video_scores, recency_scores, top_level_scores, video_train_counts)
-from trainers.data import TASKS, collate, iter_examples, load_text_tables
+from trainers.data import TASKS, collate, iter_examples, load_text_tables, local_features
 from trainers.metrics import METRIC_NAMES, ranking_metrics, ranks_from_scores
 from trainers.scoring import Scorer
 
@@ -181,9 +181,10 @@ def evaluate(features_dir: str | Path, checkpoints: dict[str, str | Path], split
     """Metrics per task and model for the checkpoints (name -> folder), "popularity" and the time-aware
     baselines, under the build's video protocol ("protocol"); "other_protocols" holds the video task under
     every other protocol the build wrote. {"protocol", "recency_pop_blend_tau_h", "video", "comment",
-    "other_protocols": {protocol: {"video": {...}}}}."""
+    "other_protocols": {protocol: {"video": {...}}}}. features_dir may be a URI (downloaded once into the cache)."""
     import json
 
+    features_dir = local_features(features_dir)
     path = Path(features_dir) / "manifest.json"
     manifest = json.loads(path.read_text()) if path.exists() else {}  # hand-made folders in tests have none
     protocol = manifest.get("video_protocol", "uniform_all")

@@ -20,8 +20,9 @@ After a worker failure Ray Train restarts the workers (FailureConfig(max_failure
 the last finished epoch with the same step count; `fail_once_at_step` injects one such failure (tests only).
 
 In-batch negatives are per worker for now (trainers/losses.py). Gradients are averaged by hand, not by DDP
-(see _average_gradients). The features folder must be readable by every worker (shared storage on a
-cluster): workers memory-map the embeddings and rank 0 reads the valid split from it.
+(see _average_gradients). Workers memory-map the embeddings and rank 0 reads the valid split from the
+features folder: a path must be readable by every worker (shared storage on a cluster); a URI (s3://...) is
+copied once per node into the cache (trainers/data.py local_features), and the train split is read through it.
 
 Stage 1 seam: `init` names an earlier checkpoint whose SR parameters are loaded (strict on names and
 shapes) before training.
@@ -48,7 +49,9 @@ import torch
 import torch.distributed as dist
 
 from trainers.checkpoint import CONFIG, TRAIN, WEIGHTS, load_init_weights, load_state, read_weights, save_checkpoint
-from trainers.data import TASKS, collate, count_examples, examples_path, load_item_times, load_text_tables
+from lsvcr import storage
+from trainers.data import (TASKS, collate, count_examples, examples_path, examples_source, load_item_times,
+                           load_text_tables, local_features, worker_features)
 from trainers.evaluate import evaluate_fns, scorer_fn
 from trainers.losses import comment_loss, id_text_loss, video_loss
 from trainers.models import MODELS, SASRecConfig, SRConfig, build_model
@@ -57,7 +60,7 @@ from trainers.scoring import Scorer
 
 @dataclass
 class FinetuneConfig:
-    features: str  # features folder (docs/DATA.md section 3); on a cluster it must be on shared storage
+    features: str  # features folder (docs/DATA.md section 3): a path (shared storage on a cluster) or a URI
     out: str  # checkpoint folder to write
     model: str = "sr"  # "sr" or "sasrec"
     text_only: bool = False  # SR without ID embeddings (the sr_text_only baseline)
@@ -283,7 +286,8 @@ def _train_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     torch.set_num_threads(1)
-    config = FinetuneConfig(**loop_config["config"])
+    config = FinetuneConfig(**{**loop_config["config"], "features": worker_features(
+        loop_config["config"]["features"], loop_config["features_source"])})
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -417,7 +421,8 @@ def finetune(config: FinetuneConfig) -> str:
 
     from lsvcr.ray_runtime import init_ray
 
-    features = os.path.abspath(config.features)
+    source = config.features if not storage.is_local(config.features) else os.path.abspath(config.features)
+    features = str(local_features(source))  # a URI: downloaded once into the cache
     config = dataclasses.replace(config, features=features, out=os.path.abspath(config.out),
                                  init=os.path.abspath(config.init) if config.init else None)
     video_text, comment_text = load_text_tables(features)  # memory maps: only the shapes are read here
@@ -442,20 +447,22 @@ def finetune(config: FinetuneConfig) -> str:
     stream = on_disk > config.materialize_max_mb * 2**20
     datasets = {}
     for task in tasks:
-        dataset = ray.data.read_parquet(str(examples_path(features, task, "train")))
+        path, filesystem = examples_source(source, features, task, "train")
+        dataset = ray.data.read_parquet(path, filesystem=filesystem)
         datasets[task] = dataset if stream else dataset.materialize()
     print(f"finetune: train examples {on_disk / 2**20:.1f} MB on disk: "
           f"{'streamed from Parquet every epoch' if stream else 'materialised once in the object store'}", flush=True)
     resources = {"CPU": 1, "GPU": 1} if config.use_gpu else {"CPU": 1}
-    storage = config.storage_path or tempfile.mkdtemp(prefix="lsvcr-finetune-")
+    storage_path = config.storage_path or tempfile.mkdtemp(prefix="lsvcr-finetune-")
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"config": dataclasses.asdict(config), "model_config": dataclasses.asdict(model_cfg),
-                           "tasks": tasks, "video_seen": video_seen, "comment_seen": comment_seen},
+                           "tasks": tasks, "video_seen": video_seen, "comment_seen": comment_seen,
+                           "features_source": source},
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(name=f"finetune-{config.model}-{int(time.time())}", storage_path=storage,
+        run_config=ray.train.RunConfig(name=f"finetune-{config.model}-{int(time.time())}", storage_path=storage_path,
                                        failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
         datasets=datasets,
@@ -469,7 +476,7 @@ def finetune(config: FinetuneConfig) -> str:
         for name in (WEIGHTS, CONFIG, TRAIN):
             shutil.copy2(os.path.join(ckpt, name), out / name)
     if not config.storage_path:
-        shutil.rmtree(storage, ignore_errors=True)
+        shutil.rmtree(storage_path, ignore_errors=True)
     print(f"finetune: wrote {out} (best epoch {result.metrics.get('best_epoch')} of "
           f"{result.metrics.get('epochs_run')})", flush=True)
     return str(out)

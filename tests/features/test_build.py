@@ -340,3 +340,118 @@ def test_global_time_split_by_fractions(tmp_path, ray_session, tables, eventlog_
     assert video == {"train": ["ve3"], "valid": [], "test": ["ve4", "ve5", "ve6"]}
     comment = {s: sorted(rows_by_event(tmp_path / "f" / "examples" / "comment" / s)) for s in ("train", "valid", "test")}
     assert comment == {"train": ["ce2"], "valid": ["ce5"], "test": ["ce3"]}
+
+
+# ---- storage URIs: local:// is fsspec's local file system reached through a URI, so it takes the same path as
+# s3:// (a pyarrow file system handed to Ray's read tasks, staging and upload) while every Ray worker process
+# can read it; memory:// (one process only) is used for the driver-side steps.
+
+def test_build_features_from_and_to_uris_equals_a_local_build(tmp_path, ray_session, tables, eventlog_writer,
+                                                               monkeypatch):
+    from lsvcr import storage
+
+    monkeypatch.setenv("LSVCR_CACHE_DIR", str(tmp_path / "cache"))
+    log = eventlog_writer(tmp_path / "eventlog", tables(**LOG))
+    settings = dict(num_negatives=2, encoder="hash", encoder_dim=32, embed_cache="off")
+    expected = build_features(FeaturesConfig(eventlog=str(log), out=str(tmp_path / "plain"), **settings))
+    uri = f"local://{tmp_path}/bucket/features"
+    manifest = build_features(FeaturesConfig(eventlog=f"local://{log}", out=uri, **settings))
+
+    remote = tmp_path / "bucket" / "features"
+    assert manifest["config"]["out"] == uri and manifest["eventlog"] == f"local://{log}"
+    assert json.loads((remote / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
+    assert manifest["tasks"] == expected["tasks"] and manifest["dropped"] == expected["dropped"]
+    got, want = read_all(remote), read_all(tmp_path / "plain")
+    for key in want:
+        assert got[key].equals(want[key]), key
+    for name in ("video_emb.npy", "comment_emb.npy"):
+        assert np.array_equal(np.load(remote / name), np.load(tmp_path / "plain" / name))
+    assert not (remote / "_shuffle").exists() and not (remote / "_users_parts").exists()
+    # The remote folder is exactly the staging folder.
+    staging = next((tmp_path / "cache" / "features-staging").iterdir())
+    assert storage.list_files(uri) == storage.list_files(str(staging))
+
+
+def test_incremental_build_to_a_uri_equals_a_full_rebuild(tmp_path, ray_session, tables, eventlog_writer,
+                                                          monkeypatch):
+    monkeypatch.setenv("LSVCR_CACHE_DIR", str(tmp_path / "cache"))
+    settings = dict(num_negatives=2, encoder="hash", encoder_dim=16, embed_cache="off", negative_window_ms=100,
+                    split="global_time", split_valid_ts=36, split_test_ts=41)
+    first, second = split_log(LOG, 33)
+    log = tmp_path / "eventlog"
+    eventlog_writer(log, tables(**first))
+    uri = f"local://{tmp_path}/bucket/features"
+    inc = FeaturesConfig(eventlog=str(log), out=uri, incremental=True, **settings)
+    m1 = build_features(inc)
+    assert m1["mode"] == "full" and m1["cut_ts"] == 33
+    state = json.loads((tmp_path / "bucket" / "features" / "_state" / "state.json").read_text())
+    assert state["cut_ts"] == 33
+    for name, table in tables(**second).items():
+        if len(table):
+            (log / name).mkdir(exist_ok=True)
+            pq.write_table(table, log / name / "part-late.parquet")
+    # Another node: its staging folder is empty, so the state comes from the URI.
+    monkeypatch.setenv("LSVCR_CACHE_DIR", str(tmp_path / "other-node-cache"))
+    m2 = build_features(inc)
+    assert m2["mode"] == "incremental" and m2["previous_cut_ts"] == 33 and m2["cut_ts"] == 50
+    full = build_features(FeaturesConfig(eventlog=str(log), out=str(tmp_path / "full"), **settings))
+    got, want = read_all(tmp_path / "bucket" / "features"), read_all(tmp_path / "full")
+    for key in want:
+        assert got[key].equals(want[key]), key
+    assert m2["tasks"] == full["tasks"]
+    state = json.loads((tmp_path / "bucket" / "features" / "_state" / "state.json").read_text())
+    assert state["cut_ts"] == 50
+
+
+def test_prepare_staging_reuses_only_the_same_build(tmp_path):
+    import fsspec
+
+    from features.build import prepare_staging
+
+    memory = fsspec.filesystem("memory")
+    uri = f"memory://staging-{tmp_path.name}/features"
+    staging = tmp_path / "staging"
+    prepare_staging(staging, uri, incremental=True)  # nothing remote: an empty folder
+    assert staging.is_dir() and list(staging.iterdir()) == []
+
+    memory.pipe(f"{uri}/manifest.json", b"build 1")
+    memory.pipe(f"{uri}/_state/state.json", b'{"cut_ts": 5}')
+    prepare_staging(staging, uri, incremental=True)  # downloaded
+    assert (staging / "_state" / "state.json").read_bytes() == b'{"cut_ts": 5}'
+    (staging / "local-only").write_text("kept while staging holds the remote build")
+    prepare_staging(staging, uri, incremental=True)
+    assert (staging / "local-only").exists()
+    memory.pipe(f"{uri}/manifest.json", b"build 2")  # another node built since
+    memory.pipe(f"{uri}/_state/state.json", b'{"cut_ts": 9}')
+    prepare_staging(staging, uri, incremental=True)
+    assert not (staging / "local-only").exists()
+    assert (staging / "_state" / "state.json").read_bytes() == b'{"cut_ts": 9}'
+    prepare_staging(staging, uri, incremental=False)  # a full build starts empty
+    assert list(staging.iterdir()) == []
+
+
+def test_eventlog_files_through_a_uri(tmp_path, tables):
+    import fsspec
+
+    from features.build import eventlog_files, read_catalog
+
+    memory = fsspec.filesystem("memory")
+    root = f"memory://log-{tmp_path.name}/eventlog"
+    t = tables(**LOG)
+    for name, path in (("videos", "videos/date=1/part-0.parquet"), ("videos", "videos/part-1.parquet"),
+                       ("videos", "videos/.part-2.parquet.tmp"), ("videos", "videos/_tmp/part-3.parquet")):
+        with memory.open(f"{root}/{path}", "wb") as f:
+            pq.write_table(t[name], f)
+    files = eventlog_files(root, "videos")
+    assert files == [f"/log-{tmp_path.name}/eventlog/videos/date=1/part-0.parquet",
+                     f"/log-{tmp_path.name}/eventlog/videos/part-1.parquet"]
+    assert read_catalog(root, "videos").equals(pa.concat_tables([t["videos"], t["videos"]]))
+    assert eventlog_files(root, "comments") == []
+
+
+def test_config_refuses_the_same_uri_and_a_remote_embedding_cache():
+    with pytest.raises(ConfigError, match="differ"):
+        FeaturesConfig(eventlog="s3://b/log", out="s3://b/log/")
+    with pytest.raises(ConfigError, match="embed_cache.*local folder"):
+        FeaturesConfig(eventlog="s3://b/log", out="s3://b/features", embed_cache="s3://b/cache")
+    FeaturesConfig(eventlog="s3://b/log", out="s3://b/features")

@@ -90,8 +90,14 @@ def test_config_validation(monkeypatch):
         ContinuousConfig(workdir="w", registry="r", bootstrap="", consume=True)
     with pytest.raises(ConfigError, match="every_examples"):
         ContinuousConfig(workdir="w", registry="r", consume=False, every_examples=0)
-    with pytest.raises(ConfigError, match="workdir: the job's working state needs a file system path"):
+    with pytest.raises(ConfigError, match="workdir='s3://bucket/w': must be a file system path.*SQLite"):
         ContinuousConfig(workdir="s3://bucket/w", registry="r", consume=False)
+    with pytest.raises(ConfigError, match="eventlog='gs://b/log': must be a file system path"):
+        ContinuousConfig(workdir="w", eventlog="gs://b/log", registry="r", consume=False)
+    with pytest.raises(ConfigError, match="windows_uri: give another location"):
+        ContinuousConfig(workdir="w", registry="r", consume=False, windows_uri="w/windows/")
+    assert ContinuousConfig(workdir="w", registry="r", consume=False,
+                            windows_uri="s3://b/windows").windows_uri == "s3://b/windows"
     assert ContinuousConfig(workdir="w", registry="s3://bucket/r", consume=False).registry == "s3://bucket/r"
     with pytest.raises(ConfigError, match="negative_window_ms"):
         ContinuousConfig(workdir="w", registry="r", consume=False, negative_window_ms=0)
@@ -133,3 +139,47 @@ def test_benchmark_stamps_records_with_now_in_their_order(tmp_path):
     assert [r["orig"] for r in rows] == [5, 7, 10, 50, 55, 60]  # the original order, kept
     assert [r["ts"] for r in rows] == list(range(newest - 5, newest + 1))  # 1 ms apart, the newest now
     assert before <= newest <= int(time.time() * 1000)
+
+
+def test_windows_uri_carries_each_window_to_the_workers(tmp_path, monkeypatch):
+    """With windows_uri, fine-tuning is given the uploaded window (what a worker on another node reads: its own
+    local copy of the URI), and the upload is removed once the cycle is trained."""
+    from pathlib import Path
+
+    from lsvcr import storage
+    from trainers.data import local_features
+    from trainers.registry import Registry
+
+    monkeypatch.setenv("LSVCR_CACHE_DIR", str(tmp_path / "cache"))
+    uri = f"memory://windows-{tmp_path.name}/lsvcr"
+    trainer = ContinuousTrainer(ContinuousConfig(workdir=str(tmp_path / "w"), registry=str(tmp_path / "r"),
+                                                 consume=False, windows_uri=uri))
+    trainer.workdir.mkdir()
+    trainer.registry = Registry(tmp_path / "r")  # empty, and no init: training starts from scratch
+    for task in ("video", "comment"):
+        folder = trainer.features / "examples" / task / "train"
+        folder.mkdir(parents=True)
+        pq.write_table(pa.table({"ts": pa.array([10, 20, 30, 40], pa.int64()), "target": [0, 1, 2, 3]}),
+                       folder / "part-a.parquet")
+    np.save(trainer.features / "video_emb.npy", np.arange(8, dtype=np.float32).reshape(4, 2))
+    (trainer.features / "manifest.json").write_text(json.dumps({"num_videos": 4}))
+    seen = {}
+
+    def fake_finetune(config):
+        seen["features"] = config.features
+        copy = local_features(config.features)
+        seen["files"] = storage.list_files(str(copy))
+        seen["emb"] = np.load(copy / "video_emb.npy")
+        seen["test"] = pq.read_table(copy / "examples" / "video" / "test").column("target").to_pylist()
+        Path(config.out).mkdir(parents=True)
+        return config.out
+
+    monkeypatch.setattr("trainers.finetune.finetune", fake_finetune)
+    monkeypatch.setattr(trainer, "_finish_pending", lambda: None)
+    trainer.cycle({"train_from": 0, "valid_from": 20, "test_from": 30, "cut": 40}, "examples", 4, 0.0)
+    window = trainer.workdir / "windows" / "c00001-40"
+    assert seen["features"] == f"{uri}/c00001-40"
+    assert seen["files"] == storage.list_files(str(window)) and "manifest.json" in seen["files"]
+    assert np.array_equal(seen["emb"], np.arange(8, dtype=np.float32).reshape(4, 2)) and seen["test"] == [3]
+    assert storage.kind(seen["features"]) == "missing"  # removed after training
+    assert trainer.state["pending"]["window"] == str(window) and window.is_dir()  # evaluation reads the local one

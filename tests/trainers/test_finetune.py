@@ -74,3 +74,27 @@ def test_finetune_smoke(ray_session, fake_features, tmp_path):
     assert torch.equal(scorer.video_scores(hist), again.video_scores(hist))
     query, cands = torch.tensor([2]), torch.tensor([[8, 9, 10, 11]])
     assert torch.equal(scorer.comment_scores(hist, query, cands), again.comment_scores(hist, query, cands))
+
+
+def test_finetune_and_evaluate_from_a_features_uri(ray_session, fake_features, tmp_path, monkeypatch):
+    """local:// is fsspec's local file system reached through a URI: the same path as s3:// (a local copy on
+    the driver and per node, train files read by Ray Data through the URI's file system), readable from every
+    Ray worker process."""
+    from lsvcr import storage
+
+    monkeypatch.setenv("LSVCR_CACHE_DIR", str(tmp_path / "cache"))
+    uri = f"local://{tmp_path}/bucket/features"
+    storage.upload_dir(fake_features, uri, "manifest.json")
+    ckpt = tmp_path / "ckpt"
+    finetune(FinetuneConfig(features=uri, out=str(ckpt), epochs=1, patience=1, batch_size=32, max_history=8,
+                            log_every=1000, num_workers=1))
+    info = json.loads((ckpt / "train.json").read_text())
+    assert info["history"][0]["examples"] == 400 + 160  # every train example, read through the URI
+    (copy,) = (tmp_path / "cache" / "features").iterdir()
+    assert storage.list_files(str(copy)) == storage.list_files(str(fake_features))
+    valid = evaluate(uri, {"m": ckpt}, split="valid", popularity=False)
+    same = evaluate(fake_features, {"m": ckpt}, split="valid", popularity=False)
+    for task in ("video", "comment"):
+        for name in METRIC_NAMES:
+            assert valid[task]["m"][name] == pytest.approx(info["valid"][task][name], abs=1e-9)
+            assert valid[task]["m"][name] == same[task]["m"][name]
