@@ -89,6 +89,9 @@ class FeaturesConfig:
     embed_device: str = "cpu"
     embed_threads: int = 0  # torch threads per encoder actor; 0: the machine's cores / embed_concurrency
     shuffle_partitions: int = 0  # stage partitions (tasks per stage); 0: from the number of rows and CPUs
+    # Run every task on the driver's node: for an event log or out folder that only this node has (the
+    # continuous job's). Always so when out is a URI, since the build then writes to a local staging folder.
+    on_driver_node: bool = False
     # Embedding cache by content hash, per encoder (a local folder: each node keeps its own);
     # "" = <lsvcr cache dir>/embeddings, "off" = no cache.
     embed_cache: str = ""
@@ -296,7 +299,7 @@ def build_features(config: FeaturesConfig) -> dict:
     Needs Ray (call lsvcr.ray_runtime.init_ray() first; it is started here if it is not).
     """
     if storage.is_local(config.out):
-        return _build(config, storage.local_path(config.out), pin=False)
+        return _build(config, storage.local_path(config.out), pin=config.on_driver_node)
     from lsvcr.paths import cache_dir
 
     staging = cache_dir() / "features-staging" / hashlib.sha256(config.out.rstrip("/").encode()).hexdigest()[:16]
@@ -335,8 +338,8 @@ def prepare_staging(staging: Path, uri: str, incremental: bool) -> None:
 
 
 def _build(config: FeaturesConfig, out: Path, pin: bool) -> dict:
-    """The build into local folder `out`. pin: run the tasks that write into `out` on this node (a staging
-    folder that only this node has)."""
+    """The build into local folder `out`. pin: run the tasks that read the event log or write into `out` on
+    this node (a staging folder, or folders, that only this node has)."""
     import ray
 
     from lsvcr.paths import cache_dir
@@ -401,7 +404,8 @@ def _build(config: FeaturesConfig, out: Path, pin: bool) -> dict:
         if files[table]:
             # A few read tasks of many files each: a task per small date file costs more than it reads.
             read = ray.data.read_parquet(files[table], partitioning=None, filesystem=eventlog_fs,
-                                         override_num_blocks=min(len(files[table]), partitions))
+                                         override_num_blocks=min(len(files[table]), partitions),
+                                         ray_remote_args=remote_args)
             parts.append(read.map_batches(
                 _events_to_partitions, batch_format="pyarrow", batch_size=None,
                 fn_kwargs={"table": table, "out": str(out), "partitions": partitions, "row_kwargs": kwargs},

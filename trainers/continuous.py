@@ -478,7 +478,7 @@ class ContinuousTrainer:
             eventlog=str(c.eventlog_dir), out=str(self.features), incremental=True, split="global_time",
             split_valid_ts=NO_SPLIT_TS, split_test_ts=NO_SPLIT_TS, encoder=c.encoder, encoder_dim=c.encoder_dim,
             max_history=c.max_history, num_negatives=c.num_negatives, lateness_ms=c.lateness_ms,
-            negative_window_ms=c.negative_window_ms))
+            negative_window_ms=c.negative_window_ms, on_driver_node=True))  # workdir is this node's (docs/CLUSTER.md)
         self.built_files = files
         return time.time() - started
 

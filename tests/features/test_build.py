@@ -270,7 +270,8 @@ def test_incremental_build_equals_a_full_rebuild(tmp_path, ray_session, tables):
     log = tmp_path / "eventlog"
     first = {n: t.filter(pa.compute.less_equal(t["ts"], split_at)) for n, t in full_tables.items()}
     write_hive(log, first, day)
-    inc = FeaturesConfig(eventlog=str(log), out=str(tmp_path / "inc"), incremental=True, **settings)
+    # pinned to the driver's node, as the continuous job builds: the same rows as the unpinned full build
+    inc = FeaturesConfig(eventlog=str(log), out=str(tmp_path / "inc"), incremental=True, on_driver_node=True, **settings)
     m1 = build_features(inc)
     assert m1["mode"] == "full" and m1["cut_ts"] == split_at - 3_600_000
     n_first = sum(v["count"] for v in m1["tasks"]["video"].values())
