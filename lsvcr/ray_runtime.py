@@ -10,26 +10,29 @@ import ray
 # machine is offered as 4 logical CPUs; RAY_ADDRESS (a cluster) overrides all of this.
 DEFAULT_LOCAL_CPUS = 4
 
-# Ray Serve's short request path, for the Serve app on a Ray that this process starts (BENCHMARKS.md, serve):
-# each ingress replica also answers HTTP itself on a port of its own (direct ingress, bound to the app's host,
-# 127.0.0.1 by default), so a request skips the proxy and the proxy-to-replica call; the app runs on the
-# replica's main event loop instead of a second thread. Serve reads these when its modules are imported, in
+# Ray Serve settings for a Ray that this process starts. Serve reads them when its modules are imported, in
 # this process and in every Ray worker, so they are set before Ray starts (a cluster sets them in `ray start`).
-SERVE_FAST_PATH_ENV = {
+# The first three are the short request path (BENCHMARKS.md, serve): each ingress replica also answers HTTP
+# itself on a port of its own (direct ingress, bound to the app's host, 127.0.0.1 by default), so a request
+# skips the proxy and the proxy-to-replica call; the app runs on the replica's main event loop, not a thread.
+LOCAL_SERVE_ENV = {
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     # A stopping replica is held open this long for a load balancer to take it out of rotation; with none in
     # front (one machine), Ray's 30 s default only delays every redeploy and shutdown.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    # Serve gives a new proxy 3 readiness checks of 5 s, then kills it and fails serve.start; on 2 busy cores
+    # (training beside it, a test suite) its start alone can take longer.
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
 }
 
 
-def use_serve_fast_path() -> None:
-    """Set SERVE_FAST_PATH_ENV (values already in the environment win), unless joining a cluster."""
+def use_local_serve_env() -> None:
+    """Set LOCAL_SERVE_ENV (values already in the environment win), unless joining a cluster."""
     if os.environ.get("RAY_ADDRESS"):
         return
-    for key, value in SERVE_FAST_PATH_ENV.items():
+    for key, value in LOCAL_SERVE_ENV.items():
         os.environ.setdefault(key, value)
 
 
@@ -47,7 +50,7 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> None:
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=None if in_job else runtime_env, log_to_driver=True)
         return
-    use_serve_fast_path()
+    use_local_serve_env()
     cpus = num_cpus or int(os.environ.get("LSVCR_RAY_CPUS", DEFAULT_LOCAL_CPUS))
     ray.init(
         num_cpus=cpus,
