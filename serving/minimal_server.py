@@ -23,8 +23,8 @@ def make_app(checkpoint: str, features: str) -> FastAPI:
     @app.post("/v1/recommend/videos")
     def recommend(req: VideoRequest) -> Recommendations:
         history = state.history(req.user_id)
-        scores = state.scorer.video_scores(state.scorer.histories(history or state.empty_history()))[0].numpy()
-        items = top_videos(state, scores, history, req.k, exclude_seen=bool(history) and req.exclude_seen)
+        scores = state.scorer.video_scores(state.scorer.histories(history or state.empty_history()))  # [1, V]
+        items = top_videos(state, scores, [history], [req.k], [req.exclude_seen])[0]
         return Recommendations(user_id=req.user_id, model_version=state.version, cold_start=history is None, items=items)
 
     return app
