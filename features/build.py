@@ -331,10 +331,7 @@ def prepare_staging(staging: Path, uri: str, incremental: bool) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     if incremental and remote is not None:
-        import pyarrow.fs as pafs
-
-        fs, path = storage.filesystem(uri)
-        pafs.copy_files(path, str(staging), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        storage.download_dir(uri, staging)
 
 
 def _build(config: FeaturesConfig, out: Path, pin: bool) -> dict:

@@ -13,8 +13,8 @@ import functools
 import hashlib
 import os
 import shutil
-from collections.abc import Callable
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -161,6 +161,12 @@ def upload(local_file: str | Path, uri: str) -> None:
                     destination_filesystem=fs)
 
 
+def download_dir(uri: str, local: str | Path) -> None:
+    """Copy every file under folder `uri` into local folder `local`."""
+    fs, path = filesystem(uri)
+    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
 def local_copy(uri: str, cache: Path, complete_marker: str) -> Path:
     """A local folder with the files of folder `uri`: the folder itself when local, otherwise a copy
     downloaded once under `cache`, keyed by the URI and the content of the remote `complete_marker` file.
@@ -178,8 +184,7 @@ def local_copy(uri: str, cache: Path, complete_marker: str) -> Path:
             return target
         tmp = cache / f".tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
-        fs, path = filesystem(uri)
-        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        download_dir(uri, tmp)
         try:
             after = read_text(join(uri, complete_marker))
         except FileNotFoundError:

@@ -196,12 +196,13 @@ def _measure(name: str, url: str, users: list[str], levels: tuple[int, ...], sec
     load(url, users, 4, 2.0)  # warm-up
     figures = {}
     for c in levels:
-        before = _cpu_s(pids if pids and c == max(levels) else {})
+        watched = pids if pids and c == max(levels) else {}
+        before = _cpu_s(watched)
         r = load(url, users, c, seconds)
         print(f"[bench serve] {name}, concurrency {c}: {r}", flush=True)
         figures.update({f"{prefix}rps_c{c}": r["rps"], f"{prefix}p50_ms_c{c}": r["p50_ms"], f"{prefix}p99_ms_c{c}": r["p99_ms"],
                         f"{prefix}failed_c{c}": r["failed"]})
-        for proc, cpu in _cpu_s({name: pids[name] for name in before}).items():
+        for proc, cpu in _cpu_s(watched).items():
             figures[f"{prefix}{proc}_cpu_ms_per_request_c{c}"] = (cpu - before[proc]) * 1000 / max(r["requests"], 1)
     return figures
 
@@ -209,7 +210,6 @@ def _measure(name: str, url: str, users: list[str], levels: tuple[int, ...], sec
 def serve_pids() -> dict[str, int]:
     """The app's replica and the HTTP proxy on this node, by Serve's own details."""
     from ray.serve.context import _get_global_client
-
     from ray.util.state import get_actor
 
     details = _get_global_client().get_serve_details()

@@ -520,14 +520,14 @@ class ContinuousTrainer:
         storage.upload_dir(window, uri, "manifest.json")
         return uri
 
-    def _init_for(self, window: Path, n: int, shared: str | None = None) -> tuple[Path | None, str]:
+    def _init_for(self, window: Path, n: int, shared: str) -> tuple[Path | None, str]:
         """What this cycle's fine-tuning starts from: stage 1 when due (reading `shared`, the window as the
         workers see it), else the serving version."""
         if align_due(n - 1, self.config.align_every):
             from trainers.align import AlignConfig, align
 
             out = self.workdir / "align" / window.name
-            align(AlignConfig(features=shared or str(window), out=str(out), llm_mode=self.config.align_llm_mode,
+            align(AlignConfig(features=shared, out=str(out), llm_mode=self.config.align_llm_mode,
                               max_examples=self.config.align_max_examples, num_workers=self.config.num_workers,
                               use_gpu=self.config.use_gpu, max_history=self.config.max_history))
             return out, f"align {out}"
