@@ -149,10 +149,11 @@ def test_broker_restart_mid_stream_loses_nothing_and_consumer_recovers(tmp_path,
     ensure_topics(bootstrap, prefix)
     items = make_events(4_000, seed=2)
     log_dir = tmp_path / "log"
-    # After a restart the producer waits for partition leadership before it resends (seconds): the consumer's
-    # idle stop must outlast that, or it would stop "caught up" before the resent records exist.
+    # After a restart the producer reconnects with backoff and waits for partition leadership before it resends:
+    # the consumer's idle stop must outlast that, or it stops "caught up" before the resent records exist. 20 s
+    # was not enough in a clean-clone CI run (the producer still found no broker 17 s after the restart).
     cfg = IngestConfig(eventlog=str(log_dir), bootstrap=bootstrap, topic_prefix=prefix, group="restart",
-                       until_idle_s=20.0, flush_interval_s=0.3)
+                       until_idle_s=45.0, flush_interval_s=0.3)
     result = {}
     consumer = threading.Thread(target=lambda: result.update(ingest(cfg)))
     consumer.start()
