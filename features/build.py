@@ -19,7 +19,7 @@ belong to. It falls back to a full rebuild when the state is missing or was buil
 a new file holds an event (or a catalog item) at or before the old cut (later than the lateness bound), or
 when the catalog order changed. Either way the rows equal a full rebuild's.
 
-Storage: EVENTLOG and OUT may be URIs (lsvcr/storage.py: s3://, gs://, ...). The event log is read through
+Storage: EVENTLOG and OUT may be URIs (core/storage.py: s3://, gs://, ...). The event log is read through
 its URI's file system. With OUT a URI, the build runs in a local staging folder (<cache>/features-staging/,
 its Ray tasks pinned to the driver's node, since they write there) and the folder is then uploaded with
 manifest.json last, the marker of a complete folder (storage.upload_dir). An incremental build starts from the
@@ -45,11 +45,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core import storage
+from core.config import ConfigError
+from core.paths import cache_dir
+from core.runtime import init_ray
 from features import sequences as seq
 from features.embeddings import check_encoder_name, embed_texts
-from ingestion.schema import COMMENT_ACTIONS, POSITIVE_COMMENT_ACTIONS, POSITIVE_VIDEO_ACTIONS, VIDEO_ACTIONS
-from lsvcr import storage
-from lsvcr.config import ConfigError
+from ingestion.schema import (
+    COMMENT_ACTIONS,
+    POSITIVE_COMMENT_ACTIONS,
+    POSITIVE_VIDEO_ACTIONS,
+    VIDEO_ACTIONS,
+)
 
 # Positive events that are not examples, by (task, the split stage B gives them) -> their manifest "dropped" key.
 NOT_EXAMPLES = {("video", "dropped"): "video_examples_empty_history",
@@ -296,11 +303,10 @@ def _load_state(out: Path, config: FeaturesConfig, files: dict[str, list[str]], 
 def build_features(config: FeaturesConfig) -> dict:
     """Build the features folder of docs/DATA.md section 3 from an event log; returns the manifest.
 
-    Needs Ray (call lsvcr.ray_runtime.init_ray() first; it is started here if it is not).
+    Needs Ray (call core.runtime.init_ray() first; it is started here if it is not).
     """
     if storage.is_local(config.out):
         return _build(config, storage.local_path(config.out), pin=config.on_driver_node)
-    from lsvcr.paths import cache_dir
 
     staging = cache_dir() / "features-staging" / hashlib.sha256(config.out.rstrip("/").encode()).hexdigest()[:16]
     prepare_staging(staging, config.out, config.incremental)
@@ -338,9 +344,6 @@ def _build(config: FeaturesConfig, out: Path, pin: bool) -> dict:
     """The build into local folder `out`. pin: run the tasks that read the event log or write into `out` on
     this node (a staging folder, or folders, that only this node has)."""
     import ray
-
-    from lsvcr.paths import cache_dir
-    from lsvcr.ray_runtime import init_ray
 
     started = _STARTED[0] = time.time()
     eventlog = config.eventlog

@@ -29,7 +29,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ingestion.schema import ARROW_SCHEMA, POSITIVE_COMMENT_ACTIONS, POSITIVE_VIDEO_ACTIONS
+from ingestion.schema import (
+    ARROW_SCHEMA,
+    POSITIVE_COMMENT_ACTIONS,
+    POSITIVE_VIDEO_ACTIONS,
+)
 
 # The event-log tables (docs/DATA.md section 2), as the ingestion stage writes them.
 EVENTLOG_SCHEMA = ARROW_SCHEMA

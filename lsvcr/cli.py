@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from lsvcr.paths import run_dir
+from core.paths import run_dir
+from core.runtime import setup_process
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -16,15 +17,15 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(a) -> None:
-    from ingestion.generator import GeneratorConfig, generate
-    from lsvcr.config import load_config
+    from core.config import load_config
+    from devtools.generator import GeneratorConfig, generate
 
     cfg = load_config(GeneratorConfig, a.config, [f"users={a.users}", f"seed={a.seed}", *a.overrides])
     print(json.dumps(generate(a.out, cfg), indent=2))
 
 
 def cmd_kafka(a) -> None:
-    from ingestion import broker
+    from devtools import broker
     from ingestion.topics import ensure_topics
 
     if a.action == "start":
@@ -38,7 +39,7 @@ def cmd_kafka(a) -> None:
 
 
 def cmd_replay(a) -> None:
-    from ingestion.broker import bootstrap_servers
+    from devtools.broker import bootstrap_servers
     from ingestion.replay import replay
     from ingestion.topics import ensure_topics
 
@@ -48,10 +49,10 @@ def cmd_replay(a) -> None:
 
 
 def cmd_ingest(a) -> None:
-    from ingestion.broker import bootstrap_servers
+    from core.config import load_config
+    from devtools.broker import bootstrap_servers
     from ingestion.consumer import IngestConfig, ingest
     from ingestion.topics import ensure_topics
-    from lsvcr.config import load_config
 
     bootstrap = a.bootstrap or bootstrap_servers()
     if a.overrides[:1] == ["status"]:  # `lsvcr ingest status`: lag, offsets, throughput, dead letters
@@ -68,9 +69,9 @@ def cmd_ingest(a) -> None:
 
 
 def cmd_features(a) -> None:
+    from core.config import load_config
+    from core.runtime import init_ray
     from features.build import FeaturesConfig, build_features
-    from lsvcr.config import load_config
-    from lsvcr.ray_runtime import init_ray
 
     cfg = load_config(FeaturesConfig, a.config, [f"eventlog={a.eventlog}", f"out={a.out}", *a.overrides])
     init_ray()
@@ -78,8 +79,8 @@ def cmd_features(a) -> None:
 
 
 def cmd_train(a) -> None:
-    from lsvcr.config import load_config
-    from lsvcr.ray_runtime import init_ray
+    from core.config import load_config
+    from core.runtime import init_ray
 
     init_ray()
     if a.stage == "align":
@@ -111,7 +112,7 @@ def cmd_evaluate(a) -> None:
 
 
 def cmd_serve(a) -> None:
-    from ingestion.broker import bootstrap_servers
+    from devtools.broker import bootstrap_servers
     from serving.app import serve_forever
 
     source = {"checkpoint": a.checkpoint, "features": a.features} if a.checkpoint else {"registry": a.registry}
@@ -144,7 +145,7 @@ def cmd_registry(a) -> None:
 def _publish_features(registry, features: str) -> str:
     """The local features folder to publish with. A URI is copied into the cache; only an object-storage
     registry can take one (it uploads the serving files), since a local registry records the folder's path."""
-    from lsvcr import storage
+    from core import storage
     from trainers.data import local_features
     from trainers.registry import RegistryError
 
@@ -161,7 +162,7 @@ def cmd_run(a) -> None:
     from lsvcr.pipeline import PipelineConfig, run_pipeline
 
     work = a.work or str(run_dir() / "runs" / Path(a.data).resolve().name)
-    from trainers.suite import MODEL_NAMES
+    from lsvcr.suite import MODEL_NAMES
 
     models = MODEL_NAMES if a.models == "all" else tuple(m for m in a.models.split(",") if m)
     run_pipeline(PipelineConfig(data=a.data, work=work, results=a.out, epochs=a.epochs, models=models,
@@ -181,8 +182,8 @@ def cmd_report(a) -> None:
 
 
 def cmd_continuous(a) -> None:
-    from lsvcr.config import load_config
-    from trainers.continuous import ContinuousConfig, run_continuous
+    from core.config import load_config
+    from lsvcr.continuous import ContinuousConfig, run_continuous
 
     print(json.dumps(run_continuous(load_config(ContinuousConfig, a.config, a.overrides)), indent=2, default=str))
 
@@ -212,7 +213,7 @@ def cmd_jobs(a) -> None:
 
 
 def cmd_benchmark(a) -> None:
-    from lsvcr.benchmark import run
+    from benchmarks.harness import run
 
     run(a.name, a.overrides)
 
@@ -340,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_process()
     parser = build_parser()
     # key=value overrides may come after options, which argparse would refuse as positionals.
     args, extra = parser.parse_known_args(argv)

@@ -18,17 +18,17 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# stage -> module run as `python -m MODULE key=value ...`
+# stage -> the `lsvcr` command that runs it, as `python -m lsvcr.cli COMMAND [--config F.yaml] key=value ...`
 STAGES = {
-    "continuous": "trainers.continuous",
-    "align": "trainers.align",
-    "finetune": "trainers.finetune",
-    "features": "features.build",
+    "continuous": ("continuous",),
+    "align": ("train", "align"),
+    "finetune": ("train", "finetune"),
+    "features": ("features", "build"),
 }
 # Never shipped: run-time state, caches, build outputs and data (Ray caps working_dir uploads at 500 MiB).
 EXCLUDES = [".run/", ".git/", "benchmarks/results/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/",
-            "data/", "*.parquet", "*.npy", "*.safetensors", "*.jsonl", "*.gguf", "ingestion/kafka/*.jar",
-            "ingestion/kafka/libs/"]
+            "data/", "*.parquet", "*.npy", "*.safetensors", "*.jsonl", "*.gguf", "devtools/kafka/*.jar",
+            "devtools/kafka/libs/"]
 # Passed from the submitting shell to the job when set there.
 PASSED_ENV = ("HF_HUB_OFFLINE", "LSVCR_KAFKA_BOOTSTRAP", "LSVCR_RUN_DIR", "LSVCR_CACHE_DIR", "LSVCR_RAY_CPUS",
               "TOKENIZERS_PARALLELISM")
@@ -62,7 +62,9 @@ def entrypoint(stage: str, overrides: list[str], python: str = "python") -> str:
     bad = [o for o in overrides if "=" not in o and not o.endswith((".yaml", ".yml"))]
     if bad:
         raise ValueError(f"overrides must be key=value (or one config .yaml first), got {bad}")
-    return " ".join([shlex.quote(python), "-m", STAGES[stage], *(shlex.quote(o) for o in overrides)])
+    config = ["--config", overrides[0]] if overrides and "=" not in overrides[0] else []
+    args = [*STAGES[stage], *config, *overrides[len(config) // 2:]]
+    return " ".join([shlex.quote(python), "-m", "lsvcr.cli", *(shlex.quote(a) for a in args)])
 
 
 def runtime_env(stage: str, env: dict[str, str] | None = None, working_dir: str | Path = PROJECT_ROOT) -> dict:

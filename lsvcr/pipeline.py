@@ -13,7 +13,19 @@ import os
 import time
 from pathlib import Path
 
-from lsvcr.paths import run_dir
+from core.config import load_config
+from core.paths import run_dir
+from core.runtime import init_ray
+from devtools import broker
+from devtools.generator import GeneratorConfig, generate
+from features.build import FeaturesConfig, build_features
+from ingestion.consumer import IngestConfig, ingest
+from ingestion.replay import replay
+from ingestion.topics import ensure_topics
+from lsvcr.suite import train_all
+from serving.app import show_samples, start, stop
+from trainers.evaluate import format_table
+from trainers.registry import Registry
 
 
 @dataclasses.dataclass
@@ -24,7 +36,7 @@ class PipelineConfig:
     epochs: int | None = None  # None: the trainer's default
     num_workers: int = 2
     topic_prefix: str | None = None  # None: a prefix unique to this run, so runs never share topics
-    # Models to train and evaluate (trainers.suite.MODEL_NAMES); the LLM-aligned ones take much longer.
+    # Models to train and evaluate (lsvcr.suite.MODEL_NAMES); the LLM-aligned ones take much longer.
     models: tuple[str, ...] = ("popularity", "sasrec", "sr_no_align")
     align: tuple[str, ...] = ()  # key=value overrides for stage 1 (e.g. max_examples=2000)
 
@@ -48,8 +60,6 @@ class Steps:
 
 def _local_broker() -> tuple[str, bool]:
     """The broker to use and whether this call started it (and so should stop it)."""
-    from ingestion import broker
-
     if os.environ.get("LSVCR_KAFKA_BOOTSTRAP"):
         return os.environ["LSVCR_KAFKA_BOOTSTRAP"], False
     was_running = broker.status()["ready"]
@@ -57,15 +67,6 @@ def _local_broker() -> tuple[str, bool]:
 
 
 def run_pipeline(cfg: PipelineConfig, steps: Steps | None = None) -> dict:
-    from features.build import FeaturesConfig, build_features
-    from ingestion.consumer import IngestConfig, ingest
-    from ingestion.replay import replay
-    from ingestion.topics import ensure_topics
-    from lsvcr.config import load_config
-    from lsvcr.ray_runtime import init_ray
-    from trainers.evaluate import format_table
-    from trainers.suite import train_all
-
     steps = steps or Steps(6)
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -86,8 +87,6 @@ def run_pipeline(cfg: PipelineConfig, steps: Steps | None = None) -> dict:
                                        topic_prefix=prefix, until_idle_s=3.0))
     finally:
         if started_broker:
-            from ingestion import broker
-
             broker.stop()
 
     steps("features: point-in-time histories, splits and MiniLM item embeddings (Ray Data)")
@@ -112,9 +111,6 @@ def run_pipeline(cfg: PipelineConfig, steps: Steps | None = None) -> dict:
 
 def demo(users: int = 2000, seed: int = 0, epochs: int | None = None, serve_seconds: float = 0.0) -> dict:
     """Generate the bundled default dataset, run everything, serve, and show two users' recommendations."""
-    from ingestion.generator import GeneratorConfig, generate
-    from lsvcr.config import load_config
-
     steps = Steps(8)
     root = run_dir() / "demo"
     data = root / f"data-u{users}-s{seed}"
@@ -127,9 +123,6 @@ def demo(users: int = 2000, seed: int = 0, epochs: int | None = None, serve_seco
                                       epochs=epochs), steps)
 
     steps("publish to the model registry, serve with Ray Serve, ask for recommendations")
-    from serving.app import show_samples, start, stop
-    from trainers.evaluate import format_table
-    from trainers.registry import Registry
 
     registry = root / "registry"
     version = Registry(registry).publish(out["checkpoints"]["sr_no_align"], out["features"])

@@ -20,8 +20,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from core.runtime import init_ray
+from features.embeddings import make_encoder
+from ingestion.sequence_store import SequenceStore
+from serving.catalog import CatalogFollower, extend_state
 from serving.histories import history_from_store
 from serving.state import ModelState, load_state
+from trainers.registry import Registry
 
 log = logging.getLogger("ray.serve")
 
@@ -135,8 +140,6 @@ class Recommender:
         self._stop = threading.Event()
         self.registry = None
         if registry:
-            from trainers.registry import Registry
-
             self.registry = Registry(registry)
             version = self.registry.current()
             if version is None:
@@ -149,15 +152,10 @@ class Recommender:
             raise ValueError("Recommender needs a registry, or a checkpoint and a features folder")
         self.catalog = None
         if catalog_bootstrap:
-            from serving.catalog import CatalogFollower
-
             self.catalog = CatalogFollower(catalog_bootstrap, topic_prefix, self.add_items)
             self.catalog.start()
 
     def _with_arrivals(self, state: ModelState) -> ModelState:
-        from features.embeddings import make_encoder
-        from serving.catalog import extend_state
-
         if not self.arrived["videos"] and not self.arrived["comments"]:
             return state
         key = (state.encoder, state.encoder_dim)
@@ -212,8 +210,6 @@ class Recommender:
 
     def _sequence_store(self):
         if self._store is None and self.sequence_store_path and Path(self.sequence_store_path).exists():
-            from ingestion.sequence_store import SequenceStore
-
             self._store = SequenceStore(self.sequence_store_path, readonly=True)
         return self._store
 
@@ -326,8 +322,6 @@ def start(registry: str | None = None, checkpoint: str | None = None, features: 
     """Deploy the app on a local (or RAY_ADDRESS) Ray and return its base URL."""
     from ray.serve.schema import LoggingConfig
 
-    from lsvcr.ray_runtime import init_ray
-
     init_ray()
     logging_config = None if access_log else LoggingConfig(log_level="WARNING", enable_access_log=False)
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
@@ -344,11 +338,13 @@ def stop() -> None:
 
 def replica_urls(app_name: str = APP_NAME, timeout_s: float = 60.0) -> list[str]:
     """The base URLs at which the app's replicas answer HTTP themselves (Serve's direct ingress, on when
-    lsvcr starts Ray: lsvcr/ray_runtime.py): the short path, without the proxy. [] when direct ingress is off.
+    lsvcr starts Ray: core/runtime.py): the short path, without the proxy. [] when direct ingress is off.
 
     A replica binds the app's HTTP host; Serve reports each target by its node's address, which is the one to
     use when that host is all interfaces. Waits up to timeout_s for Serve to report a just-deployed app's ports."""
-    from ray.serve.context import _get_global_client  # Serve's own details (the dashboard's /api/serve)
+    from ray.serve.context import (
+        _get_global_client,  # Serve's own details (the dashboard's /api/serve)
+    )
 
     client = _get_global_client()
     deadline = time.monotonic() + timeout_s

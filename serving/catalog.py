@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from features.sequences import video_text
+from ingestion.schema import InvalidRecord, parse
+from ingestion.topics import topic_names
 from serving.state import ModelState
 
 
@@ -79,7 +81,6 @@ class CatalogFollower(threading.Thread):
 
     def __init__(self, bootstrap: str, topic_prefix: str, on_batch, poll_ms: int = 200):
         super().__init__(daemon=True, name="catalog-follower")
-        from ingestion.topics import topic_names
 
         names = topic_names(topic_prefix)
         self.topics = {names["videos"]: "videos", names["comments"]: "comments"}
@@ -89,8 +90,6 @@ class CatalogFollower(threading.Thread):
 
     def run(self) -> None:
         from kafka import KafkaConsumer, TopicPartition
-
-        from ingestion.schema import InvalidRecord, parse
 
         try:
             consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,

@@ -2,7 +2,9 @@ import os
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from core.runtime import setup_process
+
+setup_process()  # what every entry point does first (HF_HUB_OFFLINE and friends)
 
 
 @pytest.fixture(scope="session")
@@ -10,7 +12,7 @@ def ray_session():
     """One local Ray for the whole test session (starting Ray costs seconds on 2 cores)."""
     import ray
 
-    from lsvcr.ray_runtime import init_ray
+    from core.runtime import init_ray
 
     init_ray()
     yield ray
@@ -23,7 +25,7 @@ def kafka_bootstrap(tmp_path_factory):
     os.environ["LSVCR_KAFKA_PORT"] = os.environ.get("LSVCR_TEST_KAFKA_PORT", "19192")
     os.environ["LSVCR_KAFKA_CONTROLLER_PORT"] = os.environ.get("LSVCR_TEST_KAFKA_CONTROLLER_PORT", "19193")
     os.environ["LSVCR_RUN_DIR"] = str(tmp_path_factory.mktemp("run"))
-    from ingestion import broker
+    from devtools import broker
 
     cfg = broker.BrokerConfig()
     bootstrap = broker.start(cfg)

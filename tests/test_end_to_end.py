@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, kafka_bootstrap, ray_session):
-    from ingestion.generator import GeneratorConfig, generate
+    from devtools.generator import GeneratorConfig, generate
     from lsvcr.pipeline import PipelineConfig, run_pipeline
 
     root = tmp_path_factory.mktemp("e2e")

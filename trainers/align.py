@@ -1,7 +1,7 @@
 """Stage 1, personalized preference alignment, on Ray Train (DESIGN.md section 6).
 
     ckpt = align(AlignConfig(features="FEATURES", out="ALIGNED"))
-    python -m trainers.align features=FEATURES out=ALIGNED [llm=default|HF_FOLDER] [llm_mode=auto|lora|frozen]
+    lsvcr train align features=FEATURES out=ALIGNED [llm=default|HF_FOLDER] [llm_mode=auto|lora|frozen]
 
 Each worker streams its shard of examples/video/train and examples/comment/train (Ray Data, not materialised
 on the driver); every step takes one batch of each task, so the LLM sees video and comment instructions
@@ -33,7 +33,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -44,15 +43,45 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lsvcr.paths import cache_dir
-from trainers.checkpoint import CONFIG, WEIGHTS, load_state, read_weights, save_checkpoint
-from lsvcr import storage
-from trainers.data import (TASKS, collate, count_examples, examples_path, examples_source, load_item_times,
-                           load_text_tables, local_features, worker_features)
-from trainers.finetune import (INJECTED_FAILURE, _joint_batches, inject_failure, load_optimizer_tensors,
-                                optimizer_tensors)
+from core import storage
+from core.paths import cache_dir
+from core.runtime import init_ray
+from trainers.checkpoint import (
+    CONFIG,
+    WEIGHTS,
+    load_state,
+    read_weights,
+    save_checkpoint,
+)
+from trainers.data import (
+    TASKS,
+    collate,
+    count_examples,
+    examples_path,
+    examples_source,
+    load_item_times,
+    load_text_tables,
+    local_features,
+    worker_features,
+)
+from trainers.finetune import (
+    INJECTED_FAILURE,
+    _joint_batches,
+    inject_failure,
+    load_optimizer_tensors,
+    optimizer_tensors,
+)
 from trainers.losses import info_nce, item_vectors, seq_sup_contrast, vc_contrast
-from trainers.models.llm import DEFAULT_LLM, ItemTexts, LLMConfig, render_examples, resolve_llm_path
+from trainers.models.llm import (
+    DEFAULT_LLM,
+    ItemTexts,
+    LLMConfig,
+    LLMRecommender,
+    inference_dtype,
+    load_base,
+    render_examples,
+    resolve_llm_path,
+)
 from trainers.models.sr import SRConfig, SRModel
 
 LLM_MODES = ("auto", "lora", "frozen")
@@ -235,7 +264,6 @@ def _sync(params: list[torch.nn.Parameter], world: int, grads: bool) -> None:
 def _build_llm_side(config: AlignConfig, llm_path: str | None, llm_hidden: int, device: torch.device):
     if config.mode == "frozen":
         return torch.nn.Linear(llm_hidden, config.hidden).to(device)
-    from trainers.models.llm import LLMRecommender, load_base
 
     base, tokenizer = load_base(llm_path, device)
     return LLMRecommender(base, tokenizer, llm_config(config)).to(device)
@@ -400,8 +428,6 @@ class _LLMStates:
 
     def __init__(self, llm_path: str, task: str, features: str, max_prompt_tokens: int, dtype: str = "auto",
                  source: str | None = None):
-        from trainers.models.llm import LLMRecommender, inference_dtype, load_base
-
         features = worker_features(features, source or features)
         torch.set_num_threads(max(1, (os.cpu_count() or 1)))
         base, tokenizer = load_base(llm_path, dtype=inference_dtype(dtype))
@@ -473,8 +499,6 @@ def align(config: AlignConfig) -> str:
     from ray.train.torch import TorchConfig, TorchTrainer
     from transformers import AutoConfig
 
-    from lsvcr.ray_runtime import init_ray
-
     source = config.features if not storage.is_local(config.features) else os.path.abspath(config.features)
     # A URI is downloaded once into the cache; the workers use that copy, or their node's own.
     config = dataclasses.replace(config, features=str(local_features(source)), out=os.path.abspath(config.out))
@@ -533,13 +557,3 @@ def align(config: AlignConfig) -> str:
         shutil.rmtree(storage_path, ignore_errors=True)
     print(f"align: wrote {out} ({result.metrics.get('step')} steps)", flush=True)
     return str(out)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from lsvcr.config import config_from_argv
-
-    align(config_from_argv(AlignConfig, sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    main()

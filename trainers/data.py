@@ -26,6 +26,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
+from core import storage
+from core.paths import cache_dir
+
 COMMENTS_PER_RECORD = 3
 HISTORY_COLUMNS = ("hist_video", "hist_video_hot", "hist_video_ts", "hist_cmt_video", "hist_cmt_comments",
                    "hist_cmt_ts")
@@ -177,9 +180,6 @@ def load_item_times(features_dir: str | Path) -> tuple[torch.Tensor, torch.Tenso
 def local_features(features: str | Path) -> Path:
     """A local folder with the features folder `features`: the folder itself when it is a path, else a copy
     downloaded once per node into <LSVCR_CACHE_DIR>/features, keyed by the URI and its manifest.json."""
-    from lsvcr import storage
-    from lsvcr.paths import cache_dir
-
     return Path(os.path.abspath(storage.local_copy(str(features), cache_dir() / "features", "manifest.json")))
 
 
@@ -195,8 +195,6 @@ def worker_features(local: str, source: str) -> str:
 def examples_source(source: str, local: str, task: str, split: str) -> tuple[str, object]:
     """(path, pyarrow file system or None) for Ray Data's read_parquet of a split: inside the URI's file system
     when `source` is a URI (any node can read it), else the local folder."""
-    from lsvcr import storage
-
     folder = str(examples_path(local, task, split))  # checks the split exists
     if storage.is_local(source):
         return folder, None

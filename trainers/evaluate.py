@@ -6,13 +6,10 @@
 results = {"video": {name: metrics}, "comment": {name: metrics}}, metrics as in trainers/metrics.py plus
 "skipped" (examples without negatives, which cannot be ranked). Models are scored through
 trainers/scoring.Scorer, the code serving uses. The popularity baseline is computed in the same run.
-
-    python -m trainers.evaluate FEATURES sr_no_align=CKPT sasrec=CKPT [--split test]
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +17,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainers.baselines import (BLEND_TAUS_H, CountsBefore, blend_scores, popularity_comment_scores,
-                                popularity_video_scores, recency_scores, top_level_scores, video_train_counts)
-from trainers.data import TASKS, collate, iter_examples, load_text_tables, local_features
+from trainers.baselines import (
+    BLEND_TAUS_H,
+    CountsBefore,
+    blend_scores,
+    popularity_comment_scores,
+    popularity_video_scores,
+    recency_scores,
+    top_level_scores,
+    video_train_counts,
+)
+from trainers.data import (
+    TASKS,
+    collate,
+    examples_path,
+    iter_examples,
+    load_text_tables,
+    local_features,
+)
 from trainers.metrics import METRIC_NAMES, ranking_metrics, ranks_from_scores
 from trainers.scoring import Scorer
 
@@ -66,8 +78,6 @@ def time_baseline_fns(features_dir: str | Path, blend_tau_h: float = 24.0,
     blend_taus_h adds one "recency_pop_blend@<tau>" per tau (for tuning, from the same tables)."""
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
-
-    from trainers.data import examples_path
 
     videos = pq.read_table(Path(features_dir) / "videos.parquet", columns=["ts"])
     comments = pq.read_table(Path(features_dir) / "comments.parquet", columns=["comment_id", "parent_id", "ts"])
@@ -244,23 +254,3 @@ def format_table(results: dict) -> str:
     for other, other_tasks in results.get("other_protocols", {}).items():
         lines += _task_blocks(f" ({other})", other_tasks)
     return "\n".join(lines).rstrip() + "\n"
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Evaluate checkpoints and the popularity baseline.")
-    parser.add_argument("features")
-    parser.add_argument("models", nargs="*", help="NAME=CHECKPOINT_DIR")
-    parser.add_argument("--split", default="test", choices=("train", "valid", "test"))
-    parser.add_argument("--max-examples", type=int, default=0)
-    args = parser.parse_args(argv)
-    checkpoints = {}
-    for item in args.models:
-        if "=" not in item:
-            parser.error(f"{item!r} is not NAME=CHECKPOINT_DIR")
-        name, path = item.split("=", 1)
-        checkpoints[name] = path
-    print(format_table(evaluate(args.features, checkpoints, args.split, max_examples=args.max_examples)))
-
-
-if __name__ == "__main__":
-    main()

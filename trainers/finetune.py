@@ -2,7 +2,7 @@
 
     ckpt = finetune(FinetuneConfig(features="FEATURES", out="CKPT"))        # SR model, video + comment
     ckpt = finetune(FinetuneConfig(features=..., out=..., model="sasrec"))  # the ID-only baseline
-    python -m trainers.finetune features=FEATURES out=CKPT [key=value ...]
+    lsvcr train finetune features=FEATURES out=CKPT [key=value ...]
 
 Each worker streams its shard of examples/video/train and examples/comment/train (Ray Data datasets given to
 the TorchTrainer, read through `get_dataset_shard` batch by batch). Train sets larger than
@@ -35,12 +35,13 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional  # not `str | None`: lsvcr.config coerces typing.Optional only
+from typing import (
+    Optional,  # not `str | None`: core.config coerces typing.Optional only
+)
 
 import numpy as np
 import pyarrow.compute as pc
@@ -48,10 +49,28 @@ import pyarrow.dataset as pads
 import torch
 import torch.distributed as dist
 
-from trainers.checkpoint import CONFIG, TRAIN, WEIGHTS, load_init_weights, load_state, read_weights, save_checkpoint
-from lsvcr import storage
-from trainers.data import (TASKS, collate, count_examples, examples_path, examples_source, load_item_times,
-                           load_text_tables, local_features, worker_features)
+from core import storage
+from core.runtime import init_ray
+from trainers.checkpoint import (
+    CONFIG,
+    TRAIN,
+    WEIGHTS,
+    load_init_weights,
+    load_state,
+    read_weights,
+    save_checkpoint,
+)
+from trainers.data import (
+    TASKS,
+    collate,
+    count_examples,
+    examples_path,
+    examples_source,
+    load_item_times,
+    load_text_tables,
+    local_features,
+    worker_features,
+)
 from trainers.evaluate import evaluate_fns, scorer_fn
 from trainers.losses import comment_loss, id_text_loss, video_loss
 from trainers.models import MODELS, SASRecConfig, SRConfig, build_model
@@ -419,8 +438,6 @@ def finetune(config: FinetuneConfig) -> str:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from lsvcr.ray_runtime import init_ray
-
     source = config.features if not storage.is_local(config.features) else os.path.abspath(config.features)
     features = str(local_features(source))  # a URI: downloaded once into the cache
     config = dataclasses.replace(config, features=features, out=os.path.abspath(config.out),
@@ -480,13 +497,3 @@ def finetune(config: FinetuneConfig) -> str:
     print(f"finetune: wrote {out} (best epoch {result.metrics.get('best_epoch')} of "
           f"{result.metrics.get('epochs_run')})", flush=True)
     return str(out)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from lsvcr.config import config_from_argv
-
-    finetune(config_from_argv(FinetuneConfig, sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    main()

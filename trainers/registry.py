@@ -6,7 +6,7 @@
     REGISTRY/features/<sha>/  object storage only: the features files serving needs, shared by versions
 
 REGISTRY is a local path (a shared file system on a cluster) or a URI such as s3://bucket/lsvcr/registry
-(lsvcr/storage.py). Locally, a version is written under a temporary name and renamed into place, and CURRENT
+(core/storage.py). Locally, a version is written under a temporary name and renamed into place, and CURRENT
 is replaced with os.replace, so readers see either the old state or the new one, never half of either. On
 object storage nothing can be renamed: a version counts only once its manifest.json (written last) is there,
 CURRENT is one object PUT, and there should be one publisher at a time (the continuous job). A version's
@@ -25,12 +25,13 @@ import time
 import uuid
 from pathlib import Path
 
-from lsvcr import storage
+from core import storage
+from core.paths import cache_dir
 from trainers.checkpoint import CONFIG, TRAIN, WEIGHTS, CheckpointError, load_model
 
 MANIFEST = "manifest.json"
 # What serving and warm starts read from a features folder (serving/state.py, trainers/scoring.py,
-# trainers/continuous.py); manifest.json goes last, as the marker of a complete copy.
+# lsvcr/continuous.py); manifest.json goes last, as the marker of a complete copy.
 SERVING_FEATURES = ("video_emb.npy", "comment_emb.npy", "videos.parquet", "comments.parquet", "users.parquet",
                     "manifest.json")
 
@@ -190,6 +191,4 @@ def _next_version(names: list[str]) -> str:
 
 
 def _cache(kind: str) -> Path:
-    from lsvcr.paths import cache_dir
-
     return cache_dir() / "registry" / kind

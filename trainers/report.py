@@ -1,9 +1,9 @@
 """`lsvcr report RUN_DIR`: a Markdown metrics table and PNG training curves for one suite run.
 
     path = report("RUN")   # -> RUN/.../report.md, next to the metrics.json it read
-    python -m trainers.report RUN [--out FOLDER]
+    lsvcr report RUN [--out FOLDER]
 
-RUN_DIR is the suite's output folder (holding metrics.json, trainers/suite.py), or a `lsvcr run` work folder
+RUN_DIR is the suite's output folder (holding metrics.json, lsvcr/suite.py), or a `lsvcr run` work folder
 (metrics.json under models/), or a metrics.json file itself. Everything that metrics.json holds besides the
 per-task metrics (split, protocol, ...) is listed above the tables, so new keys show up without code changes;
 any model or baseline under a task gets a row, and every numeric metric a column.
@@ -15,10 +15,8 @@ matplotlib runs with the Agg backend (no display needed).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 from trainers.metrics import METRIC_NAMES
@@ -167,16 +165,3 @@ def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     path.write_text(render(tasks, rest, images))
     print(f"report: wrote {path} and {len(images)} curve(s)", flush=True)
     return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Markdown metrics table and PNG training curves of a run.")
-    parser.add_argument("run_dir")
-    parser.add_argument("--out", default=None, help="folder for report.md and the PNGs (default: next to "
-                                                    "metrics.json)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    report(args.run_dir, args.out)
-
-
-if __name__ == "__main__":
-    main()

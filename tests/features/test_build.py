@@ -8,10 +8,10 @@ import pyarrow.json  # noqa: F401  (pa.json)
 import pyarrow.parquet as pq
 import pytest
 
+from core.config import ConfigError, load_config
 from features import sequences as seq
 from features.build import FeaturesConfig, build_features
 from features.embeddings import HashEncoder
-from lsvcr.config import ConfigError, load_config
 
 # Videos: v1=0 (ts 10), v2=1 (20), v3=2 (30), v4=3 (35, no comments). Comments: c1=0, c2=1 under v1; c3=2 under
 # v2; cx is under an unknown video. Hot comments: v1 @13 -> c1 (alone), v1 @17 -> c2 (liked @16), v2 @36 -> c3.
@@ -249,7 +249,7 @@ def read_all(out):
 
 
 def test_incremental_build_equals_a_full_rebuild(tmp_path, ray_session, tables):
-    from ingestion.generator import GeneratorConfig, generate
+    from devtools.generator import GeneratorConfig, generate
 
     data = tmp_path / "gen"
     generate(data, GeneratorConfig(users=30, days=4, min_videos=40, comments_per_video=3, seed=5))
@@ -349,7 +349,7 @@ def test_global_time_split_by_fractions(tmp_path, ray_session, tables, eventlog_
 
 def test_build_features_from_and_to_uris_equals_a_local_build(tmp_path, ray_session, tables, eventlog_writer,
                                                                monkeypatch):
-    from lsvcr import storage
+    from core import storage
 
     monkeypatch.setenv("LSVCR_CACHE_DIR", str(tmp_path / "cache"))
     log = eventlog_writer(tmp_path / "eventlog", tables(**LOG))

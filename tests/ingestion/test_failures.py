@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer
 
-from ingestion import broker
-from ingestion.benchmark import produce as produce_payloads
-from ingestion.consumer import IngestConfig, Ingestor, ingest, read_dead_letter_counts
+from benchmarks.ingest import produce as produce_payloads
+from devtools import broker
+from ingestion.consumer import IngestConfig, ingest, read_dead_letter_counts
 from ingestion.eventlog import EventLog
 from ingestion.sequence_store import SequenceStore
 from ingestion.topics import ensure_topics, topic_names

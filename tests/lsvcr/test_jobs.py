@@ -5,9 +5,12 @@ import pytest
 from lsvcr import jobs
 
 
-def test_entrypoint_runs_the_stage_module_with_quoted_overrides():
-    assert jobs.entrypoint("finetune", ["epochs=1", "out=/a b"]) == "python -m trainers.finetune epochs=1 'out=/a b'"
-    assert jobs.entrypoint("continuous", []).startswith("python -m trainers.continuous")
+def test_entrypoint_runs_the_stage_command_with_quoted_overrides():
+    assert jobs.entrypoint("finetune", ["epochs=1", "out=/a b"]) == \
+        "python -m lsvcr.cli train finetune epochs=1 'out=/a b'"
+    assert jobs.entrypoint("continuous", []) == "python -m lsvcr.cli continuous"
+    assert jobs.entrypoint("features", ["configs/x.yaml", "seed=1"]) == \
+        "python -m lsvcr.cli features build --config configs/x.yaml seed=1"
     with pytest.raises(ValueError, match="unknown stage"):
         jobs.entrypoint("serve-everything", [])
     with pytest.raises(ValueError, match="key=value"):

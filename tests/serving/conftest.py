@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from devtools.generator import GeneratorConfig, generate
 from ingestion.eventlog import EventLog
-from ingestion.generator import GeneratorConfig, generate
 from ingestion.schema import TABLES, parse
 
 

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.serving.conftest import make_checkpoint
 from ingestion.eventlog import EventLog
 from ingestion.topics import ensure_topics, topic_names
+from tests.serving.conftest import make_checkpoint
 from trainers.registry import Registry
 
 pytestmark = pytest.mark.integration
@@ -22,9 +22,8 @@ TOPIC_PREFIX = "t-serving."
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, serving_features, kafka_bootstrap):
-    from serving.app import start, stop
-
     from ingestion.sequence_store import SequenceStore
+    from serving.app import start, stop
 
     root = tmp_path_factory.mktemp("registry")
     registry = Registry(root / "registry")
@@ -119,7 +118,7 @@ def test_hot_swap_under_load_fails_no_request(served, direct, serving_features):
     for t in threads:
         t.start()
     time.sleep(1.5)
-    new = registry.publish(make_checkpoint(serving_features, root / f"ckpt-swap", seed=2), serving_features)
+    new = registry.publish(make_checkpoint(serving_features, root / "ckpt-swap", seed=2), serving_features)
     _wait_for_version(client, new)
     swapped_at = time.monotonic()
     time.sleep(1.5)

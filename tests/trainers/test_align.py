@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.align import AlignConfig, save_aligned, sr_config, stage1_losses, total_loss
+from trainers.align import (
+    AlignConfig,
+    save_aligned,
+    sr_config,
+    stage1_losses,
+    total_loss,
+)
 from trainers.checkpoint import load_init_weights
 from trainers.data import collate, iter_examples, load_item_times, load_text_tables
 from trainers.finetune import FinetuneConfig, model_config

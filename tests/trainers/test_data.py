@@ -9,8 +9,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from lsvcr import storage
-from trainers.data import (count_examples, examples_source, load_text_tables, local_features, worker_features)
+from core import storage
+from trainers.data import (
+    count_examples,
+    examples_source,
+    load_text_tables,
+    local_features,
+    worker_features,
+)
 
 
 def _features(root):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lsvcr.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from trainers.checkpoint import load_model
 from trainers.evaluate import evaluate
 from trainers.finetune import FinetuneConfig, finetune, seen_items
@@ -80,7 +80,7 @@ def test_finetune_and_evaluate_from_a_features_uri(ray_session, fake_features, t
     """local:// is fsspec's local file system reached through a URI: the same path as s3:// (a local copy on
     the driver and per node, train files read by Ray Data through the URI's file system), readable from every
     Ray worker process."""
-    from lsvcr import storage
+    from core import storage
 
     monkeypatch.setenv("LSVCR_CACHE_DIR", str(tmp_path / "cache"))
     uri = f"local://{tmp_path}/bucket/features"

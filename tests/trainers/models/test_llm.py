@@ -2,8 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.models.llm import (ItemTexts, LLMConfig, LLMRecommender, fit_prompt, history_lines, load_base,
-                                 render_examples, resolve_llm_path)
+from trainers.models.llm import (
+    ItemTexts,
+    LLMConfig,
+    LLMRecommender,
+    fit_prompt,
+    history_lines,
+    load_base,
+    render_examples,
+    resolve_llm_path,
+)
 
 TEXTS = ItemTexts(videos=["cats", "dogs", "birds"], comments=["so cute", "lol", "wow", "nice"])
 

@@ -5,9 +5,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from features import benchmark
+from benchmarks import features as benchmark
+from benchmarks.pandas_features import build_pandas
 from features.build import FeaturesConfig, build_features
-from features.pandas_baseline import build_pandas
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ def test_ray_build_has_the_same_rows_as_the_pandas_baseline(tmp_path, ray_sessio
 
 
 def test_defaults_name_the_benchmark_size():
-    from lsvcr.benchmark import parse_overrides
+    from benchmarks.harness import parse_overrides
 
     # issue 4: 1M events from 100k generated users
     assert parse_overrides("features", benchmark.DEFAULTS, ["users=7"])["users"] == 7

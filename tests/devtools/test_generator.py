@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
+from core.config import load_config
+from devtools.generator import STYLES, TOPICS, GeneratorConfig, generate
 from ingestion import schema
-from ingestion.generator import STYLES, TOPICS, GeneratorConfig, generate
-from lsvcr.config import load_config
 
 FILES = ("videos", "comments", "video_events", "comment_events")
 

@@ -1,10 +1,10 @@
-"""lsvcr/storage.py on the local file system and on memory:// (fsspec's in-process file system, reached only
+"""core/storage.py on the local file system and on memory:// (fsspec's in-process file system, reached only
 through URIs, like object storage)."""
 
 import fsspec
 import pytest
 
-from lsvcr import storage
+from core import storage
 
 
 def test_paths_and_file_uris_are_local(tmp_path):

@@ -24,9 +24,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainers.align import AlignConfig, align as run_align
+from core.config import load_config
+from trainers.align import AlignConfig
+from trainers.align import align as run_align
 from trainers.evaluate import evaluate
-from trainers.finetune import FinetuneConfig, finetune as run_finetune
+from trainers.finetune import FinetuneConfig
+from trainers.finetune import finetune as run_finetune
 
 MODEL_NAMES = ("popularity", "sasrec", "sr_no_align", "sr_text_only", "lsvcr_no_vc_contrast", "lsvcr_no_time",
                "lsvcr")
@@ -52,8 +55,6 @@ def train_all(features: str | Path, out: str | Path, models: tuple[str, ...] | l
               reuse: bool = False) -> dict:
     """Train `models` (names from MODEL_NAMES) and evaluate them with popularity on `split`; also writes
     OUT/metrics.json. Returns {"checkpoints": {...}, "metrics": {...}}."""
-    from lsvcr.config import load_config
-
     unknown = sorted(set(models) - set(MODEL_NAMES))
     if unknown:
         raise ValueError(f"unknown models {unknown}; known: {list(MODEL_NAMES)}")

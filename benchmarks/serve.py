@@ -23,7 +23,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lsvcr.config import load_config
+from core.config import load_config
+from features.sequences import USERS_SCHEMA
+from serving.app import replica_urls, start, stop
+from trainers.checkpoint import save_checkpoint
+from trainers.models import build_model
+from trainers.registry import Registry
 
 
 @dataclasses.dataclass
@@ -50,8 +55,6 @@ class ServeBenchConfig:
 
 def synthetic_features(out: Path, cfg: ServeBenchConfig) -> Path:
     """A features folder in the docs/DATA.md layout with random text vectors and histories."""
-    from features.sequences import USERS_SCHEMA
-
     rng = np.random.default_rng(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -99,9 +102,6 @@ def synthetic_features(out: Path, cfg: ServeBenchConfig) -> Path:
 
 def random_checkpoint(features: Path, out: Path, cfg: ServeBenchConfig) -> Path:
     import torch
-
-    from trainers.checkpoint import save_checkpoint
-    from trainers.models import build_model
 
     torch.manual_seed(cfg.seed)
     model = build_model("sr", {"num_videos": cfg.videos, "num_comments": cfg.videos * cfg.comments_per_video,
@@ -225,9 +225,6 @@ def headline_concurrency(figures: dict, levels: tuple[int, ...], p99_target_ms: 
 
 
 def run(overrides: list[str]) -> dict:
-    from serving.app import replica_urls, start, stop
-    from trainers.registry import Registry
-
     cfg = load_config(ServeBenchConfig, None, overrides)
     work = Path(tempfile.mkdtemp(prefix="lsvcr-serve-bench-"))
     print(f"[bench serve] synthetic catalog: {cfg.videos:,} videos, {cfg.users:,} users in {work}", flush=True)
@@ -279,7 +276,7 @@ def run(overrides: list[str]) -> dict:
             stop()
 
     base_url = f"http://127.0.0.1:{cfg.baseline_port}"
-    server = subprocess.Popen([sys.executable, "-m", "serving.minimal_server", str(registry.path(registry.versions()[0])),
+    server = subprocess.Popen([sys.executable, "-m", "benchmarks.minimal_server", str(registry.path(registry.versions()[0])),
                                str(features), str(cfg.baseline_port)])
     try:
         _wait_ready(base_url)

@@ -1,6 +1,6 @@
 """The serve benchmark's baseline: one uvicorn process scoring each request with the same ModelState code.
 
-    python -m serving.minimal_server CHECKPOINT FEATURES PORT
+    python -m benchmarks.minimal_server CHECKPOINT FEATURES PORT
 """
 
 import sys

@@ -18,7 +18,13 @@ import json
 import time
 from pathlib import Path
 
-from lsvcr.paths import run_dir
+from benchmarks.harness import parse_overrides
+from core.config import load_config
+from core.paths import run_dir
+from devtools.generator import GeneratorConfig, generate
+from lsvcr.pipeline import PipelineConfig, run_pipeline
+from lsvcr.suite import MODEL_NAMES
+from trainers.evaluate import format_table
 
 DEFAULTS = {"users": 20_000, "seed": 0, "epochs": 1, "align_examples": 2000, "align_epochs": 3,
             "max_prompt_tokens": 256, "workdir": "", "models": "all"}
@@ -46,13 +52,6 @@ def verdict(metrics: dict, model: str = "lsvcr", rivals: tuple[str, ...] = ("sr_
 
 
 def run(overrides: list[str]) -> dict:
-    from ingestion.generator import GeneratorConfig, generate
-    from lsvcr.benchmark import parse_overrides
-    from lsvcr.config import load_config
-    from lsvcr.pipeline import PipelineConfig, run_pipeline
-    from trainers.evaluate import format_table
-    from trainers.suite import MODEL_NAMES
-
     opts = parse_overrides("quality", DEFAULTS, overrides)
     root = Path(opts["workdir"] or run_dir() / "quality")
     data = root / f"data-u{opts['users']}-s{opts['seed']}"

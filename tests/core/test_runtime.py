@@ -2,7 +2,7 @@
 
 import os
 
-from lsvcr.ray_runtime import LOCAL_SERVE_ENV, use_local_serve_env
+from core.runtime import LOCAL_SERVE_ENV, use_local_serve_env
 
 
 def _clear(monkeypatch):

@@ -1,8 +1,8 @@
 """`lsvcr benchmark train`: stage 1 and stage 2 throughput and peak memory, for 1 and 2 Ray Train workers.
 
 Steps, all in one run:
-1. a generated dataset (ingestion.generator, `users` users) written as an event log and built into features
-   with the hash encoder (features/benchmark.py does the same; cached under WORKDIR by users and seed);
+1. a generated dataset (devtools.generator, `users` users) written as an event log and built into features
+   with the hash encoder (benchmarks/features.py does the same; cached under WORKDIR by users and seed);
 2. stage 1 in frozen mode with the real packaged SmolLM2-135M-Instruct: the Ray Data precompute of the LLM
    states is timed on its own (align_tokens_per_s = prompt tokens / s through the LLM), then the Ray Train
    loop for `align_steps` steps (align_examples_per_s, from the run's train.json);
@@ -30,14 +30,22 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from benchmarks.features import PeakRss, dataset, write_eventlog
+from benchmarks.harness import parse_overrides
+from core.paths import cache_dir
+from core.runtime import init_ray
+from features.build import FeaturesConfig, build_features
+from trainers.align import AlignConfig, align, precompute_states
+from trainers.data import TASKS, count_examples
+from trainers.finetune import FinetuneConfig, finetune
+from trainers.models.llm import resolve_llm_path
+
 DEFAULTS = {"users": 2000, "seed": 0, "workdir": "/tmp/lsvcr_bench_train", "workers": "1,2", "align_steps": 20,
             "align_batch": 8, "lora_steps": 2, "lora_batch": 2, "finetune_epochs": 1, "finetune_batch": 256,
             "max_prompt_tokens": 256}
 
 
 def options(overrides: list[str]) -> dict:
-    from lsvcr.benchmark import parse_overrides
-
     opts = parse_overrides("train", DEFAULTS, overrides)
     workers = [int(w) for w in str(opts["workers"]).split(",") if w.strip()]
     if not workers or min(workers) < 1:
@@ -49,9 +57,6 @@ def options(overrides: list[str]) -> dict:
 
 def build_dataset(work: Path, users: int, seed: int) -> Path:
     """Generated log -> features folder (hash encoder); reused when its manifest exists."""
-    from features.benchmark import dataset, write_eventlog
-    from features.build import FeaturesConfig, build_features
-
     features = work / f"features-{users}-{seed}"
     if (features / "manifest.json").is_file():
         return features
@@ -70,12 +75,6 @@ def _train_info(folder: Path) -> dict:
 
 def measure(features: Path, work: Path, workers: int, opts: dict) -> dict:
     """Figures for one worker count, keys suffixed _w<workers>."""
-    from lsvcr.paths import cache_dir
-    from trainers.align import AlignConfig, align, precompute_states
-    from trainers.data import TASKS, count_examples
-    from trainers.finetune import FinetuneConfig, finetune
-    from trainers.models.llm import resolve_llm_path
-
     tag, out = f"_w{workers}", work / f"runs-w{workers}"
     shutil.rmtree(out, ignore_errors=True)
     figures = {}
@@ -121,9 +120,6 @@ def measure(features: Path, work: Path, workers: int, opts: dict) -> dict:
 
 
 def run(overrides: list[str]) -> dict:
-    from features.benchmark import PeakRss
-    from lsvcr.ray_runtime import init_ray
-
     opts = options(overrides)
     work = Path(opts["workdir"])
     work.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from lsvcr.config import ConfigError, config_from_argv, load_config
+from core.config import ConfigError, config_from_argv, load_config
 
 
 @dataclasses.dataclass

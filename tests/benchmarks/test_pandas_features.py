@@ -5,9 +5,9 @@ import numpy as np
 import pyarrow.json as pajson
 import pytest
 
+from benchmarks.pandas_features import build_pandas
+from devtools.generator import GeneratorConfig, generate
 from features import sequences as seq
-from features.pandas_baseline import build_pandas
-from ingestion.generator import GeneratorConfig, generate
 from ingestion.schema import ARROW_SCHEMA, TABLES
 
 NAMES = ("videos", "comments", "video_events", "comment_events")

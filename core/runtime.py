@@ -1,10 +1,29 @@
-"""One way to start or join Ray, used by every job and by the tests."""
+"""Process set-up and one way to start or join Ray, used by every entry point and by the tests.
+
+Nothing here runs on import: entry points call `setup_process()` first (the CLI, each `python -m` job, the
+test session), and `init_ray()` calls it too, so Ray's workers inherit the same environment.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-import ray
+# Process-wide defaults, set before Ray or transformers are imported: never reach a model hub; keep Ray
+# Data's per-dataset INFO lines out of the console (they still go to the session's ray-data.log); keep Ray
+# Train from routing workers' print through a logger that echoes every line twice.
+PROCESS_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml")),
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+
+
+def setup_process() -> None:
+    """Set PROCESS_ENV (values already in the environment win)."""
+    for key, value in PROCESS_ENV.items():
+        os.environ.setdefault(key, value)
 
 # Training workers mostly wait on data and Ray Data needs a slot of its own beside them, so a 2-core
 # machine is offered as 4 logical CPUs; RAY_ADDRESS (a cluster) overrides all of this.
@@ -41,10 +60,12 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> None:
 
     The dashboard (127.0.0.1:8265) is on by default: Ray Train's state checks and the Jobs API need it.
     """
+    import ray
+
     if ray.is_initialized():
         return
-    passed = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_DATA_LOGGING_CONFIG", "RAY_TRAIN_ENABLE_PRINT_PATCH")
-    runtime_env = {"env_vars": {k: os.environ[k] for k in passed if k in os.environ}}
+    setup_process()
+    runtime_env = {"env_vars": {k: os.environ[k] for k in PROCESS_ENV}}
     if os.environ.get("RAY_ADDRESS"):
         # A submitted job's driver already runs in the job's runtime_env, and Ray refuses to merge another.
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ

@@ -1,10 +1,10 @@
 """`lsvcr benchmark features`: the Ray Data feature build on a generated 100k-user log, against one process.
 
 Steps, all in one run:
-1. generate the dataset (ingestion.generator; cached under WORKDIR by users and seed, ~2.5 min the first time);
+1. generate the dataset (devtools.generator; cached under WORKDIR by users and seed, ~2.5 min the first time);
 2. write it as an event log (EVENTLOG/<table>/date=YYYY-MM-DD/part-*.parquet in ingestion.schema.ARROW_SCHEMA, read back
    through ingestion.eventlog.EventLog to check the counts) - no Kafka: this measures features only;
-3. the single-process baseline (features.pandas_baseline.build_pandas: the same sequence build written plainly
+3. the single-process baseline (benchmarks.pandas_features.build_pandas: the same sequence build written plainly
    in pandas, no Ray) on the same tables, timed, its rows written to WORKDIR/baseline/ and freed before Ray starts;
 4. the Ray Data build (build_features) with the hash encoder, its embedding cache off, so that build_s is the
    sequence build plus a cheap embedding pass; its rows are compared with the baseline's, one split at a time;
@@ -29,6 +29,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
+
+from benchmarks.harness import parse_overrides
+from benchmarks.pandas_features import build_pandas
+from core.runtime import init_ray
+from devtools.generator import GeneratorConfig, generate
+from features.build import FeaturesConfig, build_features
+from features.embeddings import embed_texts
+from features.sequences import SPLITS
+from ingestion.eventlog import EventLog
+from ingestion.schema import ARROW_SCHEMA, TABLES
 
 ROWS_PER_PART = 250_000
 
@@ -91,8 +101,6 @@ class PeakRss:
 
 def dataset(folder: Path, users: int, seed: int) -> dict:
     """The generator's JSONL files for (users, seed), generated once and reused."""
-    from ingestion.generator import GeneratorConfig, generate
-
     counts = folder / "counts.json"
     if not counts.exists():
         print(f"features benchmark: generating {users} users into {folder}", flush=True)
@@ -103,9 +111,6 @@ def dataset(folder: Path, users: int, seed: int) -> dict:
 
 def write_eventlog(data: Path, eventlog: Path) -> dict[str, pa.Table]:
     """JSONL -> EVENTLOG/<table>/part-*.parquet (contract schema); returns the tables, checked via EventLog."""
-    from ingestion.eventlog import EventLog
-    from ingestion.schema import ARROW_SCHEMA, TABLES
-
     tables = {}
     for name in TABLES:
         schema = ARROW_SCHEMA[name]
@@ -133,8 +138,6 @@ def write_baseline(local: dict[str, pa.Table], folder: Path) -> None:
 
 def same_rows(out: Path, baseline: Path) -> list[str]:
     """The (task/split or users) tables whose rows differ between the build and the baseline; [] when none."""
-    from features.sequences import SPLITS
-
     differ = []
     for name, key in [*((f"{t}/{s}", "event_id") for t in ("video", "comment") for s in SPLITS), ("users", "user_id")]:
         got = pq.read_table(out / "users.parquet" if name == "users" else out / "examples" / name)
@@ -146,20 +149,12 @@ def same_rows(out: Path, baseline: Path) -> list[str]:
 
 
 def embed_throughput(texts: list[str], folder: Path) -> float:
-    from features.embeddings import embed_texts
-
     started = time.perf_counter()
     embed_texts(texts, folder / "sample_emb.npy", encoder="minilm", batch_size=256, label="sample texts")
     return len(texts) / (time.perf_counter() - started)
 
 
 def run(overrides: list[str]) -> dict:
-    from features.build import FeaturesConfig, build_features
-    from features.pandas_baseline import build_pandas
-    from lsvcr.ray_runtime import init_ray
-
-    from lsvcr.benchmark import parse_overrides
-
     opts = parse_overrides("features", DEFAULTS, overrides)
     work = Path(opts["workdir"])
     data = work / f"gen-{opts['users']}-{opts['seed']}"
@@ -225,7 +220,7 @@ def run(overrides: list[str]) -> dict:
             "as a date-partitioned Parquet event log without Kafka. build_s is the whole Ray Data build (catalogs, "
             "hash-encoder embeddings of every video and comment text, both stages, negatives, writes); "
             "sequence_build_s = build_s - hash_embed_s is what ratio_vs_baseline compares with baseline_build_s, "
-            "a plain single-process pandas build (features/pandas_baseline.py: per-video and per-user sweeps, "
+            "a plain single-process pandas build (benchmarks/pandas_features.py: per-video and per-user sweeps, "
             "same seeded samplers) on the same in-memory tables, run first, before Ray starts; "
             "same_rows_as_baseline says every example and user row is equal, video negatives included. "
             "build_cpu_s / baseline_cpu_s are the CPU seconds of this process and its descendants (Ray head, "

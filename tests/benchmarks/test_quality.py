@@ -1,4 +1,4 @@
-from trainers.quality import verdict
+from benchmarks.quality import verdict
 
 
 def test_verdict_is_the_ndcg_difference_to_each_rival_where_both_were_evaluated():

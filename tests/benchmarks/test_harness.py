@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lsvcr.benchmark import write_results
+from benchmarks.harness import write_results
 
 
 def test_results_file_and_markdown_section_are_written_and_replaced(tmp_path):
@@ -27,7 +27,7 @@ def test_nested_metric_tables_stay_in_the_results_file_and_out_of_the_markdown_r
 
 
 def test_overrides_are_cast_to_the_defaults_types_and_unknown_keys_refused():
-    from lsvcr.benchmark import parse_overrides
+    from benchmarks.harness import parse_overrides
 
     opts = parse_overrides("x", {"users": 10, "workdir": "/tmp", "rate": 0.5}, ["users=20", "rate=2"])
     assert opts == {"users": 20, "workdir": "/tmp", "rate": 2.0}

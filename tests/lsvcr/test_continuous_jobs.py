@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ingestion.generator import GeneratorConfig, generate
+from devtools.generator import GeneratorConfig, generate
 from ingestion.replay import replay
 from ingestion.topics import ensure_topics
 from lsvcr import jobs

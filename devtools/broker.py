@@ -1,6 +1,6 @@
 """A real Apache Kafka broker (KRaft, one broker+controller) run from the Maven Central jars on 127.0.0.1.
 
-Jars are resolved by Maven into ~/.m2 from ingestion/kafka/pom.xml; the broker's data, config, pid and log
+Jars are resolved by Maven into ~/.m2 from devtools/kafka/pom.xml; the broker's data, config, pid and log
 live in the run folder (`.run/kafka` by default), which is git-ignored.
 """
 
@@ -16,7 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
-from lsvcr.paths import run_dir
+from core.paths import run_dir
 
 KAFKA_DIR = Path(__file__).parent / "kafka"
 

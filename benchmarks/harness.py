@@ -14,12 +14,12 @@ import subprocess
 from pathlib import Path
 
 BENCHMARKS = {
-    "ingest": "ingestion.benchmark",
-    "features": "features.benchmark",
-    "train": "trainers.benchmark",
-    "quality": "trainers.quality",
-    "serve": "serving.benchmark",
-    "continuous": "trainers.continuous_benchmark",
+    "ingest": "benchmarks.ingest",
+    "features": "benchmarks.features",
+    "train": "benchmarks.train",
+    "quality": "benchmarks.quality",
+    "serve": "benchmarks.serve",
+    "continuous": "benchmarks.continuous",
 }
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 import pytest
 
-from trainers.suite import MODEL_NAMES, STAGE1, STAGE2, train_all
+from lsvcr.suite import MODEL_NAMES, STAGE1, STAGE2, train_all
 
 
 def test_names_cover_baselines_and_ablations():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
 
-from ingestion import broker
+from devtools import broker
 from ingestion.consumer import IngestConfig, Ingestor
 from ingestion.topics import ensure_topics, topic_names
 

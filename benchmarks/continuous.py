@@ -28,7 +28,13 @@ from pathlib import Path
 
 import httpx
 
-from lsvcr.config import load_config
+from core.config import load_config
+from devtools import broker
+from devtools.generator import GeneratorConfig, generate
+from ingestion.replay import replay
+from ingestion.topics import ensure_topics
+from lsvcr.continuous import ContinuousConfig, ContinuousTrainer
+from serving.app import start, stop
 
 
 @dataclasses.dataclass
@@ -101,13 +107,6 @@ class ServeWatch:
 
 
 def run(overrides: list[str]) -> dict:
-    from ingestion import broker
-    from ingestion.generator import GeneratorConfig, generate
-    from ingestion.replay import replay
-    from ingestion.topics import ensure_topics
-    from serving.app import start, stop
-    from trainers.continuous import ContinuousConfig, ContinuousTrainer
-
     fields = {f.name for f in dataclasses.fields(ContinuousConfig)}
     mine = [o for o in overrides if o.split("=", 1)[0] not in fields]
     cfg = load_config(ContinuousBenchConfig, None, mine)

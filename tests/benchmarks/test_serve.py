@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from serving.benchmark import headline_concurrency, read_response, video_request
+from benchmarks.serve import headline_concurrency, read_response, video_request
 
 
 def _read(raw: bytes, n: int) -> tuple[list[tuple[int, bytes]], bytes]:

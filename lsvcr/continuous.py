@@ -1,6 +1,6 @@
 """`lsvcr continuous`: keep the served SR model fresh while events stream in.
 
-    python -m trainers.continuous workdir=DIR registry=DIR bootstrap=HOST:PORT [key=value ...]
+    lsvcr continuous workdir=DIR registry=DIR bootstrap=HOST:PORT [key=value ...]
 
 One loop, one step at a time:
 1. a consumer-group child process (`python -m ingestion.consumer`) writes the event log; its committed
@@ -53,8 +53,19 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from lsvcr import storage
-from lsvcr.config import ConfigError
+from core import storage
+from core.config import ConfigError
+from core.runtime import init_ray
+from features.build import FeaturesConfig, build_features, eventlog_files
+from ingestion.consumer import IngestConfig
+from trainers.align import AlignConfig, align
+from trainers.checkpoint import WEIGHTS, read_weights
+from trainers.data import load_text_tables
+from trainers.evaluate import evaluate_fns, scorer_fn
+from trainers.finetune import FinetuneConfig, finetune, model_config
+from trainers.models import build_model
+from trainers.registry import Registry
+from trainers.scoring import Scorer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("video", "comment")
@@ -292,11 +303,6 @@ def warm_start(source_ckpt: Path, source_features: Path, window: Path, out: Path
     import torch
     from safetensors.torch import save_file
 
-    from trainers.checkpoint import WEIGHTS, read_weights
-    from trainers.data import load_text_tables
-    from trainers.finetune import model_config
-    from trainers.models import build_model
-
     video_text, comment_text = load_text_tables(window)
     cfg = model_config(_finetune_config(config, window, out, None), video_text.shape[0], comment_text.shape[0],
                        video_text.shape[1])
@@ -320,8 +326,6 @@ def warm_start(source_ckpt: Path, source_features: Path, window: Path, out: Path
 
 
 def _finetune_config(config: ContinuousConfig, window: str | Path, out: Path, init: Path | None):
-    from trainers.finetune import FinetuneConfig
-
     return FinetuneConfig(features=str(window), out=str(out), model="sr", init=str(init) if init else None,
                           epochs=config.epochs, patience=config.patience, batch_size=config.batch_size,
                           lr=config.lr, num_workers=config.num_workers, use_gpu=config.use_gpu,
@@ -351,9 +355,6 @@ class ContinuousTrainer:
     # ---- setup / cleanup ----------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from lsvcr.ray_runtime import init_ray
-        from trainers.registry import Registry
-
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config.eventlog_dir.mkdir(parents=True, exist_ok=True)
         self.registry = Registry(self.config.registry)
@@ -379,8 +380,6 @@ class ContinuousTrainer:
         self.stop.set()
 
     def _start_consumer(self) -> None:
-        from ingestion.consumer import IngestConfig
-
         ingest = IngestConfig(eventlog=str(self.config.eventlog_dir), bootstrap=self.config.bootstrap,
                               group=self.config.group, topic_prefix=self.config.topic_prefix,
                               flush_interval_s=1.0, instance_id=f"{self.config.group}-continuous")
@@ -466,8 +465,6 @@ class ContinuousTrainer:
         self.cycle(bounds, trigger, new, built)
 
     def _extend_features(self) -> float:
-        from features.build import FeaturesConfig, build_features, eventlog_files
-
         files = [f for table in ("videos", "comments", "video_events", "comment_events")
                  for f in eventlog_files(self.config.eventlog_dir, table)]
         if not files or files == self.built_files:
@@ -483,8 +480,6 @@ class ContinuousTrainer:
         return time.time() - started
 
     def cycle(self, bounds: dict, trigger: str, new_examples: int, features_s: float) -> None:
-        from trainers.finetune import finetune
-
         started = time.time()
         n = self.state["trained_cycles"] + 1
         name = f"c{n:05d}-{bounds['cut']}"
@@ -524,8 +519,6 @@ class ContinuousTrainer:
         """What this cycle's fine-tuning starts from: stage 1 when due (reading `shared`, the window as the
         workers see it), else the serving version."""
         if align_due(n - 1, self.config.align_every):
-            from trainers.align import AlignConfig, align
-
             out = self.workdir / "align" / window.name
             align(AlignConfig(features=shared, out=str(out), llm_mode=self.config.align_llm_mode,
                               max_examples=self.config.align_max_examples, num_workers=self.config.num_workers,
@@ -544,9 +537,6 @@ class ContinuousTrainer:
 
     def _finish_pending(self) -> None:
         """Evaluate the trained candidate against the serving version and publish or refuse it."""
-        from trainers.evaluate import evaluate_fns, scorer_fn
-        from trainers.scoring import Scorer
-
         pending = self.state["pending"]
         ckpt, window = Path(pending["ckpt"]), Path(pending["window"])
         serving = self.registry.current()
@@ -620,13 +610,3 @@ class ContinuousTrainer:
 
 def run_continuous(config: ContinuousConfig) -> dict:
     return ContinuousTrainer(config).run()
-
-
-def main(argv: list[str] | None = None) -> None:
-    from lsvcr.config import config_from_argv
-
-    run_continuous(config_from_argv(ContinuousConfig, sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -8,9 +8,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lsvcr.config import ConfigError
-from trainers.continuous import (ContinuousConfig, ContinuousTrainer, align_due, cut_window, mean_score,
-                                 publish_decision, remap_rows, should_train, split_of, window_bounds)
+from core.config import ConfigError
+from lsvcr.continuous import (
+    ContinuousConfig,
+    ContinuousTrainer,
+    align_due,
+    cut_window,
+    mean_score,
+    publish_decision,
+    remap_rows,
+    should_train,
+    split_of,
+    window_bounds,
+)
 
 
 def test_should_train_on_count_or_timer():
@@ -125,7 +135,7 @@ def test_a_failed_step_is_retried_and_too_many_in_a_row_stop_the_job(tmp_path, c
 
 
 def test_benchmark_stamps_records_with_now_in_their_order(tmp_path):
-    from trainers.continuous_benchmark import FILES, stamp_now
+    from benchmarks.continuous import FILES, stamp_now
 
     source = tmp_path / "src"
     source.mkdir()
@@ -146,7 +156,7 @@ def test_windows_uri_carries_each_window_to_the_workers(tmp_path, monkeypatch):
     local copy of the URI), and the upload is removed once the cycle is trained."""
     from pathlib import Path
 
-    from lsvcr import storage
+    from core import storage
     from trainers.data import local_features
     from trainers.registry import Registry
 
@@ -174,7 +184,7 @@ def test_windows_uri_carries_each_window_to_the_workers(tmp_path, monkeypatch):
         Path(config.out).mkdir(parents=True)
         return config.out
 
-    monkeypatch.setattr("trainers.finetune.finetune", fake_finetune)
+    monkeypatch.setattr("lsvcr.continuous.finetune", fake_finetune)
     monkeypatch.setattr(trainer, "_finish_pending", lambda: None)
     trainer.cycle({"train_from": 0, "valid_from": 20, "test_from": 30, "cut": 40}, "examples", 4, 0.0)
     window = trainer.workdir / "windows" / "c00001-40"

@@ -1,0 +1,1 @@
+from tests.features.conftest import tables  # noqa: F401  (the hand-made event tables fixture)
