@@ -32,11 +32,11 @@ import pyarrow.parquet as pq
 
 from benchmarks.harness import parse_overrides
 from benchmarks.pandas_features import build_pandas
+from core.contract import SPLITS, TASKS
 from core.runtime import init_ray
 from devtools.generator import GeneratorConfig, generate
 from features.build import FeaturesConfig, build_features
 from features.embeddings import embed_texts
-from features.sequences import SPLITS
 from ingestion.eventlog import EventLog
 from ingestion.schema import ARROW_SCHEMA, TABLES
 
@@ -139,7 +139,7 @@ def write_baseline(local: dict[str, pa.Table], folder: Path) -> None:
 def same_rows(out: Path, baseline: Path) -> list[str]:
     """The (task/split or users) tables whose rows differ between the build and the baseline; [] when none."""
     differ = []
-    for name, key in [*((f"{t}/{s}", "event_id") for t in ("video", "comment") for s in SPLITS), ("users", "user_id")]:
+    for name, key in [*((f"{t}/{s}", "event_id") for t in TASKS for s in SPLITS), ("users", "user_id")]:
         got = pq.read_table(out / "users.parquet" if name == "users" else out / "examples" / name)
         want = pq.read_table(baseline / f"{name.replace('/', '-')}.parquet")
         if not got.select(want.column_names).cast(want.schema).sort_by(key).equals(want.sort_by(key)):

@@ -13,6 +13,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from core import config
+
 BENCHMARKS = {
     "ingest": "benchmarks.ingest",
     "features": "benchmarks.features",
@@ -27,11 +29,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def parse_overrides(name: str, defaults: dict, overrides: list[str]) -> dict:
     """A benchmark's key=value overrides over its defaults, each cast to its default's type."""
     opts = dict(defaults)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or key not in opts:
-            raise SystemExit(f"{name} benchmark: unknown override {item!r}; known: {sorted(opts)}")
-        opts[key] = type(opts[key])(value)
+    for key, value in config.parse_overrides(overrides).items():
+        if key not in opts:
+            raise SystemExit(f"{name} benchmark: unknown override {key!r}; known: {sorted(opts)}")
+        try:
+            opts[key] = type(opts[key])(value)
+        except ValueError:
+            raise SystemExit(f"{name} benchmark: {key}={value!r} is not a {type(opts[key]).__name__}") from None
     return opts
 
 

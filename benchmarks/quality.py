@@ -20,6 +20,7 @@ from pathlib import Path
 
 from benchmarks.harness import parse_overrides
 from core.config import load_config
+from core.contract import TASKS
 from core.paths import run_dir
 from devtools.generator import GeneratorConfig, generate
 from lsvcr.pipeline import PipelineConfig, run_pipeline
@@ -35,7 +36,7 @@ def verdict(metrics: dict, model: str = "lsvcr", rivals: tuple[str, ...] = ("sr_
     """Per task: `model`'s `key` minus each named rival's, and minus the strongest other row of the table
     (models and baselines alike), with that row's name."""
     out = {}
-    for task in ("video", "comment"):
+    for task in TASKS:
         table = metrics.get(task, {})
         if model not in table:
             continue

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.config import load_config
-from features.sequences import USERS_SCHEMA
+from core.contract import USERS_SCHEMA
 from serving.app import replica_urls, start, stop
 from trainers.checkpoint import save_checkpoint
 from trainers.models import build_model

@@ -32,11 +32,12 @@ import pyarrow.parquet as pq
 
 from benchmarks.features import PeakRss, dataset, write_eventlog
 from benchmarks.harness import parse_overrides
+from core.contract import TASKS
 from core.paths import cache_dir
 from core.runtime import init_ray
 from features.build import FeaturesConfig, build_features
 from trainers.align import AlignConfig, align, precompute_states
-from trainers.data import TASKS, count_examples
+from trainers.data import count_examples
 from trainers.finetune import FinetuneConfig, finetune
 from trainers.models.llm import resolve_llm_path
 

@@ -47,23 +47,18 @@ import pyarrow.parquet as pq
 
 from core import storage
 from core.config import ConfigError
+from core.contract import COMMENTS_PER_RECORD, EXAMPLE_SCHEMA, SPLITS, TASKS, USERS_SCHEMA, VIDEO_PROTOCOLS
 from core.paths import cache_dir
 from core.runtime import init_ray
 from features import sequences as seq
 from features.embeddings import check_encoder_name, embed_texts
-from ingestion.schema import (
-    COMMENT_ACTIONS,
-    POSITIVE_COMMENT_ACTIONS,
-    POSITIVE_VIDEO_ACTIONS,
-    VIDEO_ACTIONS,
-)
+from ingestion.schema import COMMENT_ACTIONS, POSITIVE_COMMENT_ACTIONS, POSITIVE_VIDEO_ACTIONS, VIDEO_ACTIONS
 
 # Positive events that are not examples, by (task, the split stage B gives them) -> their manifest "dropped" key.
 NOT_EXAMPLES = {("video", "dropped"): "video_examples_empty_history",
                 ("comment", "dropped"): "comment_examples_empty_history",
                 ("comment", "unrankable"): "comment_examples_target_not_yet_published"}
 SCHEMA_VERSION = 2  # 2: comment events whose comment was not published before them are not examples
-TASKS = ("video", "comment")
 USERS_PARTS = "_users_parts"  # user rows written by the workers, merged into users.parquet at the end
 SHUFFLE = "_shuffle"  # partition files between the stages of one build, removed at its end
 # Rows per partition of the stages: a partition is one task, and its tables stay well under a GB.
@@ -81,7 +76,7 @@ class FeaturesConfig:
     max_history: int = 50
     num_negatives: int = 99
     seed: int = 0
-    # Video-task candidate protocol of the `negatives` column (seq.VIDEO_PROTOCOLS); every protocol's list is
+    # Video-task candidate protocol of the `negatives` column (VIDEO_PROTOCOLS); every protocol's list is
     # written too (negatives_<protocol>), so evaluation can report several from one build.
     video_protocol: str = "alive_window"
     # W of alive_window: negatives published in [ts - W, ts). 0: the smallest window that holds at least
@@ -151,8 +146,8 @@ class FeaturesConfig:
             # Leave-last-out and quantile cuts move as data arrives, which would change rows already written.
             raise ConfigError("FeaturesConfig.incremental needs split=global_time with split_valid_ts and "
                               "split_test_ts set")
-        if self.video_protocol not in seq.VIDEO_PROTOCOLS:
-            raise ConfigError(f"FeaturesConfig.video_protocol: expected one of {seq.VIDEO_PROTOCOLS}, "
+        if self.video_protocol not in VIDEO_PROTOCOLS:
+            raise ConfigError(f"FeaturesConfig.video_protocol: expected one of {VIDEO_PROTOCOLS}, "
                               f"got {self.video_protocol!r}")
         if self.incremental and self.negative_window_ms == 0:
             # The automatic window moves as data arrives, which would change rows already written.
@@ -222,7 +217,7 @@ def write_parts(batch: pa.Table, out: str, video_ts: np.ndarray, num_negatives: 
                                                        protocol, interaction_ts, interaction_video)}
     for task in TASKS:
         rows = with_negatives.get(task, batch)
-        for split in seq.SPLITS:
+        for split in SPLITS:
             part = seq.select_rows(rows, task, split)
             if len(part):
                 _write_part(part, root / "examples" / task / split, part["event_id"])
@@ -244,21 +239,21 @@ def _finish_outputs(out: Path, keep_old_users: bool = False) -> None:
     """Every split folder gets a file (an empty one keeps the schema); user parts become users.parquet (with
     keep_old_users, the old users.parquet's rows of users that got no new row are kept)."""
     for task in TASKS:
-        for split in seq.SPLITS:
+        for split in SPLITS:
             folder = out / "examples" / task / split
             folder.mkdir(parents=True, exist_ok=True)
             if not any(folder.glob("*.parquet")):
-                pq.write_table(seq.EXAMPLE_SCHEMA[task].empty_table(), folder / "empty.parquet")
+                pq.write_table(EXAMPLE_SCHEMA[task].empty_table(), folder / "empty.parquet")
     parts = sorted((out / USERS_PARTS).glob("*.parquet")) if (out / USERS_PARTS).is_dir() else []
-    new = [pq.read_table(part).cast(seq.USERS_SCHEMA) for part in parts]
+    new = [pq.read_table(part).cast(USERS_SCHEMA) for part in parts]
     old = pq.read_table(out / "users.parquet") if keep_old_users and (out / "users.parquet").exists() else None
     if old is not None and new:
         updated = pa.concat_tables([t.select(["user_id"]) for t in new])["user_id"]
         old = old.filter(pa.compute.invert(pa.compute.is_in(old["user_id"], value_set=updated.combine_chunks())))
     tmp = out / ".users.parquet.tmp"
-    with pq.ParquetWriter(str(tmp), seq.USERS_SCHEMA) as writer:
+    with pq.ParquetWriter(str(tmp), USERS_SCHEMA) as writer:
         if old is not None:
-            writer.write_table(old.cast(seq.USERS_SCHEMA))
+            writer.write_table(old.cast(USERS_SCHEMA))
         for table in new:
             writer.write_table(table)
     os.replace(tmp, out / "users.parquet")
@@ -470,7 +465,7 @@ def _build(config: FeaturesConfig, out: Path, pin: bool) -> dict:
     if after is not None:
         # Add the earlier builds' example counts: the window's rows came on top of them.
         old_manifest = json.loads((out / "manifest.json").read_text())
-        for task, split in [(t, s) for t in TASKS for s in seq.SPLITS] + list(NOT_EXAMPLES):
+        for task, split in [(t, s) for t in TASKS for s in SPLITS] + list(NOT_EXAMPLES):
             prev = old_manifest["tasks"][task].get(split) if (task, split) not in NOT_EXAMPLES else {
                 "count": old_manifest["dropped"][NOT_EXAMPLES[task, split]], "ts_min": None, "ts_max": None}
             if prev and prev["count"]:
@@ -481,7 +476,7 @@ def _build(config: FeaturesConfig, out: Path, pin: bool) -> dict:
                     now["ts_max"] = max(v for v in (now["ts_max"], prev["ts_max"]) if v is not None)
     num_users = pq.ParquetFile(out / "users.parquet").metadata.num_rows
     for task in TASKS:
-        for split in seq.SPLITS:
+        for split in SPLITS:
             _log(f"examples/{task}/{split}: {stats.get((task, split), {}).get('count', 0)} examples")
     _log(f"users.parquet: {num_users} users")
 
@@ -503,11 +498,11 @@ def _build(config: FeaturesConfig, out: Path, pin: bool) -> dict:
         "num_users": num_users,
         "max_history": config.max_history,
         "num_negatives": config.num_negatives,
-        "comments_per_record": seq.COMMENTS_PER_RECORD,
+        "comments_per_record": COMMENTS_PER_RECORD,
         "seed": config.seed,
         "negative_window_ms": config.negative_window_ms,
         "video_protocol": config.video_protocol,
-        "video_protocols": list(seq.VIDEO_PROTOCOLS),
+        "video_protocols": list(VIDEO_PROTOCOLS),
         # The W used by alive_window (the automatic one when negative_window_ms is 0), and how it was chosen.
         "alive_window_ms": window_ms,
         "alive_window_rule": ("configured" if config.negative_window_ms else
@@ -522,7 +517,7 @@ def _build(config: FeaturesConfig, out: Path, pin: bool) -> dict:
         "split_valid_ts": valid_ts if config.split == "global_time" else None,
         "split_test_ts": test_ts if config.split == "global_time" else None,
         "split_policy": split_policy,
-        "tasks": {task: {split: stats.get((task, split), empty_range) for split in seq.SPLITS} for task in TASKS},
+        "tasks": {task: {split: stats.get((task, split), empty_range) for split in SPLITS} for task in TASKS},
         "events": {
             "video_events": sum(v for (k, _), v in status.items() if k == seq.KIND_VIDEO_EVENT),
             "comment_events": sum(v for (k, _), v in status.items() if k == seq.KIND_COMMENT_EVENT),

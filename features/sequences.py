@@ -29,16 +29,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ingestion.schema import (
-    ARROW_SCHEMA,
-    POSITIVE_COMMENT_ACTIONS,
-    POSITIVE_VIDEO_ACTIONS,
-)
+from core.contract import COMMENTS_PER_RECORD, EXAMPLE_SCHEMA, HISTORY_FIELDS, SPLITS, TASKS, VIDEO_PROTOCOLS
+from ingestion.schema import ARROW_SCHEMA, POSITIVE_COMMENT_ACTIONS, POSITIVE_VIDEO_ACTIONS
 
 # The event-log tables (docs/DATA.md section 2), as the ingestion stage writes them.
 EVENTLOG_SCHEMA = ARROW_SCHEMA
-
-COMMENTS_PER_RECORD = 3
 
 # Row kinds of the interaction table.
 KIND_VIDEO_EVENT = 0
@@ -75,16 +70,6 @@ ANNOTATED_SCHEMA = pa.schema([
     ("rankable", pa.bool_()),
 ])
 
-HISTORY_FIELDS = [
-    ("hist_video", pa.list_(pa.int32())),
-    ("hist_video_hot", pa.list_(pa.int32())),
-    ("hist_video_ts", pa.list_(pa.int64())),
-    ("hist_cmt_video", pa.list_(pa.int32())),
-    ("hist_cmt_comments", pa.list_(pa.int32())),
-    ("hist_cmt_ts", pa.list_(pa.int64())),
-]
-HISTORY_COLUMNS = [name for name, _ in HISTORY_FIELDS]
-
 # Stage B output: video examples, comment examples and one "user" row per user, in one table so that one
 # Ray Data pass produces all of them. `split` is train/valid/test, "dropped" (both histories empty),
 # "unrankable" (a comment event whose comment was not published before it) or "" (user rows).
@@ -101,32 +86,6 @@ USER_ROWS_SCHEMA = pa.schema([
     ("target_likes", pa.int32()),
     ("negative_likes", pa.list_(pa.int32())),
 ])
-
-# Video-task candidate protocols: where the negatives of an example at ts come from. Only videos published
-# strictly before ts, never the target.
-#   uniform_all: uniform over every such video;
-#   alive_window: uniform over those published in [ts - W, ts);
-#   popularity_at_t: in proportion to their positive video interactions strictly before ts.
-VIDEO_PROTOCOLS = ("uniform_all", "alive_window", "popularity_at_t")
-PROTOCOL_COLUMNS = [f"negatives_{p}" for p in VIDEO_PROTOCOLS]
-
-# Written files (docs/DATA.md section 3).
-VIDEO_EXAMPLE_SCHEMA = pa.schema([
-    ("user_id", pa.string()), ("event_id", pa.string()), ("ts", pa.int64()), ("target", pa.int32()),
-    *HISTORY_FIELDS,
-    ("negatives", pa.list_(pa.int32())),
-    *[(name, pa.list_(pa.int32())) for name in PROTOCOL_COLUMNS],
-])
-COMMENT_EXAMPLE_SCHEMA = pa.schema([
-    ("user_id", pa.string()), ("event_id", pa.string()), ("ts", pa.int64()), ("query_video", pa.int32()),
-    ("target", pa.int32()),
-    *HISTORY_FIELDS,
-    ("negatives", pa.list_(pa.int32())), ("target_likes", pa.int32()), ("negative_likes", pa.list_(pa.int32())),
-])
-USERS_SCHEMA = pa.schema([("user_id", pa.string()), *HISTORY_FIELDS])
-EXAMPLE_SCHEMA = {"video": VIDEO_EXAMPLE_SCHEMA, "comment": COMMENT_EXAMPLE_SCHEMA, "user": USERS_SCHEMA}
-
-SPLITS = ("train", "valid", "test")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -720,7 +679,7 @@ def build_local(
         rows.filter(pc.not_equal(rows["row_kind"], "video")),
     ], promote_options="default")
     out = {"videos": videos, "comments": comments, "rows": rows, "users": select_rows(rows, "user")}
-    for task in ("video", "comment"):
+    for task in TASKS:
         for split in SPLITS:
             out[f"{task}/{split}"] = select_rows(rows, task, split)
     return out

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from core.config import parse_overrides
 from core.paths import run_dir
 from core.runtime import setup_process
 
@@ -65,7 +66,7 @@ def cmd_ingest(a) -> None:
     values = {"eventlog": a.eventlog, "bootstrap": bootstrap, "topic_prefix": a.topic_prefix, "until_idle_s": a.until_idle}
     if a.group:
         values["group"] = a.group
-    ingest(load_config(IngestConfig, a.config, {**values, **dict(o.split("=", 1) for o in a.overrides)}))
+    ingest(load_config(IngestConfig, a.config, {**values, **parse_overrides(a.overrides)}))
 
 
 def cmd_features(a) -> None:

@@ -55,6 +55,7 @@ import pyarrow.parquet as pq
 
 from core import storage
 from core.config import ConfigError
+from core.contract import SPLITS, TASKS
 from core.runtime import init_ray
 from features.build import FeaturesConfig, build_features, eventlog_files
 from ingestion.consumer import IngestConfig
@@ -68,7 +69,6 @@ from trainers.registry import Registry
 from trainers.scoring import Scorer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-TASKS = ("video", "comment")
 # Every example goes to the train split of the features folder: the global cut sits beyond any event time
 # (year 2255), and this job cuts its own sliding windows by time.
 NO_SPLIT_TS = 9_000_000_000_000
@@ -278,7 +278,7 @@ def cut_window(features: Path, out: Path, bounds: dict) -> dict[str, dict[str, i
         source = features / "examples" / task / "train"
         table = pads.dataset(str(source), format="parquet").to_table() if source.is_dir() else None
         splits = split_of(table.column("ts").to_numpy(), bounds) if table is not None else None
-        for split in ("train", "valid", "test"):
+        for split in SPLITS:
             folder = tmp / "examples" / task / split
             folder.mkdir(parents=True)
             if table is None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.config import load_config
+from core.config import load_config, parse_overrides
 from trainers.align import AlignConfig
 from trainers.align import align as run_align
 from trainers.evaluate import evaluate
@@ -40,16 +40,6 @@ STAGE1 = {"lsvcr_no_vc_contrast": {"vc_contrast": False}, "lsvcr_no_time": {"tim
 SIZE_KEYS = ("hidden", "num_layers", "num_heads", "inner", "dropout", "max_history", "temperature", "time_features")
 
 
-def _overrides(items: list[str] | None) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value
-    return out
-
-
 def train_all(features: str | Path, out: str | Path, models: tuple[str, ...] | list[str] = MODEL_NAMES,
               align: list[str] | None = None, finetune: list[str] | None = None, split: str = "test",
               reuse: bool = False) -> dict:
@@ -60,7 +50,7 @@ def train_all(features: str | Path, out: str | Path, models: tuple[str, ...] | l
         raise ValueError(f"unknown models {unknown}; known: {list(MODEL_NAMES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stage1, stage2 = _overrides(align), _overrides(finetune)
+    stage1, stage2 = parse_overrides(align), parse_overrides(finetune)
     # Stage 2 loads stage 1's weights strictly: one set of model sizes for both.
     shared = {k: v for k, v in {**stage2, **stage1}.items() if k in SIZE_KEYS}
     checkpoints = {}

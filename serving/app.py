@@ -342,9 +342,7 @@ def replica_urls(app_name: str = APP_NAME, timeout_s: float = 60.0) -> list[str]
 
     A replica binds the app's HTTP host; Serve reports each target by its node's address, which is the one to
     use when that host is all interfaces. Waits up to timeout_s for Serve to report a just-deployed app's ports."""
-    from ray.serve.context import (
-        _get_global_client,  # Serve's own details (the dashboard's /api/serve)
-    )
+    from ray.serve.context import _get_global_client  # Serve's own details (the dashboard's /api/serve)
 
     client = _get_global_client()
     deadline = time.monotonic() + timeout_s

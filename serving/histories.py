@@ -7,7 +7,7 @@ interaction. Items this model version does not know yet are skipped.
 
 import numpy as np
 
-COMMENTS_PER_RECORD = 3
+from core.contract import COMMENTS_PER_RECORD
 
 
 def history_from_store(rows: dict, video_index: dict[str, int], comment_index: dict[str, int],

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from features.sequences import HISTORY_COLUMNS
+from core.contract import HISTORY_COLUMNS
 from serving.histories import latest_hot_comments
 from trainers.scoring import Scorer
 

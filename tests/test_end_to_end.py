@@ -6,6 +6,8 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
+from core.contract import TASKS
+
 pytestmark = pytest.mark.integration
 
 
@@ -37,7 +39,7 @@ def test_results_json_has_every_model_and_metric(pipeline_run):
     # The time-aware baselines are always there (issue 8).
     assert {"popularity", "sasrec", "sr_no_align", "recency", "popularity_at_t", "recency_pop_blend"} <= set(results["video"])
     assert {"popularity", "sasrec", "sr_no_align", "newest", "most_engaged", "top_level"} <= set(results["comment"])
-    for task in ("video", "comment"):
+    for task in TASKS:
         for metrics in results[task].values():
             assert {"recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10", "mrr@5", "mrr@10"} <= set(metrics)
             assert 0.0 <= metrics["recall@1"] <= metrics["recall@5"] <= metrics["recall@10"] <= 1.0

@@ -46,13 +46,7 @@ import torch.distributed as dist
 from core import storage
 from core.paths import cache_dir
 from core.runtime import init_ray
-from trainers.checkpoint import (
-    CONFIG,
-    WEIGHTS,
-    load_state,
-    read_weights,
-    save_checkpoint,
-)
+from trainers.checkpoint import CONFIG, WEIGHTS, load_state, read_weights, save_checkpoint
 from trainers.data import (
     TASKS,
     collate,

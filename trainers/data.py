@@ -27,13 +27,8 @@ import pyarrow.parquet as pq
 import torch
 
 from core import storage
+from core.contract import COMMENTS_PER_RECORD, SPLITS, TASKS
 from core.paths import cache_dir
-
-COMMENTS_PER_RECORD = 3
-HISTORY_COLUMNS = ("hist_video", "hist_video_hot", "hist_video_ts", "hist_cmt_video", "hist_cmt_comments",
-                   "hist_cmt_ts")
-TASKS = ("video", "comment")
-SPLITS = ("train", "valid", "test")
 
 
 def _rows(batch: dict, name: str) -> list[np.ndarray]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.contract import SPLITS, TASKS
 from trainers.baselines import (
     BLEND_TAUS_H,
     CountsBefore,
@@ -27,14 +28,7 @@ from trainers.baselines import (
     top_level_scores,
     video_train_counts,
 )
-from trainers.data import (
-    TASKS,
-    collate,
-    examples_path,
-    iter_examples,
-    load_text_tables,
-    local_features,
-)
+from trainers.data import collate, examples_path, iter_examples, load_text_tables, local_features
 from trainers.metrics import METRIC_NAMES, ranking_metrics, ranks_from_scores
 from trainers.scoring import Scorer
 
@@ -87,7 +81,7 @@ def time_baseline_fns(features_dir: str | Path, blend_tau_h: float = 24.0,
     parent_idx = pa_index(comments)
     replies = CountsBefore(parent_idx[parent_idx >= 0], comment_ts[parent_idx >= 0])
     shown = [pads.dataset(examples_path(features_dir, "video", s), format="parquet").to_table(
-        columns=["target", "ts"]) for s in ("train", "valid", "test")]
+        columns=["target", "ts"]) for s in SPLITS]
     interactions = CountsBefore(np.concatenate([t["target"].to_numpy() for t in shown]),
                                 np.concatenate([t["ts"].to_numpy() for t in shown]))
 

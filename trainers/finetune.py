@@ -39,9 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import (
-    Optional,  # not `str | None`: core.config coerces typing.Optional only
-)
+from typing import Optional  # not `str | None`: core.config coerces typing.Optional only
 
 import numpy as np
 import pyarrow.compute as pc
@@ -51,15 +49,7 @@ import torch.distributed as dist
 
 from core import storage
 from core.runtime import init_ray
-from trainers.checkpoint import (
-    CONFIG,
-    TRAIN,
-    WEIGHTS,
-    load_init_weights,
-    load_state,
-    read_weights,
-    save_checkpoint,
-)
+from trainers.checkpoint import CONFIG, TRAIN, WEIGHTS, load_init_weights, load_state, read_weights, save_checkpoint
 from trainers.data import (
     TASKS,
     collate,

@@ -19,9 +19,9 @@ import json
 import math
 from pathlib import Path
 
+from core.contract import TASKS
 from trainers.metrics import METRIC_NAMES
 
-TASKS = ("video", "comment")
 SKIP_KEYS = ("metrics", "checkpoints")
 # (file stem, title, stage, history key)
 CURVES = (("curve_loss", "stage 2 train loss", "finetune", "loss"),

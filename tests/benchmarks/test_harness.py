@@ -31,5 +31,5 @@ def test_overrides_are_cast_to_the_defaults_types_and_unknown_keys_refused():
 
     opts = parse_overrides("x", {"users": 10, "workdir": "/tmp", "rate": 0.5}, ["users=20", "rate=2"])
     assert opts == {"users": 20, "workdir": "/tmp", "rate": 2.0}
-    with pytest.raises(SystemExit, match="unknown override 'userz=1'"):
+    with pytest.raises(SystemExit, match="unknown override 'userz'"):
         parse_overrides("x", {"users": 10}, ["userz=1"])

@@ -6,6 +6,8 @@ import pyarrow.json as pajson
 import pytest
 
 from benchmarks.pandas_features import build_pandas
+from core import contract
+from core.contract import TASKS
 from devtools.generator import GeneratorConfig, generate
 from features import sequences as seq
 from ingestion.schema import ARROW_SCHEMA, TABLES
@@ -76,7 +78,7 @@ def test_same_rows_as_build_local_on_a_generated_log(generated, split):
                   test_ts=int(ts[3 * len(ts) // 4]))
     want = seq.build_local(*args, **kwargs)
     got = build_pandas(*args, **kwargs)
-    for name in ["users", *(f"{t}/{s}" for t in ("video", "comment") for s in seq.SPLITS)]:
+    for name in ["users", *(f"{t}/{s}" for t in TASKS for s in contract.SPLITS)]:
         key = "user_id" if name == "users" else "event_id"
         assert len(got[name]) > 0, name
         assert got[name].sort_by(key).equals(want[name].sort_by(key)), name

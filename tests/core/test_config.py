@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from core.config import ConfigError, config_from_argv, load_config
+from core.config import ConfigError, from_dict, load_config, parse_overrides, require_at_least, to_dict
 
 
 @dataclasses.dataclass
@@ -37,9 +37,47 @@ def test_unknown_keys_bad_values_and_validation_are_errors():
         load_config(Example, None, {"epochs": 0})
 
 
-def test_entry_point_arguments_are_an_optional_file_then_overrides(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("lr: 0.5\n")
-    assert config_from_argv(Example, [str(path), "epochs=2"]) == Example(lr=0.5, epochs=2)
-    assert config_from_argv(Example, ["epochs=3"]) == Example(epochs=3)
-    assert config_from_argv(Example, []) == Example()
+@dataclasses.dataclass
+class Size:
+    hidden: int = 64
+    layers: int = 2
+
+    def __post_init__(self):
+        require_at_least(self, 1, "hidden", "layers")
+
+
+@dataclasses.dataclass
+class Stage:
+    out: str
+    size: Size = dataclasses.field(default_factory=Size)
+    lr: float = 1e-3
+
+
+def test_nested_configs_take_a_yaml_mapping_and_dotted_overrides(tmp_path):
+    path = tmp_path / "stage.yaml"
+    path.write_text("out: /x\nsize:\n  hidden: 128\n")
+    cfg = load_config(Stage, path, ["size.layers=4", "lr=0.5"])
+    assert cfg == Stage(out="/x", size=Size(hidden=128, layers=4), lr=0.5)
+    # A dotted key in the file or a nested mapping in the overrides means the same.
+    path.write_text("out: /x\nsize.hidden: 32\n")
+    assert load_config(Stage, path, {"size": {"layers": 3}}).size == Size(hidden=32, layers=3)
+    assert from_dict(Stage, to_dict(cfg)) == cfg
+
+
+def test_errors_name_the_dotted_key():
+    with pytest.raises(ConfigError, match=r"size: Size.hidden must be >= 1, got 0"):
+        load_config(Stage, None, ["out=/x", "size.hidden=0"])
+    with pytest.raises(ConfigError, match=r"size: unknown keys \['hiden'\]"):
+        load_config(Stage, None, ["out=/x", "size.hiden=3"])
+    with pytest.raises(ConfigError, match=r"size.layers: expected int"):
+        load_config(Stage, None, ["out=/x", "size.layers=two"])
+    with pytest.raises(ConfigError, match="lr: expected float"):
+        load_config(Stage, None, ["out=/x", "lr.x=1"])
+    with pytest.raises(ConfigError, match="out"):
+        load_config(Stage, None, [])
+
+
+def test_parse_overrides_is_the_one_key_value_parser():
+    assert parse_overrides(["a=1", "b.c=x=y", "a=2"]) == {"a": "2", "b.c": "x=y"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["=1"])

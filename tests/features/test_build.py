@@ -8,7 +8,9 @@ import pyarrow.json  # noqa: F401  (pa.json)
 import pyarrow.parquet as pq
 import pytest
 
+from core import contract
 from core.config import ConfigError, load_config
+from core.contract import SPLITS, TASKS
 from features import sequences as seq
 from features.build import FeaturesConfig, build_features
 from features.embeddings import HashEncoder
@@ -60,7 +62,7 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
     assert np.allclose(comment_emb[2], HashEncoder(32).encode(["good dog"])[0], atol=1e-6)
 
     # Video task. ve1 @13 and ve8 (u2's only event) have empty histories and are dropped.
-    train, valid, test = (rows_by_event(out / "examples" / "video" / s) for s in ("train", "valid", "test"))
+    train, valid, test = (rows_by_event(out / "examples" / "video" / s) for s in SPLITS)
     assert sorted(train) == ["ve3", "ve4"] and sorted(valid) == ["ve5"] and sorted(test) == ["ve6"]
     assert [train["ve3"][c] for c in HIST] == [[0], [0], [13], [], [], []]
     assert [train["ve4"][c] for c in HIST] == [[0, 0], [0, 1], [13, 17], [0], [0, -1, -1], [30]]
@@ -74,7 +76,7 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
     assert len(test["ve6"]["negatives"]) == 2 and set(test["ve6"]["negatives"]) <= {0, 1, 3}
 
     # Comment task. ce1 (u9) and ce4 (u3's first) have empty histories; ce6's comment is unknown.
-    train, valid, test = (rows_by_event(out / "examples" / "comment" / s) for s in ("train", "valid", "test"))
+    train, valid, test = (rows_by_event(out / "examples" / "comment" / s) for s in SPLITS)
     assert sorted(train) == ["ce2", "ce5"] and valid == {} and sorted(test) == ["ce3"]
     ce2, ce3, ce5 = train["ce2"], test["ce3"], train["ce5"]
     assert [ce2[c] for c in HIST] == [[0, 0], [0, 1], [13, 17], [], [], []]
@@ -87,8 +89,8 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
         (0, 0, [1], [1], 1)
 
     # Empty splits still have a file with the schema.
-    assert read(out / "examples" / "comment" / "valid").schema.equals(seq.COMMENT_EXAMPLE_SCHEMA)
-    assert read(out / "examples" / "video" / "train").schema.equals(seq.VIDEO_EXAMPLE_SCHEMA)
+    assert read(out / "examples" / "comment" / "valid").schema.equals(contract.COMMENT_EXAMPLE_SCHEMA)
+    assert read(out / "examples" / "video" / "train").schema.equals(contract.VIDEO_EXAMPLE_SCHEMA)
 
     # Users as of the end of the log.
     users = {r["user_id"]: r for r in read(out / "users.parquet").to_pylist()}
@@ -124,8 +126,8 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
     # The Ray build equals the one-process reference, negatives included.
     local = seq.build_local(*(tables(**LOG)[t] for t in ("videos", "comments", "video_events", "comment_events")),
                             num_negatives=2)
-    for task in ("video", "comment"):
-        for split in ("train", "valid", "test"):
+    for task in TASKS:
+        for split in SPLITS:
             got = read(out / "examples" / task / split)
             assert got.sort_by("event_id").equals(local[f"{task}/{split}"].sort_by("event_id")), (task, split)
     assert read(out / "users.parquet").sort_by("user_id").equals(local["users"].sort_by("user_id"))
@@ -172,9 +174,9 @@ def test_build_local_matches_hand_values_without_ray(tables):
                             num_negatives=2)
     assert sorted(local["video/train"]["event_id"].to_pylist()) == ["ve3", "ve4"]
     assert local["comment/test"]["event_id"].to_pylist() == ["ce3"]
-    assert local["video/train"].schema.equals(seq.VIDEO_EXAMPLE_SCHEMA)
-    assert local["comment/test"].schema.equals(seq.COMMENT_EXAMPLE_SCHEMA)
-    assert local["users"].schema.equals(seq.USERS_SCHEMA)
+    assert local["video/train"].schema.equals(contract.VIDEO_EXAMPLE_SCHEMA)
+    assert local["comment/test"].schema.equals(contract.COMMENT_EXAMPLE_SCHEMA)
+    assert local["users"].schema.equals(contract.USERS_SCHEMA)
     empty = seq.build_local(*(tables()[t] for t in ("videos", "comments", "video_events", "comment_events")))
     assert empty["video/test"].num_rows == 0 and empty["users"].num_rows == 0
 
@@ -244,7 +246,7 @@ def split_log(log, upto):
 
 def read_all(out):
     return {f"{task}/{split}": read(out / "examples" / task / split).sort_by("event_id")
-            for task in ("video", "comment") for split in ("train", "valid", "test")} | \
+            for task in TASKS for split in SPLITS} | \
         {"users": read(out / "users.parquet").sort_by("user_id")}
 
 
@@ -337,9 +339,9 @@ def test_global_time_split_by_fractions(tmp_path, ray_session, tables, eventlog_
     # sorted 13 16 17 27 30 31 36 36 36 41 50 (11); valid from index floor(11 * 0.5) = 5 -> 31,
     # test from index floor(11 * 0.75) = 8 -> 36.
     assert (manifest["split_valid_ts"], manifest["split_test_ts"]) == (31, 36)
-    video = {s: sorted(rows_by_event(tmp_path / "f" / "examples" / "video" / s)) for s in ("train", "valid", "test")}
+    video = {s: sorted(rows_by_event(tmp_path / "f" / "examples" / "video" / s)) for s in SPLITS}
     assert video == {"train": ["ve3"], "valid": [], "test": ["ve4", "ve5", "ve6"]}
-    comment = {s: sorted(rows_by_event(tmp_path / "f" / "examples" / "comment" / s)) for s in ("train", "valid", "test")}
+    comment = {s: sorted(rows_by_event(tmp_path / "f" / "examples" / "comment" / s)) for s in SPLITS}
     assert comment == {"train": ["ce2"], "valid": ["ce5"], "test": ["ce3"]}
 
 

@@ -1,13 +1,7 @@
 import numpy as np
 import pytest
 
-from features.embeddings import (
-    HashEncoder,
-    MiniLMEncoder,
-    encoder_dim,
-    make_encoder,
-    minilm_path,
-)
+from features.embeddings import HashEncoder, MiniLMEncoder, encoder_dim, make_encoder, minilm_path
 
 
 def test_hash_encoder_is_deterministic_and_normalised():

@@ -4,6 +4,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from core import contract
+from core.contract import TASKS
 from features import sequences as seq
 
 
@@ -448,8 +450,8 @@ def test_nothing_at_or_after_an_example_enters_it(tables, seed):
         touched.setdefault((u, c), []).append(ts)
     comment_ids = out["comments"]["comment_id"].to_pylist()
     n_examples = 0
-    for task in ("video", "comment"):
-        for split in seq.SPLITS:
+    for task in TASKS:
+        for split in contract.SPLITS:
             for row in out[f"{task}/{split}"].to_pylist():
                 n_examples += 1
                 ts = row["ts"]
@@ -486,7 +488,7 @@ def test_every_protocol_samples_only_videos_that_existed_and_alive_window_only_i
     for event_id, ts, target in rows:
         row = out[event_id]
         assert row["negatives"] == row["negatives_popularity_at_t"]
-        for name in seq.PROTOCOL_COLUMNS:
+        for name in contract.PROTOCOL_COLUMNS:
             negatives = row[name]
             assert target not in negatives and len(set(negatives)) == len(negatives)
             assert all(video_ts[v] < ts for v in negatives), name

@@ -2,13 +2,7 @@
 
 import pytest
 
-from ingestion.consumer import (
-    DeadLetterLedger,
-    IngestConfig,
-    percentile,
-    read_dead_letter_counts,
-    should_flush,
-)
+from ingestion.consumer import DeadLetterLedger, IngestConfig, percentile, read_dead_letter_counts, should_flush
 
 
 def test_should_flush_when_full_or_interval_passed_with_news():

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.config import ConfigError
+from core.contract import TASKS
 from lsvcr.continuous import (
     ContinuousConfig,
     ContinuousTrainer,
@@ -77,7 +78,7 @@ def test_remap_rows_follows_ids():
 
 def test_cut_window_writes_splits_and_copies_item_tables(tmp_path):
     features = tmp_path / "features"
-    for task in ("video", "comment"):
+    for task in TASKS:
         folder = features / "examples" / task / "train"
         folder.mkdir(parents=True)
         pq.write_table(pa.table({"ts": pa.array([10, 20, 30, 40], pa.int64()), "target": [0, 1, 2, 3]}),
@@ -87,7 +88,7 @@ def test_cut_window_writes_splits_and_copies_item_tables(tmp_path):
     (features / "_state").mkdir()
     bounds = {"train_from": 0, "valid_from": 20, "test_from": 30, "cut": 40}
     counts = cut_window(features, tmp_path / "w", bounds)
-    assert counts == {t: {"train": 2, "valid": 1, "test": 1} for t in ("video", "comment")}
+    assert counts == {t: {"train": 2, "valid": 1, "test": 1} for t in TASKS}
     test_rows = pq.read_table(tmp_path / "w" / "examples" / "video" / "test").column("target").to_pylist()
     assert test_rows == [3]
     assert (tmp_path / "w" / "video_emb.npy").exists() and not (tmp_path / "w" / "_state").exists()
@@ -166,7 +167,7 @@ def test_windows_uri_carries_each_window_to_the_workers(tmp_path, monkeypatch):
                                                  consume=False, windows_uri=uri))
     trainer.workdir.mkdir()
     trainer.registry = Registry(tmp_path / "r")  # empty, and no init: training starts from scratch
-    for task in ("video", "comment"):
+    for task in TASKS:
         folder = trainer.features / "examples" / task / "train"
         folder.mkdir(parents=True)
         pq.write_table(pa.table({"ts": pa.array([10, 20, 30, 40], pa.int64()), "target": [0, 1, 2, 3]}),

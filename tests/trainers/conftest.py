@@ -16,37 +16,32 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-INT_LIST, TS_LIST = pa.list_(pa.int32()), pa.list_(pa.int64())
-HISTORY_FIELDS = [("hist_video", INT_LIST), ("hist_video_hot", INT_LIST), ("hist_video_ts", TS_LIST),
-                  ("hist_cmt_video", INT_LIST), ("hist_cmt_comments", INT_LIST), ("hist_cmt_ts", TS_LIST)]
-VIDEO_EXAMPLE = pa.schema([("user_id", pa.string()), ("event_id", pa.string()), ("ts", pa.int64()),
-                           ("target", pa.int32()), *HISTORY_FIELDS, ("negatives", INT_LIST)])
-COMMENT_EXAMPLE = pa.schema([("user_id", pa.string()), ("event_id", pa.string()), ("ts", pa.int64()),
-                             ("query_video", pa.int32()), ("target", pa.int32()), *HISTORY_FIELDS,
-                             ("negatives", INT_LIST), ("target_likes", pa.int32()), ("negative_likes", INT_LIST)])
-USERS = pa.schema([("user_id", pa.string()), *HISTORY_FIELDS])
+from core import contract
 
 TOPICS, COMMENTS_PER_VIDEO = 4, 4
 
 
 def write_examples(root: Path, task: str, split: str, rows: list[dict]) -> None:
-    folder = root / "examples" / task / split
+    """Example rows in the production schema; a video row's `negatives` also fill every protocol's column."""
+    folder = contract.examples_dir(root, task, split)
     folder.mkdir(parents=True, exist_ok=True)
-    schema = VIDEO_EXAMPLE if task == "video" else COMMENT_EXAMPLE
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "part-0.parquet")
+    if task == "video":
+        rows = [{**{name: row["negatives"] for name in contract.PROTOCOL_COLUMNS}, **row} for row in rows]
+    pq.write_table(pa.Table.from_pylist(rows, schema=contract.EXAMPLE_SCHEMA[task]), folder / "part-0.parquet")
 
 
 def write_embeddings(root: Path, video_emb: np.ndarray, comment_emb: np.ndarray) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    np.save(root / "video_emb.npy", video_emb.astype(np.float32))
-    np.save(root / "comment_emb.npy", comment_emb.astype(np.float32))
+    np.save(root / contract.VIDEO_EMB, video_emb.astype(np.float32))
+    np.save(root / contract.COMMENT_EMB, comment_emb.astype(np.float32))
 
 
 def snapshot(hist: dict[str, list], max_history: int) -> dict[str, list]:
     """The last max_history elements of each history (3 flattened comments per comment record)."""
     snap = {name: list(values[-max_history:]) for name, values in hist.items()}
     records = len(snap["hist_cmt_video"])
-    snap["hist_cmt_comments"] = list(hist["hist_cmt_comments"][len(hist["hist_cmt_comments"]) - 3 * records:])
+    per = contract.COMMENTS_PER_RECORD
+    snap["hist_cmt_comments"] = list(hist["hist_cmt_comments"][len(hist["hist_cmt_comments"]) - per * records:])
     return snap
 
 
@@ -70,21 +65,21 @@ def make_features(root: Path, num_users: int = 40, num_videos: int = 48, video_e
         "video_id": [f"v{i}" for i in range(num_videos)], "title": [f"title {i}" for i in range(num_videos)],
         "tags": pa.array([[] for _ in range(num_videos)], pa.list_(pa.string())),
         "author_id": ["a"] * num_videos, "ts": pa.array(range(num_videos), pa.int64()),
-        "text": [f"title {i}" for i in range(num_videos)]}), root / "videos.parquet")
+        "text": [f"title {i}" for i in range(num_videos)]}), root / contract.VIDEOS)
     pq.write_table(pa.table({
         "comment_idx": pa.array(range(num_comments), pa.int32()),
         "comment_id": [f"c{i}" for i in range(num_comments)],
         "video_id": [f"v{v}" for v in comment_video], "video_idx": pa.array(comment_video, pa.int32()),
         "author_id": ["a"] * num_comments, "text": [f"comment {i}" for i in range(num_comments)],
         "parent_id": pa.array([None] * num_comments, pa.string()),
-        "ts": pa.array(range(num_comments), pa.int64())}), root / "comments.parquet")
+        "ts": pa.array(range(num_comments), pa.int64())}), root / contract.COMMENTS)
 
-    examples = {(t, s): [] for t in ("video", "comment") for s in ("train", "valid", "test")}
+    examples = {(t, s): [] for t in contract.TASKS for s in contract.SPLITS}
     users = []
     for u in range(num_users):
         topic = u % TOPICS
         own = np.flatnonzero(video_topic == topic)
-        hist = {name: [] for name, _ in HISTORY_FIELDS}
+        hist = {name: [] for name in contract.HISTORY_COLUMNS}
         # Interleave the user's video and comment events in time; the last two of each task are valid, test.
         kinds = ["video"] * video_events + ["comment"] * comment_events
         rng.shuffle(kinds)
@@ -120,10 +115,10 @@ def make_features(root: Path, num_users: int = 40, num_videos: int = 48, video_e
         users.append({"user_id": f"u{u}", **snapshot(hist, max_history)})
     for (task, split), rows in examples.items():
         write_examples(root, task, split, rows)
-    pq.write_table(pa.Table.from_pylist(users, schema=USERS), root / "users.parquet")
+    pq.write_table(pa.Table.from_pylist(users, schema=contract.USERS_SCHEMA), root / contract.USERS)
     manifest = {"counts": {f"{t}/{s}": len(r) for (t, s), r in examples.items()}, "max_history": max_history,
                 "num_negatives": num_negatives, "embedding_dim": dim, "encoder": "fake", "schema_version": 1}
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / contract.MANIFEST).write_text(json.dumps(manifest))
     return root
 
 

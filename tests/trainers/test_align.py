@@ -4,13 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.align import (
-    AlignConfig,
-    save_aligned,
-    sr_config,
-    stage1_losses,
-    total_loss,
-)
+from core.contract import TASKS
+from trainers.align import AlignConfig, save_aligned, sr_config, stage1_losses, total_loss
 from trainers.checkpoint import load_init_weights
 from trainers.data import collate, iter_examples, load_item_times, load_text_tables
 from trainers.finetune import FinetuneConfig, model_config
@@ -48,7 +43,7 @@ def test_config_validation_and_auto_mode():
 
 def test_gradient_flow_lora_sr_and_adapters_base_frozen(fake_features, tiny_llm, tmp_path):
     config, sr, llm = setup(fake_features, tiny_llm, tmp_path)
-    batches = {task: first_rows(fake_features, task) for task in ("video", "comment")}
+    batches = {task: first_rows(fake_features, task) for task in TASKS}
     losses = stage1_losses(sr, llm, batches, config, ItemTexts.from_features(fake_features), torch.device("cpu"))
     losses.pop("tokens")
     assert set(losses) == {"lm", "rec_video", "rec_comment", "seq_sup", "vc"}
@@ -108,7 +103,7 @@ def test_stage2_init_reproduces_stage1_outputs_exactly(fake_features, tiny_llm, 
         stage2.set_item_times(*load_item_times(fake_features))
         sr.eval()
         stage2.eval()
-        for task in ("video", "comment"):
+        for task in TASKS:
             batch = collate(first_rows(fake_features, task), 8)
             if task == "video":
                 expected, got = sr.user_video_vector(batch), stage2.user_video_vector(batch)

@@ -3,12 +3,7 @@ import json
 import pytest
 import torch
 
-from trainers.checkpoint import (
-    CheckpointError,
-    load_model,
-    read_model_config,
-    save_checkpoint,
-)
+from trainers.checkpoint import CheckpointError, load_model, read_model_config, save_checkpoint
 from trainers.models import SASRec, SASRecConfig
 
 

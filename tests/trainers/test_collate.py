@@ -3,14 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from trainers.data import (
-    collate,
-    collate_histories,
-    count_examples,
-    iter_examples,
-    load_item_times,
-    load_text_tables,
-)
+from trainers.data import collate, collate_histories, count_examples, iter_examples, load_item_times, load_text_tables
 
 
 def rows():

@@ -10,18 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from core import storage
-from trainers.data import (
-    count_examples,
-    examples_source,
-    load_text_tables,
-    local_features,
-    worker_features,
-)
+from core.contract import SPLITS, TASKS
+from trainers.data import count_examples, examples_source, load_text_tables, local_features, worker_features
 
 
 def _features(root):
-    for task in ("video", "comment"):
-        for split in ("train", "valid", "test"):
+    for task in TASKS:
+        for split in SPLITS:
             folder = root / "examples" / task / split
             folder.mkdir(parents=True)
             pq.write_table(pa.table({"ts": pa.array([1, 2, 3][: {"train": 3, "valid": 2, "test": 1}[split]])}),

@@ -88,12 +88,7 @@ def test_models_and_popularity_in_one_run(fake_features, tmp_path):
 
 
 def test_time_baselines_score_a_hand_made_example():
-    from trainers.baselines import (
-        CountsBefore,
-        blend_scores,
-        recency_scores,
-        top_level_scores,
-    )
+    from trainers.baselines import CountsBefore, blend_scores, recency_scores, top_level_scores
 
     idx = np.array([[2, 0, -1]])
     item_ts = np.array([10, 20, 30])

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from core.config import ConfigError, load_config
+from core.contract import TASKS
 from trainers.checkpoint import load_model
 from trainers.evaluate import evaluate
 from trainers.finetune import FinetuneConfig, finetune, seen_items
@@ -61,7 +62,7 @@ def test_finetune_smoke(ray_session, fake_features, tmp_path):
 
     # Offline evaluation through Scorer reproduces the valid metrics measured inside training.
     valid = evaluate(fake_features, {"sr_no_align": ckpt}, split="valid", popularity=False)
-    for task in ("video", "comment"):
+    for task in TASKS:
         for name in METRIC_NAMES:
             assert valid[task]["sr_no_align"][name] == pytest.approx(info["valid"][task][name], abs=1e-9)
 
@@ -94,7 +95,7 @@ def test_finetune_and_evaluate_from_a_features_uri(ray_session, fake_features, t
     assert storage.list_files(str(copy)) == storage.list_files(str(fake_features))
     valid = evaluate(uri, {"m": ckpt}, split="valid", popularity=False)
     same = evaluate(fake_features, {"m": ckpt}, split="valid", popularity=False)
-    for task in ("video", "comment"):
+    for task in TASKS:
         for name in METRIC_NAMES:
             assert valid[task]["m"][name] == pytest.approx(info["valid"][task][name], abs=1e-9)
             assert valid[task]["m"][name] == same[task]["m"][name]

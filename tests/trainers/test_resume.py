@@ -8,13 +8,7 @@ import torch
 
 from trainers.align import AlignConfig, align
 from trainers.checkpoint import load_model
-from trainers.finetune import (
-    INJECTED_FAILURE,
-    FinetuneConfig,
-    finetune,
-    load_optimizer_tensors,
-    optimizer_tensors,
-)
+from trainers.finetune import INJECTED_FAILURE, FinetuneConfig, finetune, load_optimizer_tensors, optimizer_tensors
 
 pytestmark = pytest.mark.integration
 

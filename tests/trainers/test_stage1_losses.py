@@ -8,13 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from trainers.losses import (
-    gather_rows,
-    global_mean,
-    info_nce,
-    seq_sup_contrast,
-    vc_contrast,
-)
+from trainers.losses import gather_rows, global_mean, info_nce, seq_sup_contrast, vc_contrast
 
 A, B, C = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([0.6, 0.8])
 

@@ -37,13 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.models.layers import (
-    CausalEncoder,
-    NullAttention,
-    position_ids,
-    safe_lookup,
-    time_buckets,
-)
+from trainers.models.layers import CausalEncoder, NullAttention, position_ids, safe_lookup, time_buckets
 
 
 @dataclass
