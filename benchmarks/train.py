@@ -36,8 +36,8 @@ from core.contract import TASKS
 from core.paths import cache_dir
 from core.runtime import init_ray
 from features.build import FeaturesConfig, build_features
+from features.folder import FeaturesFolder
 from trainers.align import AlignConfig, align, precompute_states
-from trainers.data import count_examples
 from trainers.finetune import FinetuneConfig, finetune
 from trainers.models.llm import resolve_llm_path
 
@@ -85,10 +85,11 @@ def measure(features: Path, work: Path, workers: int, opts: dict) -> dict:
                          log_every=max(1, opts["align_steps"] // 4),
                          # enough examples for the steps on every worker, not the whole train split
                          max_examples=opts["align_steps"] * opts["align_batch"] * workers)
-    tasks = [t for t in TASKS if count_examples(str(features), t, "train") > 0]
+    tasks = [t for t in TASKS if FeaturesFolder(features).count_examples(t, "train") > 0]
     started = time.perf_counter()
     # Into the cache that align() reads, so that it trains on these states instead of computing them again.
-    folders = precompute_states(frozen, str(resolve_llm_path(frozen.llm)), tasks, cache_dir(), fresh=True)
+    folders = precompute_states(frozen, FeaturesFolder(features), str(resolve_llm_path(frozen.llm)), tasks, cache_dir(),
+                                fresh=True)
     precompute_s = time.perf_counter() - started
     tokens = sum(int(pq.read_table(folder, columns=["llm_tokens"])["llm_tokens"].to_numpy().sum())
                  for folder in folders.values())

@@ -37,7 +37,7 @@ class FeaturesFolder:
     def __init__(self, source: str | Path, root: str | Path | None = None):
         """source: the folder or URI as given; root: a local folder holding its files (default: the folder
         itself, or a copy of the URI in the cache)."""
-        self.source = str(source) if not storage.is_local(source) else os.path.abspath(source)
+        self.source = str(source) if not storage.is_local(source) else os.path.abspath(storage.local_path(source))
         self.root = Path(root) if root is not None else _copy_of(self.source)
         if not self.root.is_dir():
             raise FileNotFoundError(f"features folder {self.root} does not exist (lsvcr features build)")

@@ -147,7 +147,7 @@ def _publish_features(registry, features: str) -> str:
     """The local features folder to publish with. A URI is copied into the cache; only an object-storage
     registry can take one (it uploads the serving files), since a local registry records the folder's path."""
     from core import storage
-    from trainers.data import local_features
+    from features.folder import FeaturesFolder
     from trainers.registry import RegistryError
 
     if storage.is_local(features):
@@ -156,7 +156,7 @@ def _publish_features(registry, features: str) -> str:
         raise RegistryError(f"--features {features} is a URI, but the registry {registry.root} is a local folder, "
                             "which records its features by path: give a features folder on the shared file "
                             "system, or use a registry URI (s3://...)")
-    return str(local_features(features))
+    return str(FeaturesFolder(features).root)
 
 
 def cmd_run(a) -> None:

@@ -53,15 +53,15 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from core import storage
+from core import contract, storage
 from core.config import ConfigError
 from core.contract import SPLITS, TASKS
 from core.runtime import init_ray
 from features.build import FeaturesConfig, build_features, eventlog_files
+from features.folder import FeaturesFolder
 from ingestion.consumer import IngestConfig
 from trainers.align import AlignConfig, align
 from trainers.checkpoint import WEIGHTS, read_weights
-from trainers.data import load_text_tables
 from trainers.evaluate import evaluate_fns, scorer_fn
 from trainers.finetune import FinetuneConfig, finetune, model_config
 from trainers.models import build_model
@@ -303,21 +303,21 @@ def warm_start(source_ckpt: Path, source_features: Path, window: Path, out: Path
     import torch
     from safetensors.torch import save_file
 
-    video_text, comment_text = load_text_tables(window)
-    cfg = model_config(_finetune_config(config, window, out, None), video_text.shape[0], comment_text.shape[0],
-                       video_text.shape[1])
+    folder = FeaturesFolder(window)
+    cfg = model_config(_finetune_config(config, window, out, None), folder.num_videos, folder.num_comments,
+                       folder.text_dim)
     torch.manual_seed(0)
     fresh = build_model("sr", dataclasses.asdict(cfg)).state_dict()
     old = read_weights(source_ckpt / WEIGHTS)
-    tables = {"video_id.weight": "videos", "comment_id.weight": "comments"}
+    tables = {"video_id.weight": contract.VIDEOS, "comment_id.weight": contract.COMMENTS}
     tensors = {}
     for name, tensor in old.items():
         if name not in fresh:
             continue
         if name in tables:
-            id_col = "video_id" if tables[name] == "videos" else "comment_id"
-            old_ids = pq.read_table(source_features / f"{tables[name]}.parquet", columns=[id_col]).column(0).to_pylist()
-            new_ids = pq.read_table(window / f"{tables[name]}.parquet", columns=[id_col]).column(0).to_pylist()
+            id_col = "video_id" if name == "video_id.weight" else "comment_id"
+            old_ids = pq.read_table(source_features / tables[name], columns=[id_col]).column(0).to_pylist()
+            new_ids = pq.read_table(window / tables[name], columns=[id_col]).column(0).to_pylist()
             tensor = torch.from_numpy(remap_rows(tensor.numpy(), old_ids, fresh[name].numpy(), new_ids))
         tensors[name] = tensor.contiguous()
     out.mkdir(parents=True, exist_ok=True)
@@ -542,11 +542,12 @@ class ContinuousTrainer:
         serving = self.registry.current()
         already = [v for v in self.registry.versions()
                    if self.registry.manifest(v).get("source") == str(ckpt.resolve())]
-        fns = {"candidate": scorer_fn(Scorer(ckpt, window))}
+        folder = FeaturesFolder(window)
+        fns = {"candidate": scorer_fn(Scorer(ckpt, folder))}
         if serving is not None:
-            fns["serving"] = scorer_fn(Scorer(self.registry.path(serving), window))
+            fns["serving"] = scorer_fn(Scorer(self.registry.path(serving), folder))
         eval_started = time.time()
-        results = evaluate_fns(window, fns, "test", max_examples=self.config.max_eval_examples)
+        results = evaluate_fns(folder, fns, "test", max_examples=self.config.max_eval_examples)
         eval_s = time.time() - eval_started
         cand, serv = mean_score(results, "candidate"), mean_score(results, "serving")
         if already:  # published just before a kill: do not publish it twice

@@ -19,6 +19,7 @@ from core.runtime import init_ray
 from devtools import broker
 from devtools.generator import GeneratorConfig, generate
 from features.build import FeaturesConfig, build_features
+from features.folder import FeaturesFolder
 from ingestion.consumer import IngestConfig, ingest
 from ingestion.replay import replay
 from ingestion.topics import ensure_topics
@@ -131,7 +132,7 @@ def demo(users: int = 2000, seed: int = 0, epochs: int | None = None, serve_seco
     try:
         print("\nTest-split metrics (video: the target among 99 sampled videos; comment: among the other comments"
               f" under the same video, up to 99):\n{format_table(out['results'])}")
-        show_samples(url, out["features"], n_users=2)
+        show_samples(url, FeaturesFolder(out["features"]), n_users=2)
         if serve_seconds > 0:
             print(f"[demo] serving at {url} for {serve_seconds:.0f}s (docs at {url}/docs)", flush=True)
             time.sleep(serve_seconds)

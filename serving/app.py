@@ -22,6 +22,7 @@ from ray import serve
 
 from core.runtime import init_ray
 from features.embeddings import make_encoder
+from features.folder import FeaturesFolder
 from ingestion.sequence_store import SequenceStore
 from serving.catalog import CatalogFollower, extend_state
 from serving.histories import history_from_store
@@ -374,13 +375,12 @@ def serve_forever(registry: str | None = None, checkpoint: str | None = None, fe
         stop()
 
 
-def show_samples(url: str, features: str, n_users: int = 2, k: int = 5) -> None:
+def show_samples(url: str, folder: FeaturesFolder, n_users: int = 2, k: int = 5) -> None:
     """Print, by title, what the service recommends to the users with the longest histories."""
     import httpx
-    import pyarrow.parquet as pq
 
-    users = pq.read_table(Path(features) / "users.parquet", columns=["user_id", "hist_video"])
-    titles = pq.read_table(Path(features) / "videos.parquet", columns=["title"])["title"].to_pylist()
+    users = folder.users(["user_id", "hist_video"])
+    titles = folder.videos(["title"])["title"].to_pylist()
     histories = users["hist_video"].to_pylist()
     longest = np.argsort([-len(h) for h in histories], kind="stable")[:n_users]
     with httpx.Client(base_url=url, timeout=30) as client:

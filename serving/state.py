@@ -4,14 +4,13 @@ Built whole before it replaces the previous one, so a request sees one consisten
 """
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from core.contract import HISTORY_COLUMNS
+from features.folder import FeaturesFolder
 from serving.histories import latest_hot_comments
 from trainers.scoring import Scorer
 
@@ -47,19 +46,19 @@ class ModelState:
 
 def load_state(version: str, checkpoint: str | Path, features: str | Path) -> ModelState:
     """Load a checkpoint with its features folder. Raises CheckpointError (or OSError) if either is unusable."""
-    features = Path(features)
-    scorer = Scorer(checkpoint, features)
-    videos = pq.read_table(features / "videos.parquet", columns=["video_id", "title"])
+    folder = FeaturesFolder.open(features)
+    scorer = Scorer(checkpoint, folder)
+    videos = folder.videos(["video_id", "title"])
     video_ids = videos["video_id"].to_pylist()
-    comments = pq.read_table(features / "comments.parquet", columns=["comment_id", "video_idx", "text"])
+    comments = folder.comments(["comment_id", "video_idx", "text"])
     comment_video = comments["video_idx"].to_numpy()
     order = np.argsort(comment_video, kind="stable")
     bounds = np.searchsorted(comment_video[order], np.arange(len(video_ids) + 1))
-    users = pq.read_table(features / "users.parquet").to_pylist()
+    users = folder.users().to_pylist()
     comment_ids = comments["comment_id"].to_pylist()
     engaged = [np.asarray(u["hist_video"], dtype=np.int64) for u in users]
     counts = np.bincount(np.concatenate(engaged) if engaged else np.zeros(0, np.int64), minlength=len(video_ids))
-    built_with = json.loads((features / "manifest.json").read_text()).get("config", {})
+    built_with = folder.manifest.get("config", {})
     return ModelState(
         encoder=built_with.get("encoder", "minilm"),
         encoder_dim=int(built_with.get("encoder_dim", 64)),

@@ -43,21 +43,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from core import storage
+from core.contract import TASKS
 from core.paths import cache_dir
 from core.runtime import init_ray
+from features.folder import FeaturesFolder
 from trainers.checkpoint import CONFIG, WEIGHTS, load_state, read_weights, save_checkpoint
-from trainers.data import (
-    TASKS,
-    collate,
-    count_examples,
-    examples_path,
-    examples_source,
-    load_item_times,
-    load_text_tables,
-    local_features,
-    worker_features,
-)
+from trainers.data import collate, item_time_tensors, text_tensors
 from trainers.finetune import (
     INJECTED_FAILURE,
     _joint_batches,
@@ -315,18 +306,18 @@ def _train_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     torch.set_num_threads(1)
-    config = AlignConfig(**{**loop_config["config"], "features": worker_features(
-        loop_config["config"]["features"], loop_config["features_source"])})
+    config = AlignConfig(**loop_config["config"])
+    folder = loop_config["folder"].on_this_node()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)
     sr = SRModel(SRConfig(**loop_config["sr_config"]))
-    sr.set_text_tables(*load_text_tables(config.features))
-    sr.set_item_times(*load_item_times(config.features))  # a no-op without time features
+    sr.set_text_tables(*text_tensors(folder))
+    sr.set_item_times(*item_time_tensors(folder))  # a no-op without time features
     sr.to(device)
     llm = _build_llm_side(config, loop_config["llm_path"], loop_config["llm_hidden"], device)
-    texts = ItemTexts.from_features(config.features) if config.mode == "lora" else None
+    texts = ItemTexts.from_folder(folder) if config.mode == "lora" else None
     params = _trainable([sr, llm])
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     state = _resume(sr, llm, optimizer, config)
@@ -420,14 +411,14 @@ class _LLMStates:
     """Ray Data batch inference (frozen mode): example rows -> + llm_state (the base LLM's final hidden
     state at the last prompt token)."""
 
-    def __init__(self, llm_path: str, task: str, features: str, max_prompt_tokens: int, dtype: str = "auto",
-                 source: str | None = None):
-        features = worker_features(features, source or features)
+    def __init__(self, llm_path: str, task: str, folder: FeaturesFolder, max_prompt_tokens: int,
+                 dtype: str = "auto"):
+        folder = folder.on_this_node()
         torch.set_num_threads(max(1, (os.cpu_count() or 1)))
         base, tokenizer = load_base(llm_path, dtype=inference_dtype(dtype))
         self.llm = LLMRecommender(base, tokenizer, LLMConfig(frozen=True, max_prompt_tokens=max_prompt_tokens))
         self.llm.eval()
-        self.task, self.texts, self.max_prompt_tokens = task, ItemTexts.from_features(features), max_prompt_tokens
+        self.task, self.texts, self.max_prompt_tokens = task, ItemTexts.from_folder(folder), max_prompt_tokens
 
     @torch.no_grad()
     def __call__(self, rows: dict) -> dict:
@@ -439,49 +430,47 @@ class _LLMStates:
         return rows
 
 
-def states_key(config: AlignConfig, llm_path: str, task: str) -> dict:
+def states_key(config: AlignConfig, folder: FeaturesFolder, llm_path: str, task: str) -> dict:
     """What the LLM states of a task depend on: the LLM, the prompt budget and dtype, the example cap and the
     train files themselves (names and sizes, so a rebuilt features folder at the same path is not reused)."""
-    source = examples_path(config.features, task, "train")
+    source = folder.examples_dir(task, "train")
     files = sorted((p.name, p.stat().st_size) for p in source.glob("*.parquet"))
     return {"llm": str(llm_path), "max_prompt_tokens": config.max_prompt_tokens, "dtype": config.llm_dtype,
             "max_examples": config.max_examples, "source": str(source), "files": files}
 
 
-def precompute_states(config: AlignConfig, llm_path: str, tasks: list[str], root: Path,
-                      fresh: bool = False, source: str | None = None) -> dict[str, str]:
+def precompute_states(config: AlignConfig, folder: FeaturesFolder, llm_path: str, tasks: list[str], root: Path,
+                      fresh: bool = False) -> dict[str, str]:
     """Frozen mode: write examples + llm_state per task under root/llm_states/<hash of states_key>/<task>,
     reused by every later run with the same key (the suite's three stage 1 runs share one precompute).
-    fresh=True computes them again even when they are there (the train benchmark times this). source: the
-    folder or URI config.features (a local copy) was taken from."""
+    fresh=True computes them again even when they are there (the train benchmark times this)."""
     import hashlib
 
     import ray.data
 
     folders = {}
     for task in tasks:
-        key = json.loads(json.dumps(states_key(config, llm_path, task)))  # tuples -> lists, as read back
+        key = json.loads(json.dumps(states_key(config, folder, llm_path, task)))  # tuples -> lists, as read back
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        folder = root / "llm_states" / digest / task
-        marker = folder / "_done.json"
+        states = root / "llm_states" / digest / task
+        marker = states / "_done.json"
         if fresh or not (marker.is_file() and json.loads(marker.read_text()) == key):
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(states, ignore_errors=True)
             started = time.monotonic()
-            path, filesystem = examples_source(source or config.features, config.features, task, "train")
+            path, filesystem = folder.examples_source(task, "train")
             dataset = ray.data.read_parquet(path, filesystem=filesystem)
             if config.max_examples:
                 dataset = dataset.limit(config.max_examples)
             dataset = dataset.map_batches(
-                _LLMStates, fn_constructor_kwargs={"llm_path": str(llm_path), "task": task,
-                                                   "features": config.features, "source": source,
+                _LLMStates, fn_constructor_kwargs={"llm_path": str(llm_path), "task": task, "folder": folder,
                                                    "max_prompt_tokens": config.max_prompt_tokens,
                                                    "dtype": config.llm_dtype},
                 batch_size=config.inference_batch_size, batch_format="numpy", concurrency=1)
-            dataset.write_parquet(str(folder))
-            rows = ray.data.read_parquet(str(folder)).count()
+            dataset.write_parquet(str(states))
+            rows = ray.data.read_parquet(str(states)).count()
             marker.write_text(json.dumps(key))
             print(f"align: LLM states for {rows} {task} examples in {time.monotonic() - started:.1f}s", flush=True)
-        folders[task] = str(folder)
+        folders[task] = str(states)
     return folders
 
 
@@ -493,17 +482,16 @@ def align(config: AlignConfig) -> str:
     from ray.train.torch import TorchConfig, TorchTrainer
     from transformers import AutoConfig
 
-    source = config.features if not storage.is_local(config.features) else os.path.abspath(config.features)
     # A URI is downloaded once into the cache; the workers use that copy, or their node's own.
-    config = dataclasses.replace(config, features=str(local_features(source)), out=os.path.abspath(config.out))
+    folder = FeaturesFolder(config.features)
+    config = dataclasses.replace(config, features=folder.source, out=os.path.abspath(config.out))
     out = Path(config.out).resolve()
     (out / INJECTED_FAILURE).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    video_text, _ = load_text_tables(config.features)
-    counts = {task: count_examples(config.features, task, "train") for task in TASKS}
+    counts = {task: folder.count_examples(task, "train") for task in TASKS}
     tasks = [task for task in TASKS if counts[task] > 0]
     if not tasks:
-        raise ValueError(f"{config.features}: no train examples for either task")
+        raise ValueError(f"{folder}: no train examples for either task")
     llm_path = str(resolve_llm_path(config.llm))  # converts the packaged GGUF once, here on the driver
     llm_hidden = AutoConfig.from_pretrained(llm_path).hidden_size
     print(f"align: mode {config.mode}, LLM {llm_path}, train examples {counts}, {config.num_workers} workers",
@@ -511,9 +499,9 @@ def align(config: AlignConfig) -> str:
     init_ray()
     if config.mode == "frozen":
         sources = {task: (path, None) for task, path in
-                   precompute_states(config, llm_path, tasks, cache_dir(), source=source).items()}
+                   precompute_states(config, folder, llm_path, tasks, cache_dir()).items()}
     else:
-        sources = {task: examples_source(source, config.features, task, "train") for task in tasks}
+        sources = {task: folder.examples_source(task, "train") for task in tasks}
     datasets = {}
     for task in tasks:
         path, filesystem = sources[task]
@@ -526,9 +514,9 @@ def align(config: AlignConfig) -> str:
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"config": dataclasses.asdict(config),
-                           "sr_config": dataclasses.asdict(sr_config(config, video_text.shape[1])),
+                           "sr_config": dataclasses.asdict(sr_config(config, folder.text_dim)),
                            "llm_path": llm_path, "llm_hidden": llm_hidden, "tasks": tasks,
-                           "features_source": source},
+                           "folder": folder},
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),

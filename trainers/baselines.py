@@ -10,20 +10,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pyarrow.dataset as pads
 import torch
 
-from trainers.data import examples_path
+from features.folder import FeaturesFolder
 
 
-def video_train_counts(features_dir: str | Path, num_videos: int) -> np.ndarray:
+def video_train_counts(folder: FeaturesFolder) -> np.ndarray:
     """[V] int64: positive train interactions per video_idx."""
-    table = pads.dataset(examples_path(features_dir, "video", "train"), format="parquet").to_table(
-        columns=["target"])
-    targets = table.column("target").to_numpy().astype(np.int64)
+    num_videos = folder.num_videos
+    targets = folder.examples_table("video", "train", ["target"]).column("target").to_numpy().astype(np.int64)
     if len(targets) and (targets.min() < 0 or targets.max() >= num_videos):
         raise ValueError(f"video train targets outside [0, {num_videos})")
     return np.bincount(targets, minlength=num_videos)

@@ -5,30 +5,20 @@ right-aligned: padding (-1, mask False) first, the newest element in the last sl
 elements (the oldest are dropped). Each batch is padded to its own longest history (at least 1 slot), which
 the models handle because position ids count back from the newest slot (trainers/models/layers.py).
 
-Text embeddings are not copied into batches: `load_text_tables` memory-maps the .npy matrices once per
-process and the models index them on their own device.
-
-A features folder given as a URI (s3://...) is read through a local copy (`local_features`), taken once per
-node at each entry point; Ray Data reads its example files through the URI (`examples_source`), so read tasks
-may run on any node.
+Text embeddings are not copied into batches: `text_tensors` wraps the features folder's memory-mapped .npy
+matrices once per process and the models index them on their own device.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import torch
 
-from core import storage
-from core.contract import COMMENTS_PER_RECORD, SPLITS, TASKS
-from core.paths import cache_dir
+from core.contract import COMMENTS_PER_RECORD
+from features.folder import FeaturesFolder
 
 
 def _rows(batch: dict, name: str) -> list[np.ndarray]:
@@ -126,102 +116,21 @@ def collate(batch: dict, max_history: int) -> dict[str, torch.Tensor]:
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def _load_text_tables(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    tables = []
-    for name in ("video_emb.npy", "comment_emb.npy"):
-        file = os.path.join(path, name)
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{file} is missing (features folder, docs/DATA.md section 3)")
-        array = np.load(file, mmap_mode="r", allow_pickle=False)
-        if array.ndim != 2 or array.dtype != np.float32:
-            raise ValueError(f"{file}: expected float32 [N, D], got {array.dtype} {array.shape}")
-        with warnings.catch_warnings():
-            # Read-only memory map: torch warns it is not writable; nothing ever writes to it.
-            warnings.simplefilter("ignore", UserWarning)
-            tables.append(torch.from_numpy(array))
-    if tables[0].shape[1] != tables[1].shape[1]:
-        raise ValueError(f"{path}: video and comment embeddings differ in dimension "
-                         f"({tables[0].shape[1]} vs {tables[1].shape[1]})")
-    return tables[0], tables[1]
-
-
-def load_text_tables(features_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(video_emb [V, D], comment_emb [C, D]) as CPU tensors over read-only memory maps, loaded once per
-    process and folder."""
-    return _load_text_tables(os.path.abspath(features_dir))
+def text_tensors(folder: FeaturesFolder) -> tuple[torch.Tensor, torch.Tensor]:
+    """(video_emb [V, D], comment_emb [C, D]) as CPU tensors over the folder's read-only memory maps, made
+    once per process and folder."""
+    return _text_tensors(str(folder.root))
 
 
 @functools.lru_cache(maxsize=4)
-def _load_item_times(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    times = []
-    for name in ("videos.parquet", "comments.parquet"):
-        file = os.path.join(path, name)
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{file} is missing (features folder, docs/DATA.md section 3)")
-        column = pq.read_table(file, columns=["ts"])["ts"]
-        if column.null_count:
-            raise ValueError(f"{file}: {column.null_count} rows have no publication time ts")
-        times.append(torch.from_numpy(column.to_numpy().astype(np.int64)))
-    return times[0], times[1]
+def _text_tensors(root: str) -> tuple[torch.Tensor, torch.Tensor]:
+    with warnings.catch_warnings():
+        # Read-only memory map: torch warns it is not writable; nothing ever writes to it.
+        warnings.simplefilter("ignore", UserWarning)
+        return tuple(torch.from_numpy(t) for t in FeaturesFolder(root).text_tables())
 
 
-def load_item_times(features_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(video publication ts [V], comment publication ts [C]) in ms, long, row = item index (videos.parquet
-    and comments.parquet `ts`), loaded once per process and folder: the reference points of item ages."""
-    return _load_item_times(os.path.abspath(features_dir))
-
-
-def local_features(features: str | Path) -> Path:
-    """A local folder with the features folder `features`: the folder itself when it is a path, else a copy
-    downloaded once per node into <LSVCR_CACHE_DIR>/features, keyed by the URI and its manifest.json."""
-    return Path(os.path.abspath(storage.local_copy(str(features), cache_dir() / "features", "manifest.json")))
-
-
-def worker_features(local: str, source: str) -> str:
-    """In a Ray worker or actor: the driver's local copy `local` when this node has it (the same machine: a
-    copy is renamed into place whole and named by the URI and its manifest, so one that is there is the one
-    meant), else this node's own copy of `source` (the folder or URI the driver was given)."""
-    if local == source or os.path.isfile(os.path.join(local, "manifest.json")):
-        return local
-    return str(local_features(source))
-
-
-def examples_source(source: str, local: str, task: str, split: str) -> tuple[str, object]:
-    """(path, pyarrow file system or None) for Ray Data's read_parquet of a split: inside the URI's file system
-    when `source` is a URI (any node can read it), else the local folder."""
-    folder = str(examples_path(local, task, split))  # checks the split exists
-    if storage.is_local(source):
-        return folder, None
-    fs, path = storage.filesystem(storage.join(source, "examples", task, split))
-    return path, fs
-
-
-def examples_path(features_dir: str | Path, task: str, split: str) -> Path:
-    if task not in TASKS or split not in SPLITS:
-        raise ValueError(f"task must be one of {TASKS} and split one of {SPLITS}, got {task!r}, {split!r}")
-    path = Path(features_dir) / "examples" / task / split
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is missing (features folder, docs/DATA.md section 3)")
-    return path
-
-
-def count_examples(features_dir: str | Path, task: str, split: str) -> int:
-    return pads.dataset(examples_path(features_dir, task, split), format="parquet").count_rows()
-
-
-def iter_examples(features_dir: str | Path, task: str, split: str, batch_size: int,
-                  max_examples: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Example rows in file order as numpy batches (list columns become object arrays of arrays), like
-    Ray Data's batch_format="numpy". max_examples > 0 stops after that many rows."""
-    dataset = pads.dataset(examples_path(features_dir, task, split), format="parquet")
-    seen = 0
-    for record_batch in dataset.to_batches(batch_size=batch_size):
-        if max_examples and seen >= max_examples:
-            return
-        if max_examples:
-            record_batch = record_batch.slice(0, max_examples - seen)
-        seen += record_batch.num_rows
-        if record_batch.num_rows:
-            yield {name: col.to_numpy(zero_copy_only=False)
-                   for name, col in zip(record_batch.schema.names, record_batch.columns)}
+def item_time_tensors(folder: FeaturesFolder) -> tuple[torch.Tensor, torch.Tensor]:
+    """(video publication ts [V], comment publication ts [C]) in ms, long, row = item index: the reference
+    points of item ages."""
+    return tuple(torch.from_numpy(t) for t in folder.item_times())

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from core.contract import SPLITS, TASKS
+from features.folder import FeaturesFolder
 from trainers.baselines import (
     BLEND_TAUS_H,
     CountsBefore,
@@ -28,7 +30,7 @@ from trainers.baselines import (
     top_level_scores,
     video_train_counts,
 )
-from trainers.data import collate, examples_path, iter_examples, load_text_tables, local_features
+from trainers.data import collate
 from trainers.metrics import METRIC_NAMES, ranking_metrics, ranks_from_scores
 from trainers.scoring import Scorer
 
@@ -51,9 +53,8 @@ def scorer_fn(scorer: Scorer) -> ScoreFn:
     return score
 
 
-def popularity_fn(features_dir: str | Path) -> ScoreFn:
-    num_videos = load_text_tables(features_dir)[0].shape[0]
-    counts = video_train_counts(features_dir, num_videos)
+def popularity_fn(folder: FeaturesFolder) -> ScoreFn:
+    counts = video_train_counts(folder)
 
     def score(task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if task == "video":
@@ -64,24 +65,19 @@ def popularity_fn(features_dir: str | Path) -> ScoreFn:
     return score
 
 
-def time_baseline_fns(features_dir: str | Path, blend_tau_h: float = 24.0,
+def time_baseline_fns(folder: FeaturesFolder, blend_tau_h: float = 24.0,
                       blend_taus_h: tuple[float, ...] = ()) -> dict[str, ScoreFn]:
     """The time-aware baselines (issue 8): video recency, popularity_at_t, recency_pop_blend; comment newest,
     most_engaged (likes + replies before t), top_level. Video interactions are the video-task examples of
     every split (the used positive events with a history); replies come from comments.parquet.
     blend_taus_h adds one "recency_pop_blend@<tau>" per tau (for tuning, from the same tables)."""
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
-
-    videos = pq.read_table(Path(features_dir) / "videos.parquet", columns=["ts"])
-    comments = pq.read_table(Path(features_dir) / "comments.parquet", columns=["comment_id", "parent_id", "ts"])
-    video_ts = videos["ts"].to_numpy()
+    video_ts = folder.videos(["ts"])["ts"].to_numpy()
+    comments = folder.comments(["comment_id", "parent_id", "ts"])
     comment_ts = comments["ts"].to_numpy()
     top_level = comments["parent_id"].is_null().to_numpy(zero_copy_only=False)
     parent_idx = pa_index(comments)
     replies = CountsBefore(parent_idx[parent_idx >= 0], comment_ts[parent_idx >= 0])
-    shown = [pads.dataset(examples_path(features_dir, "video", s), format="parquet").to_table(
-        columns=["target", "ts"]) for s in SPLITS]
+    shown = [folder.examples_table("video", s, ["target", "ts"]) for s in SPLITS]
     interactions = CountsBefore(np.concatenate([t["target"].to_numpy() for t in shown]),
                                 np.concatenate([t["ts"].to_numpy() for t in shown]))
 
@@ -123,23 +119,21 @@ def time_baseline_fns(features_dir: str | Path, blend_tau_h: float = 24.0,
 
 def pa_index(comments) -> np.ndarray:
     """[C] comment_idx of each comment's parent, -1 for top-level ones (or a parent not in the table)."""
-    import pyarrow.compute as pc
-
     found = pc.index_in(comments["parent_id"], value_set=comments["comment_id"])
     return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), np.int64)
 
 
-def tune_blend(features_dir: str | Path, max_examples: int = 0) -> float:
+def tune_blend(folder: FeaturesFolder, max_examples: int = 0) -> float:
     """tau (hours) of recency_pop_blend with the best NDCG@10 on the valid split's video examples."""
-    video = time_baseline_fns(features_dir, blend_taus_h=BLEND_TAUS_H)["video"]
+    video = time_baseline_fns(folder, blend_taus_h=BLEND_TAUS_H)["video"]
     fns = {name: fn for name, fn in video.items() if name.startswith("recency_pop_blend@")}
-    found = evaluate_fns(features_dir, fns, "valid", max_examples=max_examples, tasks=("video",))["video"]
+    found = evaluate_fns(folder, fns, "valid", max_examples=max_examples, tasks=("video",))["video"]
     best = max(BLEND_TAUS_H, key=lambda tau: (found[f"recency_pop_blend@{tau}"].get("ndcg@10") or 0.0, -tau))
     print(f"evaluate: recency_pop_blend tau tuned on valid: {best} h", flush=True)
     return best
 
 
-def evaluate_fns(features_dir: str | Path, fns: dict[str, ScoreFn], split: str, batch_size: int = 512,
+def evaluate_fns(folder: FeaturesFolder, fns: dict[str, ScoreFn], split: str, batch_size: int = 512,
                  max_examples: int = 0, tasks: tuple[str, ...] = TASKS,
                  negatives_column: str = "negatives") -> dict[str, dict[str, dict]]:
     """Rank every example of `split` with every score function; max_examples > 0 caps each task.
@@ -149,10 +143,10 @@ def evaluate_fns(features_dir: str | Path, fns: dict[str, ScoreFn], split: str, 
         ranks: dict[str, list[np.ndarray]] = {name: [] for name in fns}
         skipped = seen = 0
         started = time.monotonic()
-        for rows in iter_examples(features_dir, task, split, batch_size, max_examples):
+        for rows in folder.iter_examples(task, split, batch_size, max_examples):
             if task == "video" and negatives_column != "negatives":
                 if negatives_column not in rows:
-                    raise ValueError(f"{features_dir}: video examples have no {negatives_column} column "
+                    raise ValueError(f"{folder}: video examples have no {negatives_column} column "
                                      "(built before candidate protocols; rebuild the features)")
                 rows["negatives"] = rows[negatives_column]
             has_negatives = np.array([len(n) > 0 for n in rows["negatives"]])
@@ -179,37 +173,34 @@ def evaluate_fns(features_dir: str | Path, fns: dict[str, ScoreFn], split: str, 
     return results
 
 
-def evaluate(features_dir: str | Path, checkpoints: dict[str, str | Path], split: str = "test",
+def evaluate(features: FeaturesFolder | str | Path, checkpoints: dict[str, str | Path], split: str = "test",
              popularity: bool = True, batch_size: int = 512, max_examples: int = 0,
              device: str = "cpu") -> dict:
     """Metrics per task and model for the checkpoints (name -> folder), "popularity" and the time-aware
     baselines, under the build's video protocol ("protocol"); "other_protocols" holds the video task under
     every other protocol the build wrote. {"protocol", "recency_pop_blend_tau_h", "video", "comment",
-    "other_protocols": {protocol: {"video": {...}}}}. features_dir may be a URI (downloaded once into the cache)."""
-    import json
-
-    features_dir = local_features(features_dir)
-    path = Path(features_dir) / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.exists() else {}  # hand-made folders in tests have none
+    "other_protocols": {protocol: {"video": {...}}}}. `features` may be a URI (downloaded once into the cache)."""
+    folder = FeaturesFolder.open(features)
+    manifest = folder.manifest
     protocol = manifest.get("video_protocol", "uniform_all")
     fns: dict[str, ScoreFn] = {}
     if popularity:
-        fns["popularity"] = popularity_fn(features_dir)
+        fns["popularity"] = popularity_fn(folder)
     for name, ckpt in checkpoints.items():
         if name in fns:
             raise ValueError(f"model name {name!r} is used twice")
-        fns[name] = scorer_fn(Scorer(ckpt, features_dir, device=device))
-    tau = tune_blend(features_dir, max_examples)
-    baselines = time_baseline_fns(features_dir, tau)
+        fns[name] = scorer_fn(Scorer(ckpt, folder, device=device))
+    tau = tune_blend(folder, max_examples)
+    baselines = time_baseline_fns(folder, tau)
     results: dict = {"protocol": protocol, "recency_pop_blend_tau_h": tau}
     for task in TASKS:
         task_fns = {**fns, **baselines[task]}
-        results.update(evaluate_fns(features_dir, task_fns, split, batch_size, max_examples, tasks=(task,)))
+        results.update(evaluate_fns(folder, task_fns, split, batch_size, max_examples, tasks=(task,)))
     results["other_protocols"] = {}
     for other in manifest.get("video_protocols", []):
         if other != protocol:
             results["other_protocols"][other] = evaluate_fns(
-                features_dir, {**fns, **baselines["video"]}, split, batch_size, max_examples, tasks=("video",),
+                folder, {**fns, **baselines["video"]}, split, batch_size, max_examples, tasks=("video",),
                 negatives_column=f"negatives_{other}")
     return results
 

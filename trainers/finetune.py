@@ -22,7 +22,7 @@ the last finished epoch with the same step count; `fail_once_at_step` injects on
 In-batch negatives are per worker for now (trainers/losses.py). Gradients are averaged by hand, not by DDP
 (see _average_gradients). Workers memory-map the embeddings and rank 0 reads the valid split from the
 features folder: a path must be readable by every worker (shared storage on a cluster); a URI (s3://...) is
-copied once per node into the cache (trainers/data.py local_features), and the train split is read through it.
+copied once per node into the cache (features/folder.py), and the train split is read through it.
 
 Stage 1 seam: `init` names an earlier checkpoint whose SR parameters are loaded (strict on names and
 shapes) before training.
@@ -47,20 +47,11 @@ import pyarrow.dataset as pads
 import torch
 import torch.distributed as dist
 
-from core import storage
+from core.contract import TASKS
 from core.runtime import init_ray
+from features.folder import FeaturesFolder
 from trainers.checkpoint import CONFIG, TRAIN, WEIGHTS, load_init_weights, load_state, read_weights, save_checkpoint
-from trainers.data import (
-    TASKS,
-    collate,
-    count_examples,
-    examples_path,
-    examples_source,
-    load_item_times,
-    load_text_tables,
-    local_features,
-    worker_features,
-)
+from trainers.data import collate, item_time_tensors, text_tensors
 from trainers.evaluate import evaluate_fns, scorer_fn
 from trainers.losses import comment_loss, id_text_loss, video_loss
 from trainers.models import MODELS, SASRecConfig, SRConfig, build_model
@@ -139,12 +130,12 @@ COMMENT_COLUMNS = {"video": ("hist_video_hot", "hist_cmt_comments"),
                    "comment": ("target", "negatives", "hist_video_hot", "hist_cmt_comments")}
 
 
-def seen_items(features_dir: str | Path, num_videos: int, num_comments: int) -> tuple[np.ndarray, np.ndarray]:
+def seen_items(folder: FeaturesFolder, num_videos: int, num_comments: int) -> tuple[np.ndarray, np.ndarray]:
     """Bool masks [V], [C] of the items that appear anywhere in the train examples (and so get a trained
     ID embedding); all other items are scored without their ID embedding."""
     seen = {"video": np.zeros(num_videos, dtype=bool), "comment": np.zeros(num_comments, dtype=bool)}
     for task in TASKS:
-        dataset = pads.dataset(examples_path(features_dir, task, "train"), format="parquet")
+        dataset = pads.dataset(folder.examples_dir(task, "train"), format="parquet")
         for batch in dataset.to_batches(columns=list(set(VIDEO_COLUMNS[task] + COMMENT_COLUMNS[task]))):
             for kind, columns in (("video", VIDEO_COLUMNS[task]), ("comment", COMMENT_COLUMNS[task])):
                 for name in columns:
@@ -295,8 +286,8 @@ def _train_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     torch.set_num_threads(1)
-    config = FinetuneConfig(**{**loop_config["config"], "features": worker_features(
-        loop_config["config"]["features"], loop_config["features_source"])})
+    config = FinetuneConfig(**loop_config["config"])
+    folder = loop_config["folder"].on_this_node()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -311,9 +302,9 @@ def _train_loop(loop_config: dict) -> None:
             model.zero_id_embeddings()  # start exactly at the stage 1 function (see SRModel)
         if rank == 0:
             print(f"finetune: loaded {config.init}; freshly initialised: {fresh}", flush=True)
-    model.set_text_tables(*load_text_tables(config.features))
+    model.set_text_tables(*text_tensors(folder))
     if config.model == "sr":
-        model.set_item_times(*load_item_times(config.features))  # a no-op without time features
+        model.set_item_times(*item_time_tensors(folder))  # a no-op without time features
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     state = _resume(model, optimizer, rank)
@@ -379,8 +370,7 @@ def _train_loop(loop_config: dict) -> None:
 
         stop = torch.zeros(1, device=device)
         if rank == 0:
-            valid = evaluate_fns(config.features, {"model": scorer_fn(Scorer.from_model(config.model, model,
-                                                                                         config.features))},
+            valid = evaluate_fns(folder, {"model": scorer_fn(Scorer.from_model(config.model, model, folder))},
                                  "valid", max_examples=config.max_eval_examples)
             model.train()
             score = _valid_score(valid)
@@ -428,21 +418,19 @@ def finetune(config: FinetuneConfig) -> str:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    source = config.features if not storage.is_local(config.features) else os.path.abspath(config.features)
-    features = str(local_features(source))  # a URI: downloaded once into the cache
-    config = dataclasses.replace(config, features=features, out=os.path.abspath(config.out),
+    folder = FeaturesFolder(config.features)  # a URI: downloaded once into the cache
+    config = dataclasses.replace(config, features=folder.source, out=os.path.abspath(config.out),
                                  init=os.path.abspath(config.init) if config.init else None)
-    video_text, comment_text = load_text_tables(features)  # memory maps: only the shapes are read here
-    counts = {task: count_examples(features, task, "train") for task in TASKS}
+    counts = {task: folder.count_examples(task, "train") for task in TASKS}
     tasks = [task for task in TASKS if counts[task] > 0]
     if not tasks:
-        raise ValueError(f"{features}: no train examples for either task")
-    model_cfg = model_config(config, video_text.shape[0], comment_text.shape[0], video_text.shape[1])
+        raise ValueError(f"{folder}: no train examples for either task")
+    model_cfg = model_config(config, folder.num_videos, folder.num_comments, folder.text_dim)
     video_seen = comment_seen = None
     if config.model == "sr" and not config.text_only:
-        video_seen, comment_seen = seen_items(features, video_text.shape[0], comment_text.shape[0])
-    print(f"finetune: model {config.model}, train examples {counts}, {video_text.shape[0]} videos, "
-          f"{comment_text.shape[0]} comments, {config.num_workers} workers", flush=True)
+        video_seen, comment_seen = seen_items(folder, folder.num_videos, folder.num_comments)
+    print(f"finetune: model {config.model}, train examples {counts}, {folder.num_videos} videos, "
+          f"{folder.num_comments} comments, {config.num_workers} workers", flush=True)
 
     (Path(config.out) / INJECTED_FAILURE).unlink(missing_ok=True)
     init_ray()
@@ -450,11 +438,11 @@ def finetune(config: FinetuneConfig) -> str:
     # many examples there are. Small ones are materialised once: re-running the read every epoch cost far
     # more than the epoch itself on 2 busy cores (measured: ~20 s vs ~100 s per epoch on 26k examples).
     on_disk = sum(f.stat().st_size for task in tasks
-                  for f in Path(examples_path(features, task, "train")).rglob("*.parquet"))
+                  for f in folder.examples_dir(task, "train").rglob("*.parquet"))
     stream = on_disk > config.materialize_max_mb * 2**20
     datasets = {}
     for task in tasks:
-        path, filesystem = examples_source(source, features, task, "train")
+        path, filesystem = folder.examples_source(task, "train")
         dataset = ray.data.read_parquet(path, filesystem=filesystem)
         datasets[task] = dataset if stream else dataset.materialize()
     print(f"finetune: train examples {on_disk / 2**20:.1f} MB on disk: "
@@ -465,7 +453,7 @@ def finetune(config: FinetuneConfig) -> str:
         _train_loop,
         train_loop_config={"config": dataclasses.asdict(config), "model_config": dataclasses.asdict(model_cfg),
                            "tasks": tasks, "video_seen": video_seen, "comment_seen": comment_seen,
-                           "features_source": source},
+                           "folder": folder},
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),

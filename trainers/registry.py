@@ -25,15 +25,15 @@ import time
 import uuid
 from pathlib import Path
 
-from core import storage
+from core import contract, storage
 from core.paths import cache_dir
 from trainers.checkpoint import CONFIG, TRAIN, WEIGHTS, CheckpointError, load_model
 
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # a version's manifest (model, source, features, metrics)
 # What serving and warm starts read from a features folder (serving/state.py, trainers/scoring.py,
-# lsvcr/continuous.py); manifest.json goes last, as the marker of a complete copy.
-SERVING_FEATURES = ("video_emb.npy", "comment_emb.npy", "videos.parquet", "comments.parquet", "users.parquet",
-                    "manifest.json")
+# lsvcr/continuous.py); its manifest goes last, as the marker of a complete copy.
+SERVING_FEATURES = (contract.VIDEO_EMB, contract.COMMENT_EMB, contract.VIDEOS, contract.COMMENTS, contract.USERS,
+                    contract.MANIFEST)
 
 
 class RegistryError(RuntimeError):
@@ -76,7 +76,7 @@ class Registry:
 
     def features_path(self, version: str) -> Path:
         """A local features folder the version serves with (downloaded once when the registry is remote)."""
-        return storage.local_copy(self.manifest(version)["features"], _cache("features"), "manifest.json")
+        return storage.local_copy(self.manifest(version)["features"], _cache("features"), contract.MANIFEST)
 
     def history(self) -> list[dict]:
         try:
@@ -95,7 +95,7 @@ class Registry:
             kind, _ = load_model(ckpt_dir)
         except CheckpointError as err:
             raise RegistryError(f"refusing to publish {ckpt_dir}: {err}") from None
-        if not (features / "video_emb.npy").exists():
+        if not (features / contract.VIDEO_EMB).exists():
             raise RegistryError(f"refusing to publish {ckpt_dir}: {features} is not a features folder")
         train = json.loads((ckpt_dir / TRAIN).read_text()) if (ckpt_dir / TRAIN).exists() else {}
         manifest = {

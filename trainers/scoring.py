@@ -1,6 +1,6 @@
 """Scores from a checkpoint: the one code path shared by offline evaluation and online serving.
 
-    scorer = Scorer("CKPT", "FEATURES")
+    scorer = Scorer("CKPT", FeaturesFolder.open("FEATURES"))
     hist = scorer.histories(rows)                     # users.parquet / example rows -> tensors
     scorer.video_scores(hist)                         # [B, V] over the whole video corpus
     scorer.comment_scores(hist, query_video, cands)   # [B, N] for given comment indices (-1 = padding)
@@ -23,39 +23,41 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from features.folder import FeaturesFolder
 from trainers.checkpoint import CheckpointError, load_model
-from trainers.data import collate_histories, load_item_times, load_text_tables
+from trainers.data import collate_histories, item_time_tensors, text_tensors
 from trainers.models.layers import time_bucket_edges
 
 
 class Scorer:
-    def __init__(self, ckpt_dir: str | Path, features_dir: str | Path, device: str = "cpu"):
+    def __init__(self, ckpt_dir: str | Path, features: FeaturesFolder | str | Path, device: str = "cpu"):
         """Load the checkpoint (CheckpointError if it is missing, corrupt or incompatible) and the
         features folder's text embeddings, and precompute the item matrices."""
         self.kind, model = load_model(ckpt_dir)
+        folder = FeaturesFolder.open(features)
         try:
-            self._setup(model, features_dir, torch.device(device))
+            self._setup(model, folder, torch.device(device))
         except ValueError as err:  # e.g. the text embeddings' dimension differs from the model's
-            raise CheckpointError(f"{ckpt_dir} does not fit the features in {features_dir}: {err}") from None
+            raise CheckpointError(f"{ckpt_dir} does not fit the features in {folder}: {err}") from None
 
     @classmethod
-    def from_model(cls, kind: str, model: nn.Module, features_dir: str | Path) -> "Scorer":
+    def from_model(cls, kind: str, model: nn.Module, folder: FeaturesFolder) -> "Scorer":
         """Wrap a model in memory (used for validation during training). Puts the model in eval mode;
         the caller switches it back to train mode."""
         scorer = cls.__new__(cls)
         scorer.kind = kind
-        scorer._setup(model, features_dir, next(model.parameters()).device)
+        scorer._setup(model, folder, next(model.parameters()).device)
         return scorer
 
-    def _setup(self, model: nn.Module, features_dir: str | Path, device: torch.device) -> None:
+    def _setup(self, model: nn.Module, folder: FeaturesFolder, device: torch.device) -> None:
         self.device = device
         self.model = model.to(device).eval()
         self.max_history = model.config.max_history
         self.temperature = model.temperature
         self.time_features = bool(getattr(model.config, "time_features", False))
         self.video_pub_ts = self.comment_pub_ts = None
-        times = load_item_times(features_dir) if self.time_features else (None, None)
-        self.set_text_tables(*load_text_tables(features_dir), *times)
+        times = item_time_tensors(folder) if self.time_features else (None, None)
+        self.set_text_tables(*text_tensors(folder), *times)
 
     def set_text_tables(self, video_text: torch.Tensor, comment_text: torch.Tensor,
                         video_ts: torch.Tensor | None = None, comment_ts: torch.Tensor | None = None) -> None:

@@ -158,7 +158,7 @@ def test_windows_uri_carries_each_window_to_the_workers(tmp_path, monkeypatch):
     from pathlib import Path
 
     from core import storage
-    from trainers.data import local_features
+    from features.folder import FeaturesFolder
     from trainers.registry import Registry
 
     monkeypatch.setenv("LSVCR_CACHE_DIR", str(tmp_path / "cache"))
@@ -178,7 +178,7 @@ def test_windows_uri_carries_each_window_to_the_workers(tmp_path, monkeypatch):
 
     def fake_finetune(config):
         seen["features"] = config.features
-        copy = local_features(config.features)
+        copy = FeaturesFolder(config.features).root
         seen["files"] = storage.list_files(str(copy))
         seen["emb"] = np.load(copy / "video_emb.npy")
         seen["test"] = pq.read_table(copy / "examples" / "video" / "test").column("target").to_pylist()

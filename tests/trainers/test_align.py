@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from core.contract import TASKS
+from features.folder import FeaturesFolder
 from trainers.align import AlignConfig, save_aligned, sr_config, stage1_losses, total_loss
 from trainers.checkpoint import load_init_weights
-from trainers.data import collate, iter_examples, load_item_times, load_text_tables
+from trainers.data import collate, item_time_tensors, text_tensors
 from trainers.finetune import FinetuneConfig, model_config
 from trainers.models import build_model
 from trainers.models.llm import ItemTexts, LLMRecommender, load_base
@@ -17,7 +18,7 @@ SIZE = dict(hidden=16, num_heads=2, inner=32, num_layers=1, max_history=8, dropo
 
 
 def first_rows(features, task, n=6):
-    return next(iter_examples(features, task, "train", batch_size=n))
+    return next(FeaturesFolder(features).iter_examples(task, "train", batch_size=n))
 
 
 def setup(fake_features, tiny_llm, tmp_path, **overrides):
@@ -25,8 +26,8 @@ def setup(fake_features, tiny_llm, tmp_path, **overrides):
                          max_prompt_tokens=128, **SIZE, **overrides)
     torch.manual_seed(0)
     sr = SRModel(sr_config(config, 32))
-    sr.set_text_tables(*load_text_tables(fake_features))
-    sr.set_item_times(*load_item_times(fake_features))
+    sr.set_text_tables(*text_tensors(FeaturesFolder(fake_features)))
+    sr.set_item_times(*item_time_tensors(FeaturesFolder(fake_features)))
     base, tokenizer = load_base(str(tiny_llm))
     from trainers.align import llm_config
 
@@ -44,7 +45,7 @@ def test_config_validation_and_auto_mode():
 def test_gradient_flow_lora_sr_and_adapters_base_frozen(fake_features, tiny_llm, tmp_path):
     config, sr, llm = setup(fake_features, tiny_llm, tmp_path)
     batches = {task: first_rows(fake_features, task) for task in TASKS}
-    losses = stage1_losses(sr, llm, batches, config, ItemTexts.from_features(fake_features), torch.device("cpu"))
+    losses = stage1_losses(sr, llm, batches, config, ItemTexts.from_folder(FeaturesFolder(fake_features)), torch.device("cpu"))
     losses.pop("tokens")
     assert set(losses) == {"lm", "rec_video", "rec_comment", "seq_sup", "vc"}
     assert all(torch.isfinite(v) for v in losses.values())
@@ -62,15 +63,15 @@ def test_gradient_flow_lora_sr_and_adapters_base_frozen(fake_features, tiny_llm,
 def test_without_vc_contrast_the_term_is_absent(fake_features, tiny_llm, tmp_path):
     config, sr, llm = setup(fake_features, tiny_llm, tmp_path, vc_contrast=False)
     batches = {"video": first_rows(fake_features, "video"), "comment": None}
-    losses = stage1_losses(sr, llm, batches, config, ItemTexts.from_features(fake_features), torch.device("cpu"))
+    losses = stage1_losses(sr, llm, batches, config, ItemTexts.from_folder(FeaturesFolder(fake_features)), torch.device("cpu"))
     assert "vc" not in losses and losses["rec_comment"].item() == 0.0
 
 
 def test_frozen_mode_trains_only_the_adapter_on_precomputed_states(fake_features, tmp_path):
     config = AlignConfig(features=str(fake_features), out=str(tmp_path), llm_mode="frozen", **SIZE)
     sr = SRModel(sr_config(config, 32))
-    sr.set_text_tables(*load_text_tables(fake_features))
-    sr.set_item_times(*load_item_times(fake_features))
+    sr.set_text_tables(*text_tensors(FeaturesFolder(fake_features)))
+    sr.set_item_times(*item_time_tensors(FeaturesFolder(fake_features)))
     adapter = torch.nn.Linear(24, 16)
     rows = first_rows(fake_features, "video")
     rows["llm_state"] = np.random.default_rng(0).normal(size=(len(rows["target"]), 24)).astype(np.float32)
@@ -87,7 +88,7 @@ def test_stage2_init_reproduces_stage1_outputs_exactly(fake_features, tiny_llm, 
             p.add_(0.01 * torch.randn_like(p))
     save_aligned(tmp_path / "aligned", sr, llm, config, {"step": 1, "epoch": 1}, {})
     assert (tmp_path / "aligned" / "llm" / "lora" / "adapter_config.json").is_file()
-    video_text, comment_text = load_text_tables(fake_features)
+    video_text, comment_text = text_tensors(FeaturesFolder(fake_features))
     ft = FinetuneConfig(features=str(fake_features), out="unused", init=str(tmp_path / "aligned"),
                         **{k: v for k, v in SIZE.items()})
     for text_only in (False, True):
@@ -100,7 +101,7 @@ def test_stage2_init_reproduces_stage1_outputs_exactly(fake_features, tiny_llm, 
         if "video_id.weight" in fresh:
             stage2.zero_id_embeddings()  # as trainers/finetune.py does
         stage2.set_text_tables(video_text, comment_text)
-        stage2.set_item_times(*load_item_times(fake_features))
+        stage2.set_item_times(*item_time_tensors(FeaturesFolder(fake_features)))
         sr.eval()
         stage2.eval()
         for task in TASKS:

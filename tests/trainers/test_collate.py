@@ -3,7 +3,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from trainers.data import collate, collate_histories, count_examples, iter_examples, load_item_times, load_text_tables
+from features.folder import FeaturesFolder
+from trainers.data import collate, collate_histories, item_time_tensors, text_tensors
 
 
 def rows():
@@ -99,16 +100,17 @@ def test_collate_candidates_and_likes():
 
 
 def test_reading_the_features_folder(fake_features):
-    total = count_examples(fake_features, "comment", "valid")
+    folder = FeaturesFolder(fake_features)
+    total = folder.count_examples("comment", "valid")
     assert total == 40
-    batches = list(iter_examples(fake_features, "comment", "valid", batch_size=16, max_examples=35))
+    batches = list(folder.iter_examples("comment", "valid", batch_size=16, max_examples=35))
     assert [len(b["target"]) for b in batches] == [16, 16, 3]
     assert batches[0]["negatives"].dtype == object
-    video, comment = load_text_tables(fake_features)
+    video, comment = text_tensors(folder)
     assert video.shape == (48, 32) and comment.shape == (192, 32)
-    assert load_text_tables(fake_features)[0] is video  # loaded once per process
+    assert text_tensors(FeaturesFolder(fake_features))[0] is video  # made once per process
     # Publication times: the features conftest publishes item i at ts i.
-    video_ts, comment_ts = load_item_times(fake_features)
+    video_ts, comment_ts = item_time_tensors(folder)
     assert video_ts.tolist() == list(range(48)) and comment_ts.shape == (192,) and int(comment_ts[17]) == 17
     users = pq.read_table(fake_features / "users.parquet").to_pydict()
     out = collate_histories(users, 8)

@@ -6,6 +6,7 @@ import torch
 
 from core.config import ConfigError, load_config
 from core.contract import TASKS
+from features.folder import FeaturesFolder
 from trainers.checkpoint import load_model
 from trainers.evaluate import evaluate
 from trainers.finetune import FinetuneConfig, finetune, seen_items
@@ -37,7 +38,7 @@ def test_seen_items_by_hand(tmp_path, features_writer):
         "user_id": "u", "event_id": "e2", "ts": 6, "query_video": 4, "target": 5, "negatives": [6],
         "hist_video": [], "hist_video_hot": [], "hist_cmt_video": [3], "hist_cmt_comments": [7, -1, -1],
         "target_likes": 0, "negative_likes": [0], **empty}])
-    videos, comments = seen_items(tmp_path, 6, 8)
+    videos, comments = seen_items(FeaturesFolder(tmp_path), 6, 8)
     assert np.flatnonzero(videos).tolist() == [0, 1, 2, 3, 4]
     assert np.flatnonzero(comments).tolist() == [3, 5, 6, 7]
 

