@@ -171,7 +171,7 @@ def cmd_run(a) -> None:
 
 
 def cmd_demo(a) -> None:
-    from lsvcr.pipeline import demo
+    from lsvcr.demo import demo
 
     demo(users=a.users, seed=a.seed, epochs=a.epochs, serve_seconds=a.serve_seconds)
 

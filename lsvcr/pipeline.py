@@ -1,7 +1,7 @@
-"""The offline path (`lsvcr run`) and the demo: every step is a real component, called in order.
+"""The offline path (`lsvcr run`): every step is a real component, called in order.
 
 replay -> Kafka -> ingest -> event log -> Ray Data features -> Ray Train fine-tuning (SR, SASRec)
--> evaluation against baselines [-> Ray Serve, in the demo].
+-> evaluation against baselines. The demo (lsvcr/demo.py) runs it and then serves the result.
 """
 
 from __future__ import annotations
@@ -10,23 +10,20 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
-from core.config import load_config
-from core.paths import run_dir
+from core.config import load_config, require
 from core.runtime import init_ray
 from devtools import broker
-from devtools.generator import GeneratorConfig, generate
 from features.build import FeaturesConfig, build_features
-from features.folder import FeaturesFolder
 from ingestion.consumer import IngestConfig, ingest
 from ingestion.replay import replay
 from ingestion.topics import ensure_topics
 from lsvcr.suite import train_all
-from serving.app import show_samples, start, stop
 from trainers.evaluate import format_table
-from trainers.registry import Registry
 
 
 @dataclasses.dataclass
@@ -42,21 +39,23 @@ class PipelineConfig:
     align: tuple[str, ...] = ()  # key=value overrides for stage 1 (e.g. max_examples=2000)
 
     def __post_init__(self):
-        if not Path(self.data).is_dir():
-            raise FileNotFoundError(f"dataset folder {self.data} does not exist")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError("epochs must be >= 1")
+        require(self, Path(self.data).is_dir(), "data", "must be a dataset folder (docs/DATA.md section 1)")
+        require(self, self.epochs is None or self.epochs >= 1, "epochs", "must be >= 1")
 
 
 class Steps:
-    """Numbered progress lines with timings, so a long run shows where it is."""
+    """Numbered progress lines with timings, so a long run shows where it is; `say` prints a result line.
+    Both go to `out` (the console, also when the demo sends everything else to its log file)."""
 
-    def __init__(self, total: int):
-        self.total, self.n, self.t = total, 0, time.monotonic()
+    def __init__(self, total: int, out: TextIO | None = None):
+        self.total, self.n, self.t, self.out = total, 0, time.monotonic(), out
 
     def __call__(self, title: str) -> None:
         self.n += 1
-        print(f"\n=== [{self.n}/{self.total}] {title}  (t+{time.monotonic() - self.t:.0f}s)", flush=True)
+        self.say(f"\n=== [{self.n}/{self.total}] {title}  (t+{time.monotonic() - self.t:.0f}s)")
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out or sys.stdout, flush=True)
 
 
 def _local_broker() -> tuple[str, bool]:
@@ -101,42 +100,11 @@ def run_pipeline(cfg: PipelineConfig, steps: Steps | None = None) -> dict:
     suite = train_all(features, work / "models", models=cfg.models, finetune=finetune,
                       align=[f"num_workers={cfg.num_workers}", *cfg.align], split="test")
     results, checkpoints = suite["metrics"], suite["checkpoints"]
-    print(format_table(results), flush=True)
+    steps.say("\nTest-split metrics (video: the target among the sampled candidates of the protocol named; comment: "
+              f"among the other comments under the same video):\n{format_table(results)}")
     if cfg.results:
         Path(cfg.results).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.results).write_text(json.dumps(results, indent=2))
-        print(f"[run] metrics written to {cfg.results}", flush=True)
+        steps.say(f"[run] metrics written to {cfg.results}")
     return {"results": results, "features": str(features), "checkpoints": checkpoints,
             "replayed": replayed, "ingested": ingested, "manifest": manifest}
-
-
-def demo(users: int = 2000, seed: int = 0, epochs: int | None = None, serve_seconds: float = 0.0) -> dict:
-    """Generate the bundled default dataset, run everything, serve, and show two users' recommendations."""
-    steps = Steps(8)
-    root = run_dir() / "demo"
-    data = root / f"data-u{users}-s{seed}"
-    steps(f"generate a synthetic dataset: {users} users, seed {seed}")
-    if not (data / "comment_events.jsonl").exists():
-        generate(str(data), load_config(GeneratorConfig, None, {"users": users, "seed": seed}))
-    else:
-        print(f"[demo] reusing {data}")
-    out = run_pipeline(PipelineConfig(data=str(data), work=str(root / "work"), results=str(root / "results.json"),
-                                      epochs=epochs), steps)
-
-    steps("publish to the model registry, serve with Ray Serve, ask for recommendations")
-
-    registry = root / "registry"
-    version = Registry(registry).publish(out["checkpoints"]["sr_no_align"], out["features"])
-    print(f"[demo] published sr_no_align as {version} in {registry}")
-    url = start(registry=str(registry), access_log=serve_seconds > 0)
-    try:
-        print("\nTest-split metrics (video: the target among 99 sampled videos; comment: among the other comments"
-              f" under the same video, up to 99):\n{format_table(out['results'])}")
-        show_samples(url, FeaturesFolder(out["features"]), n_users=2)
-        if serve_seconds > 0:
-            print(f"[demo] serving at {url} for {serve_seconds:.0f}s (docs at {url}/docs)", flush=True)
-            time.sleep(serve_seconds)
-    finally:
-        stop()
-    print(f"\n[demo] done. Metrics: {root / 'results.json'}", flush=True)
-    return out
