@@ -7,7 +7,8 @@ import pytest
 
 from benchmarks import features as benchmark
 from benchmarks.pandas_features import build_pandas
-from features.build import FeaturesConfig, build_features
+from features.build import build_features
+from features.config import FeaturesConfig
 
 pytestmark = pytest.mark.integration
 

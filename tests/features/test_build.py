@@ -11,9 +11,11 @@ import pytest
 from core import contract
 from core.config import ConfigError, load_config
 from core.contract import SPLITS, TASKS
-from features import sequences as seq
-from features.build import FeaturesConfig, build_features
+from features.build import build_features
+from features.config import FeaturesConfig
 from features.embeddings import HashEncoder
+from features.sequences import build_local
+from ingestion.schema import ARROW_SCHEMA
 
 # Videos: v1=0 (ts 10), v2=1 (20), v3=2 (30), v4=3 (35, no comments). Comments: c1=0, c2=1 under v1; c3=2 under
 # v2; cx is under an unknown video. Hot comments: v1 @13 -> c1 (alone), v1 @17 -> c2 (liked @16), v2 @36 -> c3.
@@ -124,7 +126,7 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
     assert sorted(test_rows["ve6"]["negatives_popularity_at_t"]) in ([0, 1], [0, 3], [1, 3])
 
     # The Ray build equals the one-process reference, negatives included.
-    local = seq.build_local(*(tables(**LOG)[t] for t in ("videos", "comments", "video_events", "comment_events")),
+    local = build_local(*(tables(**LOG)[t] for t in ("videos", "comments", "video_events", "comment_events")),
                             num_negatives=2)
     for task in TASKS:
         for split in SPLITS:
@@ -170,14 +172,14 @@ def test_config_validation_and_overrides():
 
 
 def test_build_local_matches_hand_values_without_ray(tables):
-    local = seq.build_local(*(tables(**LOG)[t] for t in ("videos", "comments", "video_events", "comment_events")),
+    local = build_local(*(tables(**LOG)[t] for t in ("videos", "comments", "video_events", "comment_events")),
                             num_negatives=2)
     assert sorted(local["video/train"]["event_id"].to_pylist()) == ["ve3", "ve4"]
     assert local["comment/test"]["event_id"].to_pylist() == ["ce3"]
     assert local["video/train"].schema.equals(contract.VIDEO_EXAMPLE_SCHEMA)
     assert local["comment/test"].schema.equals(contract.COMMENT_EXAMPLE_SCHEMA)
     assert local["users"].schema.equals(contract.USERS_SCHEMA)
-    empty = seq.build_local(*(tables()[t] for t in ("videos", "comments", "video_events", "comment_events")))
+    empty = build_local(*(tables()[t] for t in ("videos", "comments", "video_events", "comment_events")))
     assert empty["video/test"].num_rows == 0 and empty["users"].num_rows == 0
 
 
@@ -194,8 +196,8 @@ def test_future_events_do_not_change_past_examples(tables):
     )
     names = ("videos", "comments", "video_events", "comment_events")
     # A fixed alive window: the automatic one is a dataset-wide choice, like the global split cuts.
-    past = seq.build_local(*(tables(**LOG)[t] for t in names), num_negatives=2, window_ms=30)["rows"]
-    full = seq.build_local(*(tables(**future)[t] for t in names), num_negatives=2, window_ms=30)["rows"]
+    past = build_local(*(tables(**LOG)[t] for t in names), num_negatives=2, window_ms=30)["rows"]
+    full = build_local(*(tables(**future)[t] for t in names), num_negatives=2, window_ms=30)["rows"]
     keep = [c for c in past.column_names if c != "split"]  # only the split may move: later examples exist now
 
     def examples_before_100(rows):
@@ -256,8 +258,8 @@ def test_incremental_build_equals_a_full_rebuild(tmp_path, ray_session, tables):
     data = tmp_path / "gen"
     generate(data, GeneratorConfig(users=30, days=4, min_videos=40, comments_per_video=3, seed=5))
     full_tables = {name: pa.json.read_json(data / f"{name}.jsonl", parse_options=pa.json.ParseOptions(
-        explicit_schema=seq.EVENTLOG_SCHEMA[name])).select(seq.EVENTLOG_SCHEMA[name].names)
-        for name in seq.EVENTLOG_SCHEMA}
+        explicit_schema=ARROW_SCHEMA[name])).select(ARROW_SCHEMA[name].names)
+        for name in ARROW_SCHEMA}
     ts = np.sort(full_tables["video_events"]["ts"].to_numpy())
     day_ms = 86_400_000
     split_at = int(ts[len(ts) * 2 // 3])  # the first build sees two thirds of the video events
@@ -304,7 +306,7 @@ def test_incremental_build_equals_a_full_rebuild(tmp_path, ray_session, tables):
     late = full_tables["video_events"].slice(0, 1).to_pylist()[0] | {"event_id": "late-1", "ts": m2["cut_ts"] - 5}
     folder = log / "video_events" / "date=late"
     folder.mkdir()
-    pq.write_table(pa.Table.from_pylist([late], schema=seq.EVENTLOG_SCHEMA["video_events"]), folder / "p.parquet")
+    pq.write_table(pa.Table.from_pylist([late], schema=ARROW_SCHEMA["video_events"]), folder / "p.parquet")
     m4 = build_features(inc)
     assert m4["mode"] == "full"
     m5 = build_features(full)
