@@ -114,7 +114,8 @@ def build_features(config: FeaturesConfig) -> dict:
     prepare_staging(staging, config.out, config.incremental)
     manifest = _build(config, staging, pin=True)
     extended = manifest["mode"] == "incremental"
-    sent = storage.upload_dir(staging, config.out, contract.MANIFEST, unchanged=lambda name: extended and _is_part(name))
+    sent = storage.upload_dir(staging, config.out, contract.MANIFEST,
+                              unchanged=lambda name: extended and _is_part(name))
     _log(f"uploaded {len(sent)} files to {config.out} ({contract.MANIFEST} last)")
     return manifest
 
@@ -196,7 +197,8 @@ def _build(config: FeaturesConfig, out: Path, pin: bool) -> dict:
     cut = None if ts_max is None else int(ts_max) - config.lateness_ms
     n_ok = status.get((KIND_VIDEO_EVENT, "ok"), 0) + status.get((KIND_COMMENT_EVENT, "ok"), 0)
     _log(f"events: {sum(status.values())} read, {n_ok} used, {num_partitions} partitions; by (kind, status): "
-         f"{sorted(status.items())}; cut {cut}" + (f", examples after {after} only (incremental)" if after is not None else ""))
+         f"{sorted(status.items())}; cut {cut}"
+         + (f", examples after {after} only (incremental)" if after is not None else ""))
 
     stages = _Stages(config.negative_window_ms, config.split_valid_ts, config.split_test_ts)
     if n_ok and (after is None or cut > after):
