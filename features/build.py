@@ -27,9 +27,9 @@ remote folder (downloaded into staging unless staging already holds that very bu
 changed: part files are named by a hash of their rows' ids, so in an extending build an existing part is the
 same part.
 
-This file holds the config and the Ray wiring, one function per phase of `_build`. The feature logic is in
-pure functions (features/sequences.py lists them), the partition tasks' bodies in features/partitions.py
-and the incremental state in features/incremental.py.
+This file holds the entry point and the Ray wiring, one function per phase of `_build`. The settings are
+FeaturesConfig (features/config.py), the feature logic pure functions (features/sequences.py lists them), the
+partition tasks' bodies in features/partitions.py and the incremental state in features/incremental.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The partition files between the stages of a build and the bodies of its tasks (build.py's docstring says
 why partition files and not Ray Data's groupby). build.py maps these functions with Ray Data; they import no
-Ray, only the pure stage functions and the files of the local output folder OUT:
+Ray: they run the pure stage functions and read and write files of the local output folder OUT:
 
     events_to_partitions   a block of events -> OUT/_shuffle/video/p=<k>/ (video_idx mod P)
     annotate_partitions    stage A on each video of partition k -> OUT/_shuffle/user/p=<k>/ (user hash mod P)

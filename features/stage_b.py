@@ -19,7 +19,7 @@ from features.stage_a import ANNOTATED_SCHEMA
 SPLIT_POLICIES = ("leave_last_out", "global_time")
 
 # Stage B output: video examples, comment examples and one "user" row per user, in one table so that one
-# Ray Data pass produces all of them. `split` is train/valid/test, "dropped" (both histories empty),
+# pass over a user's events produces all of them. `split` is train/valid/test, "dropped" (both histories empty),
 # "unrankable" (a comment event whose comment was not published before it) or "" (user rows).
 USER_ROWS_SCHEMA = pa.schema([
     ("row_kind", pa.string()),  # "video", "comment" or "user"
