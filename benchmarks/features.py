@@ -35,7 +35,8 @@ from benchmarks.pandas_features import build_pandas
 from core.contract import SPLITS, TASKS
 from core.runtime import init_ray
 from devtools.generator import GeneratorConfig, generate
-from features.build import FeaturesConfig, build_features
+from features.build import build_features
+from features.config import FeaturesConfig
 from features.embeddings import embed_texts
 from ingestion.eventlog import EventLog
 from ingestion.schema import ARROW_SCHEMA, TABLES

@@ -22,15 +22,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from features.sequences import (
-    COMMENTS_PER_RECORD,
-    EXAMPLE_SCHEMA,
-    SPLITS,
-    add_video_negatives,
-    alive_window_ms,
-    sample_excluding,
-    stable_seed,
-)
+from core.contract import COMMENTS_PER_RECORD, EXAMPLE_SCHEMA, SPLITS
+from features.arrays import sample_excluding, stable_seed
+from features.negatives import add_video_negatives, alive_window_ms
 from ingestion.schema import POSITIVE_COMMENT_ACTIONS, POSITIVE_VIDEO_ACTIONS
 
 HIST_KEYS = ("hist_video", "hist_video_hot", "hist_video_ts", "hist_cmt_video", "hist_cmt_comments", "hist_cmt_ts")

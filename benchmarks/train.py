@@ -35,7 +35,8 @@ from benchmarks.harness import parse_overrides
 from core.contract import TASKS
 from core.paths import cache_dir
 from core.runtime import init_ray
-from features.build import FeaturesConfig, build_features
+from features.build import build_features
+from features.config import FeaturesConfig
 from features.folder import FeaturesFolder
 from trainers.align import AlignConfig, align, precompute_states
 from trainers.finetune import FinetuneConfig, finetune

@@ -78,10 +78,7 @@ class FeaturesFolder:
 
     def path(self, name: str) -> Path:
         """A top-level file (contract.VIDEOS, ...); FileNotFoundError when it is missing."""
-        file = self.root / name
-        if not file.exists():
-            raise FileNotFoundError(f"{file} is missing (features folder, docs/DATA.md section 3)")
-        return file
+        return _required(self.root / name)
 
     @property
     def manifest(self) -> dict:
@@ -161,13 +158,17 @@ class FeaturesFolder:
         return self.text_tables()[0].shape[1]
 
 
+def _required(file: Path) -> Path:
+    if not file.exists():
+        raise FileNotFoundError(f"{file} is missing (features folder, docs/DATA.md section 3)")
+    return file
+
+
 @functools.lru_cache(maxsize=4)
 def _text_tables(root: str) -> tuple[np.ndarray, np.ndarray]:
     tables = []
     for name in (contract.VIDEO_EMB, contract.COMMENT_EMB):
-        file = os.path.join(root, name)
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{file} is missing (features folder, docs/DATA.md section 3)")
+        file = _required(Path(root) / name)
         array = np.load(file, mmap_mode="r", allow_pickle=False)
         if array.ndim != 2 or array.dtype != np.float32:
             raise ValueError(f"{file}: expected float32 [N, D], got {array.dtype} {array.shape}")
@@ -182,9 +183,7 @@ def _text_tables(root: str) -> tuple[np.ndarray, np.ndarray]:
 def _item_times(root: str) -> tuple[np.ndarray, np.ndarray]:
     times = []
     for name in (contract.VIDEOS, contract.COMMENTS):
-        file = os.path.join(root, name)
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{file} is missing (features folder, docs/DATA.md section 3)")
+        file = _required(Path(root) / name)
         column = pq.read_table(file, columns=["ts"])["ts"]
         if column.null_count:
             raise ValueError(f"{file}: {column.null_count} rows have no publication time ts")

@@ -72,7 +72,8 @@ def cmd_ingest(a) -> None:
 def cmd_features(a) -> None:
     from core.config import load_config
     from core.runtime import init_ray
-    from features.build import FeaturesConfig, build_features
+    from features.build import build_features
+    from features.config import FeaturesConfig
 
     cfg = load_config(FeaturesConfig, a.config, [f"eventlog={a.eventlog}", f"out={a.out}", *a.overrides])
     init_ray()

@@ -57,7 +57,8 @@ from core import contract, storage
 from core.config import ConfigError
 from core.contract import SPLITS, TASKS
 from core.runtime import init_ray
-from features.build import FeaturesConfig, build_features, eventlog_files
+from features.build import build_features, eventlog_files
+from features.config import FeaturesConfig
 from features.folder import FeaturesFolder
 from ingestion.consumer import IngestConfig
 from trainers.align import AlignConfig, align

@@ -18,7 +18,8 @@ from typing import TextIO
 from core.config import load_config, require
 from core.runtime import init_ray
 from devtools import broker
-from features.build import FeaturesConfig, build_features
+from features.build import build_features
+from features.config import FeaturesConfig
 from ingestion.consumer import IngestConfig, ingest
 from ingestion.replay import replay
 from ingestion.topics import ensure_topics

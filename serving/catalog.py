@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import torch
 
-from features.sequences import video_text
+from features.catalog import video_text
 from ingestion.schema import InvalidRecord, parse
 from ingestion.topics import topic_names
 from serving.state import ModelState

@@ -7,7 +7,9 @@ import pytest
 
 from benchmarks import features as benchmark
 from benchmarks.pandas_features import build_pandas
-from features.build import FeaturesConfig, build_features
+from features.build import build_features
+from features.config import FeaturesConfig
+from features.partitions import SHUFFLE
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +22,7 @@ def test_ray_build_has_the_same_rows_as_the_pandas_baseline(tmp_path, ray_sessio
     config = FeaturesConfig(eventlog=str(tmp_path / "eventlog"), out=str(tmp_path / "out"), num_negatives=6,
                             encoder="hash", encoder_dim=16, embed_cache="off", shuffle_partitions=2)
     manifest = build_features(config)
-    assert not (tmp_path / "out" / "_shuffle").exists()
+    assert not (tmp_path / "out" / SHUFFLE).exists()
     local = build_pandas(*(tables[n] for n in ("videos", "comments", "video_events", "comment_events")),
                          num_negatives=6, protocol=config.video_protocol)
     assert manifest["tasks"]["video"]["train"]["count"] == len(local["video/train"]) > 0

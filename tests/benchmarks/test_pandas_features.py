@@ -9,7 +9,7 @@ from benchmarks.pandas_features import build_pandas
 from core import contract
 from core.contract import TASKS
 from devtools.generator import GeneratorConfig, generate
-from features import sequences as seq
+from features.sequences import build_local
 from ingestion.schema import ARROW_SCHEMA, TABLES
 
 NAMES = ("videos", "comments", "video_events", "comment_events")
@@ -76,7 +76,7 @@ def test_same_rows_as_build_local_on_a_generated_log(generated, split):
     ts = np.sort(generated["video_events"]["ts"].to_numpy())
     kwargs = dict(num_negatives=7, max_history=4, split=split, valid_ts=int(ts[len(ts) // 2]),
                   test_ts=int(ts[3 * len(ts) // 4]))
-    want = seq.build_local(*args, **kwargs)
+    want = build_local(*args, **kwargs)
     got = build_pandas(*args, **kwargs)
     for name in ["users", *(f"{t}/{s}" for t in TASKS for s in contract.SPLITS)]:
         key = "user_id" if name == "users" else "event_id"

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from features.sequences import EVENTLOG_SCHEMA
+from ingestion.schema import ARROW_SCHEMA
 
 
 def make_tables(videos=(), comments=(), video_events=(), comment_events=()) -> dict[str, pa.Table]:
@@ -20,7 +20,7 @@ def make_tables(videos=(), comments=(), video_events=(), comment_events=()) -> d
         "comment_events": [dict(event_id=e, user_id=u, comment_id=c, video_id=v, action=a, ts=ts)
                            for e, u, c, v, a, ts in comment_events],
     }
-    return {name: pa.Table.from_pylist(r, schema=EVENTLOG_SCHEMA[name]) for name, r in rows.items()}
+    return {name: pa.Table.from_pylist(r, schema=ARROW_SCHEMA[name]) for name, r in rows.items()}
 
 
 def write_eventlog(root: Path, tables: dict[str, pa.Table], parts: int = 2) -> Path:

@@ -11,9 +11,13 @@ import pytest
 from core import contract
 from core.config import ConfigError, load_config
 from core.contract import SPLITS, TASKS
-from features import sequences as seq
-from features.build import FeaturesConfig, build_features
+from features.build import build_features
+from features.config import FeaturesConfig
 from features.embeddings import HashEncoder
+from features.incremental import STATE_JSON
+from features.partitions import SHUFFLE, USERS_PARTS
+from features.sequences import build_local
+from ingestion.schema import ARROW_SCHEMA
 
 # Videos: v1=0 (ts 10), v2=1 (20), v3=2 (30), v4=3 (35, no comments). Comments: c1=0, c2=1 under v1; c3=2 under
 # v2; cx is under an unknown video. Hot comments: v1 @13 -> c1 (alone), v1 @17 -> c2 (liked @16), v2 @36 -> c3.
@@ -51,18 +55,18 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
     manifest = build_features(config)
 
     # Catalog and embeddings.
-    videos, comments = read(out / "videos.parquet"), read(out / "comments.parquet")
+    videos, comments = read(out / contract.VIDEOS), read(out / contract.COMMENTS)
     assert videos["video_id"].to_pylist() == ["v1", "v2", "v3", "v4"]
     assert comments["comment_id"].to_pylist() == ["c1", "c2", "c3"]
-    video_emb = np.load(out / "video_emb.npy", mmap_mode="r")
-    comment_emb = np.load(out / "comment_emb.npy", mmap_mode="r")
+    video_emb = np.load(out / contract.VIDEO_EMB, mmap_mode="r")
+    comment_emb = np.load(out / contract.COMMENT_EMB, mmap_mode="r")
     assert video_emb.shape == (4, 32) and comment_emb.shape == (3, 32) and video_emb.dtype == np.float32
     assert np.allclose(np.linalg.norm(video_emb, axis=1), 1.0, atol=1e-5)
     assert np.allclose(video_emb, HashEncoder(32).encode(["cats pets", "dogs", "news daily", "quiet"]), atol=1e-6)
     assert np.allclose(comment_emb[2], HashEncoder(32).encode(["good dog"])[0], atol=1e-6)
 
     # Video task. ve1 @13 and ve8 (u2's only event) have empty histories and are dropped.
-    train, valid, test = (rows_by_event(out / "examples" / "video" / s) for s in SPLITS)
+    train, valid, test = (rows_by_event(contract.examples_dir(out, "video", s)) for s in SPLITS)
     assert sorted(train) == ["ve3", "ve4"] and sorted(valid) == ["ve5"] and sorted(test) == ["ve6"]
     assert [train["ve3"][c] for c in HIST] == [[0], [0], [13], [], [], []]
     assert [train["ve4"][c] for c in HIST] == [[0, 0], [0, 1], [13, 17], [0], [0, -1, -1], [30]]
@@ -76,7 +80,7 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
     assert len(test["ve6"]["negatives"]) == 2 and set(test["ve6"]["negatives"]) <= {0, 1, 3}
 
     # Comment task. ce1 (u9) and ce4 (u3's first) have empty histories; ce6's comment is unknown.
-    train, valid, test = (rows_by_event(out / "examples" / "comment" / s) for s in SPLITS)
+    train, valid, test = (rows_by_event(contract.examples_dir(out, "comment", s)) for s in SPLITS)
     assert sorted(train) == ["ce2", "ce5"] and valid == {} and sorted(test) == ["ce3"]
     ce2, ce3, ce5 = train["ce2"], test["ce3"], train["ce5"]
     assert [ce2[c] for c in HIST] == [[0, 0], [0, 1], [13, 17], [], [], []]
@@ -89,11 +93,11 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
         (0, 0, [1], [1], 1)
 
     # Empty splits still have a file with the schema.
-    assert read(out / "examples" / "comment" / "valid").schema.equals(contract.COMMENT_EXAMPLE_SCHEMA)
-    assert read(out / "examples" / "video" / "train").schema.equals(contract.VIDEO_EXAMPLE_SCHEMA)
+    assert read(contract.examples_dir(out, "comment", "valid")).schema.equals(contract.COMMENT_EXAMPLE_SCHEMA)
+    assert read(contract.examples_dir(out, "video", "train")).schema.equals(contract.VIDEO_EXAMPLE_SCHEMA)
 
     # Users as of the end of the log.
-    users = {r["user_id"]: r for r in read(out / "users.parquet").to_pylist()}
+    users = {r["user_id"]: r for r in read(out / contract.USERS).to_pylist()}
     assert sorted(users) == ["u1", "u2", "u3", "u9"]
     assert [users["u1"][c] for c in HIST] == [[0, 0, 1, 3, 2], [0, 1, 2, -1, -1], [13, 17, 36, 36, 41], [0],
                                               [0, 1, -1], [36]]
@@ -102,7 +106,7 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
     assert [users["u3"][c] for c in HIST] == [[], [], [], [1, 0], [2, -1, -1, 0, -1, -1], [27, 31]]
 
     # Manifest.
-    assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
+    assert json.loads((out / contract.MANIFEST).read_text()) == json.loads(json.dumps(manifest))
     assert manifest["tasks"]["video"] == {"train": {"count": 2, "ts_min": 17, "ts_max": 36},
                                           "valid": {"count": 1, "ts_min": 36, "ts_max": 36},
                                           "test": {"count": 1, "ts_min": 41, "ts_max": 41}}
@@ -118,23 +122,23 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
     # Automatic window with 2 negatives, over the used positive events with 3 videos before them: ve4 and ve5
     # @36 (3rd newest before: v2 @20 -> 16), ve6 @41 (-> 21), ve8 @50 (-> 30): W = 30.
     assert (manifest["video_protocol"], manifest["alive_window_ms"]) == ("alive_window", 30)
-    test_rows = rows_by_event(out / "examples" / "video" / "test")
+    test_rows = rows_by_event(contract.examples_dir(out, "video", "test"))
     assert test_rows["ve6"]["negatives"] == test_rows["ve6"]["negatives_alive_window"]
     # popularity_at_t before 41: v1 twice (ve1, ve3), v2 and v4 once (ve4, ve5); v3 is the target.
     assert sorted(test_rows["ve6"]["negatives_popularity_at_t"]) in ([0, 1], [0, 3], [1, 3])
 
     # The Ray build equals the one-process reference, negatives included.
-    local = seq.build_local(*(tables(**LOG)[t] for t in ("videos", "comments", "video_events", "comment_events")),
+    local = build_local(*(tables(**LOG)[t] for t in ("videos", "comments", "video_events", "comment_events")),
                             num_negatives=2)
     for task in TASKS:
         for split in SPLITS:
-            got = read(out / "examples" / task / split)
+            got = read(contract.examples_dir(out, task, split))
             assert got.sort_by("event_id").equals(local[f"{task}/{split}"].sort_by("event_id")), (task, split)
-    assert read(out / "users.parquet").sort_by("user_id").equals(local["users"].sort_by("user_id"))
+    assert read(out / contract.USERS).sort_by("user_id").equals(local["users"].sort_by("user_id"))
 
     # A rerun into the same folder replaces the outputs rather than adding to them.
     build_features(config)
-    assert read(out / "examples" / "video" / "train").num_rows == 2
+    assert read(contract.examples_dir(out, "video", "train")).num_rows == 2
 
 
 def test_build_features_without_comment_tables(tmp_path, ray_session, tables, eventlog_writer):
@@ -142,8 +146,8 @@ def test_build_features_without_comment_tables(tmp_path, ray_session, tables, ev
     log = eventlog_writer(tmp_path / "eventlog", t)
     manifest = build_features(FeaturesConfig(eventlog=str(log), out=str(tmp_path / "f"), encoder="hash"))
     assert manifest["num_comments"] == 0
-    assert np.load(tmp_path / "f" / "comment_emb.npy").shape == (0, 64)
-    test = rows_by_event(tmp_path / "f" / "examples" / "video" / "test")
+    assert np.load(tmp_path / "f" / contract.COMMENT_EMB).shape == (0, 64)
+    test = rows_by_event(contract.examples_dir(tmp_path / "f", "video", "test"))
     assert sorted(test) == ["ve6"]
     assert test["ve6"]["hist_video_hot"] == [-1, -1, -1, -1]  # no video has a comment
     assert manifest["tasks"]["comment"]["train"]["count"] == 0
@@ -170,14 +174,14 @@ def test_config_validation_and_overrides():
 
 
 def test_build_local_matches_hand_values_without_ray(tables):
-    local = seq.build_local(*(tables(**LOG)[t] for t in ("videos", "comments", "video_events", "comment_events")),
+    local = build_local(*(tables(**LOG)[t] for t in ("videos", "comments", "video_events", "comment_events")),
                             num_negatives=2)
     assert sorted(local["video/train"]["event_id"].to_pylist()) == ["ve3", "ve4"]
     assert local["comment/test"]["event_id"].to_pylist() == ["ce3"]
     assert local["video/train"].schema.equals(contract.VIDEO_EXAMPLE_SCHEMA)
     assert local["comment/test"].schema.equals(contract.COMMENT_EXAMPLE_SCHEMA)
     assert local["users"].schema.equals(contract.USERS_SCHEMA)
-    empty = seq.build_local(*(tables()[t] for t in ("videos", "comments", "video_events", "comment_events")))
+    empty = build_local(*(tables()[t] for t in ("videos", "comments", "video_events", "comment_events")))
     assert empty["video/test"].num_rows == 0 and empty["users"].num_rows == 0
 
 
@@ -194,8 +198,8 @@ def test_future_events_do_not_change_past_examples(tables):
     )
     names = ("videos", "comments", "video_events", "comment_events")
     # A fixed alive window: the automatic one is a dataset-wide choice, like the global split cuts.
-    past = seq.build_local(*(tables(**LOG)[t] for t in names), num_negatives=2, window_ms=30)["rows"]
-    full = seq.build_local(*(tables(**future)[t] for t in names), num_negatives=2, window_ms=30)["rows"]
+    past = build_local(*(tables(**LOG)[t] for t in names), num_negatives=2, window_ms=30)["rows"]
+    full = build_local(*(tables(**future)[t] for t in names), num_negatives=2, window_ms=30)["rows"]
     keep = [c for c in past.column_names if c != "split"]  # only the split may move: later examples exist now
 
     def examples_before_100(rows):
@@ -245,9 +249,9 @@ def split_log(log, upto):
 
 
 def read_all(out):
-    return {f"{task}/{split}": read(out / "examples" / task / split).sort_by("event_id")
+    return {f"{task}/{split}": read(contract.examples_dir(out, task, split)).sort_by("event_id")
             for task in TASKS for split in SPLITS} | \
-        {"users": read(out / "users.parquet").sort_by("user_id")}
+        {"users": read(out / contract.USERS).sort_by("user_id")}
 
 
 def test_incremental_build_equals_a_full_rebuild(tmp_path, ray_session, tables):
@@ -256,8 +260,8 @@ def test_incremental_build_equals_a_full_rebuild(tmp_path, ray_session, tables):
     data = tmp_path / "gen"
     generate(data, GeneratorConfig(users=30, days=4, min_videos=40, comments_per_video=3, seed=5))
     full_tables = {name: pa.json.read_json(data / f"{name}.jsonl", parse_options=pa.json.ParseOptions(
-        explicit_schema=seq.EVENTLOG_SCHEMA[name])).select(seq.EVENTLOG_SCHEMA[name].names)
-        for name in seq.EVENTLOG_SCHEMA}
+        explicit_schema=ARROW_SCHEMA[name])).select(ARROW_SCHEMA[name].names)
+        for name in ARROW_SCHEMA}
     ts = np.sort(full_tables["video_events"]["ts"].to_numpy())
     day_ms = 86_400_000
     split_at = int(ts[len(ts) * 2 // 3])  # the first build sees two thirds of the video events
@@ -298,13 +302,14 @@ def test_incremental_build_equals_a_full_rebuild(tmp_path, ray_session, tables):
         assert got[key].equals(expected[key]), key
     assert m2["tasks"] == m3["tasks"] and m2["dropped"] == m3["dropped"]
     assert m3["embeddings"]["video_embedded"] == 0  # the cache already had every text
-    assert np.array_equal(np.load(tmp_path / "inc" / "comment_emb.npy"), np.load(tmp_path / "full" / "comment_emb.npy"))
+    assert np.array_equal(np.load(tmp_path / "inc" / contract.COMMENT_EMB),
+                          np.load(tmp_path / "full" / contract.COMMENT_EMB))
 
     # An event later than the lateness bound (at or before the cut) forces a full rebuild, with the same rows.
     late = full_tables["video_events"].slice(0, 1).to_pylist()[0] | {"event_id": "late-1", "ts": m2["cut_ts"] - 5}
     folder = log / "video_events" / "date=late"
     folder.mkdir()
-    pq.write_table(pa.Table.from_pylist([late], schema=seq.EVENTLOG_SCHEMA["video_events"]), folder / "p.parquet")
+    pq.write_table(pa.Table.from_pylist([late], schema=ARROW_SCHEMA["video_events"]), folder / "p.parquet")
     m4 = build_features(inc)
     assert m4["mode"] == "full"
     m5 = build_features(full)
@@ -339,9 +344,9 @@ def test_global_time_split_by_fractions(tmp_path, ray_session, tables, eventlog_
     # sorted 13 16 17 27 30 31 36 36 36 41 50 (11); valid from index floor(11 * 0.5) = 5 -> 31,
     # test from index floor(11 * 0.75) = 8 -> 36.
     assert (manifest["split_valid_ts"], manifest["split_test_ts"]) == (31, 36)
-    video = {s: sorted(rows_by_event(tmp_path / "f" / "examples" / "video" / s)) for s in SPLITS}
+    video = {s: sorted(rows_by_event(contract.examples_dir(tmp_path / "f", "video", s))) for s in SPLITS}
     assert video == {"train": ["ve3"], "valid": [], "test": ["ve4", "ve5", "ve6"]}
-    comment = {s: sorted(rows_by_event(tmp_path / "f" / "examples" / "comment" / s)) for s in SPLITS}
+    comment = {s: sorted(rows_by_event(contract.examples_dir(tmp_path / "f", "comment", s))) for s in SPLITS}
     assert comment == {"train": ["ce2"], "valid": ["ce5"], "test": ["ce3"]}
 
 
@@ -362,14 +367,14 @@ def test_build_features_from_and_to_uris_equals_a_local_build(tmp_path, ray_sess
 
     remote = tmp_path / "bucket" / "features"
     assert manifest["config"]["out"] == uri and manifest["eventlog"] == f"local://{log}"
-    assert json.loads((remote / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
+    assert json.loads((remote / contract.MANIFEST).read_text()) == json.loads(json.dumps(manifest))
     assert manifest["tasks"] == expected["tasks"] and manifest["dropped"] == expected["dropped"]
     got, want = read_all(remote), read_all(tmp_path / "plain")
     for key in want:
         assert got[key].equals(want[key]), key
-    for name in ("video_emb.npy", "comment_emb.npy"):
+    for name in (contract.VIDEO_EMB, contract.COMMENT_EMB):
         assert np.array_equal(np.load(remote / name), np.load(tmp_path / "plain" / name))
-    assert not (remote / "_shuffle").exists() and not (remote / "_users_parts").exists()
+    assert not (remote / SHUFFLE).exists() and not (remote / USERS_PARTS).exists()
     # The remote folder is exactly the staging folder.
     staging = next((tmp_path / "cache" / "features-staging").iterdir())
     assert storage.list_files(uri) == storage.list_files(str(staging))
@@ -387,7 +392,7 @@ def test_incremental_build_to_a_uri_equals_a_full_rebuild(tmp_path, ray_session,
     inc = FeaturesConfig(eventlog=str(log), out=uri, incremental=True, **settings)
     m1 = build_features(inc)
     assert m1["mode"] == "full" and m1["cut_ts"] == 33
-    state = json.loads((tmp_path / "bucket" / "features" / "_state" / "state.json").read_text())
+    state = json.loads((tmp_path / "bucket" / "features" / STATE_JSON).read_text())
     assert state["cut_ts"] == 33
     for name, table in tables(**second).items():
         if len(table):
@@ -402,7 +407,7 @@ def test_incremental_build_to_a_uri_equals_a_full_rebuild(tmp_path, ray_session,
     for key in want:
         assert got[key].equals(want[key]), key
     assert m2["tasks"] == full["tasks"]
-    state = json.loads((tmp_path / "bucket" / "features" / "_state" / "state.json").read_text())
+    state = json.loads((tmp_path / "bucket" / "features" / STATE_JSON).read_text())
     assert state["cut_ts"] == 50
 
 
@@ -417,18 +422,18 @@ def test_prepare_staging_reuses_only_the_same_build(tmp_path):
     prepare_staging(staging, uri, incremental=True)  # nothing remote: an empty folder
     assert staging.is_dir() and list(staging.iterdir()) == []
 
-    memory.pipe(f"{uri}/manifest.json", b"build 1")
-    memory.pipe(f"{uri}/_state/state.json", b'{"cut_ts": 5}')
+    memory.pipe(f"{uri}/{contract.MANIFEST}", b"build 1")
+    memory.pipe(f"{uri}/{STATE_JSON}", b'{"cut_ts": 5}')
     prepare_staging(staging, uri, incremental=True)  # downloaded
-    assert (staging / "_state" / "state.json").read_bytes() == b'{"cut_ts": 5}'
+    assert (staging / STATE_JSON).read_bytes() == b'{"cut_ts": 5}'
     (staging / "local-only").write_text("kept while staging holds the remote build")
     prepare_staging(staging, uri, incremental=True)
     assert (staging / "local-only").exists()
-    memory.pipe(f"{uri}/manifest.json", b"build 2")  # another node built since
-    memory.pipe(f"{uri}/_state/state.json", b'{"cut_ts": 9}')
+    memory.pipe(f"{uri}/{contract.MANIFEST}", b"build 2")  # another node built since
+    memory.pipe(f"{uri}/{STATE_JSON}", b'{"cut_ts": 9}')
     prepare_staging(staging, uri, incremental=True)
     assert not (staging / "local-only").exists()
-    assert (staging / "_state" / "state.json").read_bytes() == b'{"cut_ts": 9}'
+    assert (staging / STATE_JSON).read_bytes() == b'{"cut_ts": 9}'
     prepare_staging(staging, uri, incremental=False)  # a full build starts empty
     assert list(staging.iterdir()) == []
 

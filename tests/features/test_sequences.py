@@ -6,7 +6,13 @@ import pytest
 
 from core import contract
 from core.contract import TASKS
-from features import sequences as seq
+from features.arrays import gather_ranges, sample_excluding, stable_seed
+from features.catalog import index_comments, index_videos
+from features.interactions import comment_event_rows, publication_rows, video_event_rows
+from features.negatives import add_video_negatives, alive_window_ms
+from features.sequences import build_local
+from features.stage_a import ANNOTATED_SCHEMA, annotate_video_group
+from features.stage_b import USER_ROWS_SCHEMA, assign_splits, global_cuts, global_time_splits, user_rows
 
 
 def by_event(table: pa.Table) -> dict[str, dict]:
@@ -19,7 +25,7 @@ def by_event(table: pa.Table) -> dict[str, dict]:
 def test_index_videos_orders_by_ts_then_id_and_builds_text(tables):
     t = tables(videos=[("v1", "cats", ["pets"], 10), ("v2", "dogs", [], 20), ("va", "ants", ["tiny", "red"], 20),
                        ("v3", "first", [], 5)])
-    videos = seq.index_videos(t["videos"])
+    videos = index_videos(t["videos"])
     assert videos["video_id"].to_pylist() == ["v3", "v1", "v2", "va"]
     assert videos["video_idx"].to_pylist() == [0, 1, 2, 3]
     assert videos["video_idx"].type == pa.int32()
@@ -32,8 +38,8 @@ def test_index_comments_drops_unknown_video_and_orders_ties_by_id(tables):
         videos=[("v3", "first", [], 5), ("v1", "cats", [], 10), ("v2", "dogs", [], 20), ("va", "ants", [], 20)],
         comments=[("c1", "v1", "hi", 12), ("c2", "vzz", "lost", 13), ("c3", "va", "yo", 12), ("c0", "v2", "x", 30)],
     )
-    videos = seq.index_videos(t["videos"])  # v3=0, v1=1, v2=2, va=3
-    comments, dropped = seq.index_comments(t["comments"], videos)
+    videos = index_videos(t["videos"])  # v3=0, v1=1, v2=2, va=3
+    comments, dropped = index_comments(t["comments"], videos)
     assert dropped == 1
     assert comments["comment_id"].to_pylist() == ["c1", "c3", "c0"]
     assert comments["comment_idx"].to_pylist() == [0, 1, 2]
@@ -45,7 +51,7 @@ def test_index_comments_drops_unknown_video_and_orders_ties_by_id(tables):
 def test_duplicate_catalog_ids_are_a_clear_error(tables):
     t = tables(videos=[("v1", "a", [], 1), ("v1", "b", [], 2)])
     with pytest.raises(ValueError, match="duplicates.*v1"):
-        seq.index_videos(t["videos"])
+        index_videos(t["videos"])
 
 
 def test_event_rows_status_and_catalog_video_of_comment(tables):
@@ -57,13 +63,13 @@ def test_event_rows_status_and_catalog_video_of_comment(tables):
         # e6 names the wrong video: the catalog's video of c1 (v2) wins.
         comment_events=[("e5", "u", "cz", "v1", "like", 5), ("e6", "u", "c1", "v1", "reply", 6)],
     )
-    videos = seq.index_videos(t["videos"])
-    comments, _ = seq.index_comments(t["comments"], videos)
-    rows = seq.video_event_rows(t["video_events"], videos["video_id"].combine_chunks(), ["like", "finish"])
+    videos = index_videos(t["videos"])
+    comments, _ = index_comments(t["comments"], videos)
+    rows = video_event_rows(t["video_events"], videos["video_id"].combine_chunks(), ["like", "finish"])
     assert rows["status"].to_pylist() == ["ok", "not_used", "unknown_video", "not_used"]
     assert rows["video_idx"].to_pylist() == [1, 0, -1, -1]
     assert rows["comment_idx"].to_pylist() == [-1, -1, -1, -1]
-    rows = seq.comment_event_rows(t["comment_events"], comments["comment_id"].combine_chunks(),
+    rows = comment_event_rows(t["comment_events"], comments["comment_id"].combine_chunks(),
                                   comments["video_idx"].to_numpy(), ["reply"])
     # e5 is a like of an unknown comment: used for popularity, so it counts as unknown rather than unused.
     assert rows["status"].to_pylist() == ["unknown_comment", "ok"]
@@ -71,7 +77,7 @@ def test_event_rows_status_and_catalog_video_of_comment(tables):
     assert rows["positive"].to_pylist() == [False, True]
     assert rows["like"].to_pylist() == [True, False]
     with pytest.raises(ValueError, match="missing columns"):
-        seq.video_event_rows(t["video_events"].drop_columns(["action"]), videos["video_id"].combine_chunks(), ["like"])
+        video_event_rows(t["video_events"].drop_columns(["action"]), videos["video_id"].combine_chunks(), ["like"])
 
 
 # ------------------------------------------------------------------------------------------------ stage A
@@ -90,13 +96,13 @@ HOT_LOG = dict(
 
 
 def video_group(t, positive_comment_actions=("like", "reply", "write")):
-    videos = seq.index_videos(t["videos"])
-    comments, _ = seq.index_comments(t["comments"], videos)
+    videos = index_videos(t["videos"])
+    comments, _ = index_comments(t["comments"], videos)
     group = pa.concat_tables([
-        seq.video_event_rows(t["video_events"], videos["video_id"].combine_chunks(), ["like", "finish"]),
-        seq.comment_event_rows(t["comment_events"], comments["comment_id"].combine_chunks(),
+        video_event_rows(t["video_events"], videos["video_id"].combine_chunks(), ["like", "finish"]),
+        comment_event_rows(t["comment_events"], comments["comment_id"].combine_chunks(),
                                comments["video_idx"].to_numpy(), list(positive_comment_actions)),
-        seq.publication_rows(comments),
+        publication_rows(comments),
     ])
     return group.filter(pa.compute.equal(group["status"], "ok"))
 
@@ -104,7 +110,7 @@ def video_group(t, positive_comment_actions=("like", "reply", "write")):
 def test_hot_comment_as_of_each_video_event(tables):
     times = [10, 12, 13, 16, 17, 31, 36, 41, 46, 60, 61]
     t = tables(**HOT_LOG, video_events=[(f"v@{ts}", "u", "v1", "like", ts) for ts in times])
-    out = by_event(seq.annotate_video_group(video_group(t), num_negatives=99, seed=0))
+    out = by_event(annotate_video_group(video_group(t), num_negatives=99, seed=0))
     hot = {ts: out[f"v@{ts}"]["hot"] for ts in times}
     assert hot == {
         10: -1,  # nothing published yet
@@ -125,7 +131,7 @@ def test_hot_comment_as_of_each_video_event(tables):
 
 def test_video_without_comments_has_no_hot_comment(tables):
     t = tables(videos=[("v1", "cats", [], 10)], video_events=[("e1", "u", "v1", "finish", 20)])
-    out = seq.annotate_video_group(video_group(t), num_negatives=99, seed=0)
+    out = annotate_video_group(video_group(t), num_negatives=99, seed=0)
     assert out["hot"].to_pylist() == [-1]
     assert out["negatives"].to_pylist() == [[]]
 
@@ -137,7 +143,7 @@ def test_comment_candidates_and_likes_before_ts(tables):
         ("q3", "u", "c3", "v1", "write", 50),
         ("q4", "u", "c3", "v1", "reply", 61),
     ]})
-    out = by_event(seq.annotate_video_group(video_group(t), num_negatives=99, seed=0))
+    out = by_event(annotate_video_group(video_group(t), num_negatives=99, seed=0))
     got = {e: (out[e]["negatives"], out[e]["negative_likes"], out[e]["target_likes"]) for e in ("q1", "q2", "q3", "q4")}
     assert got == {
         "q1": ([0], [0], 0),  # c1, c2 published before 16; c2's like at 16 does not count
@@ -153,8 +159,8 @@ def test_comment_candidates_and_likes_before_ts(tables):
 
 def test_comment_negatives_are_sampled_by_seed_and_event_id(tables):
     t = tables(**{**HOT_LOG, "comment_events": HOT_LOG["comment_events"] + [("q4", "u", "c3", "v1", "reply", 61)]})
-    first = by_event(seq.annotate_video_group(video_group(t), num_negatives=1, seed=7))["q4"]
-    again = by_event(seq.annotate_video_group(video_group(t), num_negatives=1, seed=7))["q4"]
+    first = by_event(annotate_video_group(video_group(t), num_negatives=1, seed=7))["q4"]
+    again = by_event(annotate_video_group(video_group(t), num_negatives=1, seed=7))["q4"]
     assert first["negatives"] == again["negatives"]
     assert first["negatives"] in ([0], [1])
     # The likes follow the sampled comment: c1 has 3 likes before 61, c2 has 4.
@@ -165,7 +171,7 @@ def test_comment_negatives_are_sampled_by_seed_and_event_id(tables):
 def test_likes_only_count_when_like_is_not_positive(tables):
     """With likes not positive, like events still make hot comments but are no examples."""
     t = tables(**HOT_LOG, video_events=[("v@17", "u", "v1", "like", 17)])
-    out = seq.annotate_video_group(video_group(t, positive_comment_actions=("reply",)), num_negatives=99, seed=0)
+    out = annotate_video_group(video_group(t, positive_comment_actions=("reply",)), num_negatives=99, seed=0)
     assert out["event_id"].to_pylist() == ["v@17"]
     assert out["hot"].to_pylist() == [1]
 
@@ -177,7 +183,7 @@ def test_hot_comments_match_the_definition_on_a_random_log(tables):
     likes = [(f"l{i}", "o", f"c{rng.integers(0, 6)}", "v1", "like", int(rng.integers(0, 20))) for i in range(40)]
     views = [(f"w{i}", "u", "v1", "like", i) for i in range(21)]
     t = tables(videos=[("v1", "cats", [], 0)], comments=comments, video_events=views, comment_events=likes)
-    out = by_event(seq.annotate_video_group(video_group(t), num_negatives=99, seed=0))
+    out = by_event(annotate_video_group(video_group(t), num_negatives=99, seed=0))
     order = sorted(range(6), key=lambda i: (comments[i][3], comments[i][0]))  # comment_idx -> position in `comments`
     for i in range(21):
         published = [k for k in range(6) if comments[order[k]][3] < i]
@@ -197,7 +203,7 @@ def annotated(user, video_rows=(), comment_rows=(), unrankable=()):
     rows += [dict(kind=1, event_id=e, user_id=user, video_idx=v, comment_idx=c, ts=ts, hot=-1, negatives=[7, 8],
                   target_likes=3, negative_likes=[1, 2], rankable=e not in unrankable) for e, v, c, ts in comment_rows]
     rows = rows[::-1]  # user_rows must not rely on input order
-    return pa.Table.from_pylist(rows, schema=seq.ANNOTATED_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=ANNOTATED_SCHEMA)
 
 
 U1_VIDEO = [("a", 0, 13, 0), ("b", 0, 17, 1), ("d", 4, 36, -1), ("c", 1, 36, 2), ("e", 3, 41, -1)]
@@ -210,7 +216,7 @@ def hist(row):
 
 
 def test_user_rows_histories_ties_and_splits():
-    rows = seq.user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=50)
+    rows = user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=50)
     got = by_event(rows.filter(pa.compute.not_equal(rows["row_kind"], "user")))
     none = ([], [], [], [], [], [])
     # Video task, by (ts, event_id): a@13, b@17, c@36, d@36, e@41.
@@ -243,19 +249,19 @@ def test_user_rows_histories_ties_and_splits():
     # As of the end: v0's record is [1, 5, 6] @45 (c0 pushed out by c6), after v1's @38.
     assert hist(user[0]) == ([0, 0, 1, 4, 3], [0, 1, 2, -1, -1], [13, 17, 36, 36, 41], [1, 0],
                              [2, -1, -1, 1, 5, 6], [38, 45])
-    assert rows.schema == seq.USER_ROWS_SCHEMA
+    assert rows.schema == USER_ROWS_SCHEMA
 
 
 def test_user_rows_keep_the_latest_max_history():
-    rows = seq.user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=2)
+    rows = user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=2)
     got = by_event(rows.filter(pa.compute.not_equal(rows["row_kind"], "user")))
     assert hist(got["e"]) == ([1, 4], [2, -1], [36, 36], [1, 0], [2, -1, -1, 0, 1, 5], [38, 39])
-    user = seq.user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=1).to_pylist()[-1]
+    user = user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=1).to_pylist()[-1]
     assert hist(user) == ([3], [-1], [41], [0], [1, 5, 6], [45])
 
 
 def test_user_with_only_comment_events():
-    rows = seq.user_rows(annotated("u3", comment_rows=[("x1", 2, 3, 27), ("x2", 2, 4, 28), ("x3", 0, 0, 31)]),
+    rows = user_rows(annotated("u3", comment_rows=[("x1", 2, 3, 27), ("x2", 2, 4, 28), ("x3", 0, 0, 31)]),
                          max_history=50)
     got = by_event(rows.filter(pa.compute.not_equal(rows["row_kind"], "user")))
     assert hist(got["x1"]) == ([], [], [], [], [], [])
@@ -269,7 +275,7 @@ def test_user_with_only_comment_events():
 
 def test_a_written_comment_is_history_but_not_an_example():
     # x2 writes comment 4 at 28 (published at 28 itself): unrankable, yet x3 still sees it in its record.
-    rows = seq.user_rows(annotated("u3", comment_rows=[("x1", 2, 3, 27), ("x2", 2, 4, 28), ("x3", 0, 0, 31)],
+    rows = user_rows(annotated("u3", comment_rows=[("x1", 2, 3, 27), ("x2", 2, 4, 28), ("x3", 0, 0, 31)],
                                    unrankable={"x2"}), max_history=50)
     got = by_event(rows.filter(pa.compute.not_equal(rows["row_kind"], "user")))
     assert [got[e]["split"] for e in ("x1", "x2", "x3")] == ["dropped", "unrankable", "train"]
@@ -277,7 +283,7 @@ def test_a_written_comment_is_history_but_not_an_example():
 
 
 def test_single_kept_example_is_train():
-    rows = seq.user_rows(annotated("u4", video_rows=[("a", 1, 10, -1), ("b", 2, 20, -1)]), max_history=50)
+    rows = user_rows(annotated("u4", video_rows=[("a", 1, 10, -1), ("b", 2, 20, -1)]), max_history=50)
     got = by_event(rows.filter(pa.compute.not_equal(rows["row_kind"], "user")))
     assert (got["a"]["split"], got["b"]["split"]) == ("dropped", "train")
 
@@ -287,7 +293,7 @@ def test_single_kept_example_is_train():
     (5, ["train", "train", "train", "valid", "test"]),
 ])
 def test_assign_splits(n, expected):
-    assert seq.assign_splits(n) == expected
+    assert assign_splits(n) == expected
 
 
 # ------------------------------------------------------------------------------------------------ negatives
@@ -296,7 +302,7 @@ def test_assign_splits(n, expected):
 def video_rows(rows):
     """rows: (event_id, ts, target) -> stage B video rows with empty negatives."""
     return pa.Table.from_pylist([dict(row_kind="video", split="train", user_id="u", event_id=e, ts=ts, target=t,
-                                      query_video=-1, negatives=[]) for e, ts, t in rows], schema=seq.USER_ROWS_SCHEMA)
+                                      query_video=-1, negatives=[]) for e, ts, t in rows], schema=USER_ROWS_SCHEMA)
 
 
 VIDEO_TS = np.array([10, 20, 20, 30, 40])  # video_idx 0..4
@@ -304,12 +310,12 @@ VIDEO_TS = np.array([10, 20, 20, 30, 40])  # video_idx 0..4
 
 def test_video_negatives_published_before_ts_never_the_target():
     batch = video_rows([("n1", 25, 1), ("n2", 10, 0), ("n3", 41, 4), ("n4", 35, 4)])
-    out = by_event(seq.add_video_negatives(batch, VIDEO_TS, num_negatives=5, seed=0))
+    out = by_event(add_video_negatives(batch, VIDEO_TS, num_negatives=5, seed=0))
     assert out["n1"]["negatives"] == [0, 2]  # videos 0, 1, 2 are before 25; 1 is the target
     assert out["n2"]["negatives"] == []  # nothing before 10
     assert out["n3"]["negatives"] == [0, 1, 2, 3]
     assert out["n4"]["negatives"] == [0, 1, 2, 3]  # the target, published at 40, is not before 35 anyway
-    windowed = by_event(seq.add_video_negatives(batch, VIDEO_TS, num_negatives=5, seed=0, window_ms=15,
+    windowed = by_event(add_video_negatives(batch, VIDEO_TS, num_negatives=5, seed=0, window_ms=15,
                                                 protocol="alive_window"))
     assert windowed["n3"]["negatives"] == [3]  # published in [26, 41): videos 3 and 4 (the target)
     assert windowed["n3"]["negatives_uniform_all"] == [0, 1, 2, 3]
@@ -318,30 +324,30 @@ def test_video_negatives_published_before_ts_never_the_target():
 
 def test_video_negatives_sample_is_fixed_by_seed_and_event_id():
     batch = video_rows([("n3", 41, 4), ("n5", 41, 4)])
-    a = by_event(seq.add_video_negatives(batch, VIDEO_TS, num_negatives=2, seed=3))
-    b = by_event(seq.add_video_negatives(batch.take([1, 0]), VIDEO_TS, num_negatives=2, seed=3))
+    a = by_event(add_video_negatives(batch, VIDEO_TS, num_negatives=2, seed=3))
+    b = by_event(add_video_negatives(batch.take([1, 0]), VIDEO_TS, num_negatives=2, seed=3))
     assert a == b  # independent of batch order
     for row in a.values():
         assert len(row["negatives"]) == 2 and set(row["negatives"]) <= {0, 1, 2, 3}
-    seen = {tuple(seq.add_video_negatives(batch, VIDEO_TS, num_negatives=2, seed=s)["negatives"][0].as_py())
+    seen = {tuple(add_video_negatives(batch, VIDEO_TS, num_negatives=2, seed=s)["negatives"][0].as_py())
             for s in range(20)}
     assert len(seen) > 1  # the seed matters
 
 
 def test_sample_excluding_and_stable_seed():
     rng = np.random.default_rng(0)
-    assert seq.sample_excluding(rng, 0, 10, 3, 100).tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
-    assert seq.sample_excluding(rng, 5, 8, 0, 100).tolist() == [5, 6, 7]
-    assert seq.sample_excluding(rng, 5, 5, 5, 3).tolist() == []
-    picks = seq.sample_excluding(rng, 0, 1000, 500, 50)
+    assert sample_excluding(rng, 0, 10, 3, 100).tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert sample_excluding(rng, 5, 8, 0, 100).tolist() == [5, 6, 7]
+    assert sample_excluding(rng, 5, 5, 5, 3).tolist() == []
+    picks = sample_excluding(rng, 0, 1000, 500, 50)
     assert len(set(picks.tolist())) == 50 and 500 not in picks.tolist()
-    assert seq.stable_seed(0, "video", "e1") == seq.stable_seed(0, "video", "e1")
-    assert len({seq.stable_seed(0, "video", "e1"), seq.stable_seed(1, "video", "e1"),
-                seq.stable_seed(0, "comment", "e1"), seq.stable_seed(0, "video", "e2")}) == 4
+    assert stable_seed(0, "video", "e1") == stable_seed(0, "video", "e1")
+    assert len({stable_seed(0, "video", "e1"), stable_seed(1, "video", "e1"),
+                stable_seed(0, "comment", "e1"), stable_seed(0, "video", "e2")}) == 4
 
 
 def test_gather_ranges():
-    offsets, flat = seq.gather_ranges(np.array([10, 11, 12, 13]), np.array([1, 0, 2]), np.array([3, 0, 4]))
+    offsets, flat = gather_ranges(np.array([10, 11, 12, 13]), np.array([1, 0, 2]), np.array([3, 0, 4]))
     assert offsets.tolist() == [0, 2, 2, 4]
     assert flat.tolist() == [11, 12, 12, 13]
 
@@ -351,7 +357,7 @@ def test_gather_ranges():
 
 def test_user_rows_global_time_split():
     # Kept video examples b@17, c@36, d@36, e@41; cuts valid at 36, test at 41.
-    rows = seq.user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=50, split="global_time",
+    rows = user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=50, split="global_time",
                          valid_ts=36, test_ts=41)
     got = by_event(rows.filter(pa.compute.not_equal(rows["row_kind"], "user")))
     assert {e: got[e]["split"] for e in "abcde"} == {"a": "dropped", "b": "train", "c": "valid", "d": "valid",
@@ -359,24 +365,24 @@ def test_user_rows_global_time_split():
     # Comment events f@30 g@36 h@37 i@38 j@39 k@45: only k is at or after 41.
     assert [got[e]["split"] for e in "fghijk"] == ["train", "valid", "valid", "valid", "valid", "test"]
     with pytest.raises(ValueError, match="split policy"):
-        seq.user_rows(annotated("u1", U1_VIDEO), max_history=5, split="random")
+        user_rows(annotated("u1", U1_VIDEO), max_history=5, split="random")
 
 
 def test_user_rows_emit_after_ts_keeps_later_examples_and_the_user_row():
-    rows = seq.user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=50, emit_after_ts=38)
+    rows = user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=50, emit_after_ts=38)
     assert rows["event_id"].to_pylist()[:-1] == ["j", "e", "k"]  # ts 39, 41, 45
     assert rows["row_kind"].to_pylist()[-1] == "user"
-    full = by_event(seq.user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=50))
+    full = by_event(user_rows(annotated("u1", U1_VIDEO, U1_COMMENT), max_history=50))
     assert hist(by_event(rows)["e"]) == hist(full["e"])
 
 
 def test_global_cuts():
     ts = np.array([50, 10, 20, 30, 40, 60, 70, 80, 90, 100])
     # 10 times: valid+test = 30% -> index 7 of the sorted times (80); test 10% -> index 9 (100).
-    assert seq.global_cuts(ts, 0.2, 0.1) == (80, 100)
-    assert seq.global_cuts(ts, 0.0, 0.0) == (101, 101)  # nothing valid or test
-    assert seq.global_cuts(np.array([], np.int64), 0.1, 0.1) == (0, 0)
-    splits = seq.global_time_splits(np.array([79, 80, 99, 100]), 80, 100).tolist()
+    assert global_cuts(ts, 0.2, 0.1) == (80, 100)
+    assert global_cuts(ts, 0.0, 0.0) == (101, 101)  # nothing valid or test
+    assert global_cuts(np.array([], np.int64), 0.1, 0.1) == (0, 0)
+    splits = global_time_splits(np.array([79, 80, 99, 100]), 80, 100).tolist()
     assert splits == ["train", "valid", "valid", "test"]
 
 
@@ -388,10 +394,10 @@ def test_late_events_in_the_file_order_change_nothing(tables):
     from tests.features.test_build import LOG
 
     names = ("videos", "comments", "video_events", "comment_events")
-    in_order = seq.build_local(*(tables(**LOG)[t] for t in names), num_negatives=2)["rows"]
+    in_order = build_local(*(tables(**LOG)[t] for t in names), num_negatives=2)["rows"]
     late = {**LOG, "video_events": LOG["video_events"][::-1], "comment_events": LOG["comment_events"][3:] +
             LOG["comment_events"][:3], "comments": LOG["comments"][::-1]}
-    shuffled = seq.build_local(*(tables(**late)[t] for t in names), num_negatives=2)["rows"]
+    shuffled = build_local(*(tables(**late)[t] for t in names), num_negatives=2)["rows"]
     key = [("row_kind", "ascending"), ("event_id", "ascending"), ("user_id", "ascending")]
     assert shuffled.sort_by(key).equals(in_order.sort_by(key))
 
@@ -400,7 +406,7 @@ def test_cut_ts_leaves_out_events_after_the_watermark(tables):
     from tests.features.test_build import LOG
 
     names = ("videos", "comments", "video_events", "comment_events")
-    out = seq.build_local(*(tables(**LOG)[t] for t in names), num_negatives=2, cut_ts=36)
+    out = build_local(*(tables(**LOG)[t] for t in names), num_negatives=2, cut_ts=36)
     rows = out["rows"].filter(pa.compute.not_equal(out["rows"]["row_kind"], "user"))
     assert max(rows["ts"].to_pylist()) == 36
     # u1's state as of 36: video events 13, 14 (view: not positive), 17, 36, 36 -> four; comment ce2@30, ce3@36.
@@ -439,7 +445,7 @@ def test_nothing_at_or_after_an_example_enters_it(tables, seed):
     log = random_log(np.random.default_rng(seed))
     t = tables(**log)
     max_history = 4
-    out = seq.build_local(t["videos"], t["comments"], t["video_events"], t["comment_events"],
+    out = build_local(t["videos"], t["comments"], t["video_events"], t["comment_events"],
                           max_history=max_history, num_negatives=3, seed=seed)
     video_ts = out["videos"]["ts"].to_pylist()
     comment_ts = out["comments"]["ts"].to_pylist()
@@ -482,7 +488,7 @@ def test_every_protocol_samples_only_videos_that_existed_and_alive_window_only_i
             enumerate(rng.integers(200, 1100, size=40))]
     inter_ts = rng.integers(0, 1100, size=300)
     inter_video = rng.integers(0, 60, size=300)
-    out = by_event(seq.add_video_negatives(video_rows(rows), video_ts, num_negatives=10, seed=1, window_ms=150,
+    out = by_event(add_video_negatives(video_rows(rows), video_ts, num_negatives=10, seed=1, window_ms=150,
                                            protocol="popularity_at_t", interaction_ts=inter_ts,
                                            interaction_video=inter_video))
     for event_id, ts, target in rows:
@@ -503,13 +509,13 @@ def test_popularity_at_t_counts_only_interactions_strictly_before_ts():
     inter_video = np.array([3, 3, 3, 3, 3, 0, 2, 2, 2, 2, 2])
     picks = []
     for seed in range(40):
-        out = seq.add_video_negatives(video_rows([("p", 35, 1)]), VIDEO_TS, num_negatives=1, seed=seed,
+        out = add_video_negatives(video_rows([("p", 35, 1)]), VIDEO_TS, num_negatives=1, seed=seed,
                                       window_ms=5, protocol="popularity_at_t", interaction_ts=inter_ts,
                                       interaction_video=inter_video)
         picks.append(out["negatives"][0].as_py()[0])
     assert set(picks) <= {0, 3} and picks.count(3) >= 25  # probability 5/6 per draw; never video 2
     # Three negatives: both videos with interactions, and one of the zero-count ones (2) only to fill up.
-    out = seq.add_video_negatives(video_rows([("p", 35, 1)]), VIDEO_TS, num_negatives=3, seed=0, window_ms=5,
+    out = add_video_negatives(video_rows([("p", 35, 1)]), VIDEO_TS, num_negatives=3, seed=0, window_ms=5,
                                   protocol="popularity_at_t", interaction_ts=inter_ts, interaction_video=inter_video)
     assert out["negatives"][0].as_py() == [0, 2, 3]
 
@@ -518,8 +524,8 @@ def test_alive_window_ms_is_the_smallest_window_holding_enough_videos():
     video_ts = np.array([0, 10, 20, 30, 100, 105])
     # 2 negatives need 3 videos: @31 the 3rd newest is @10 -> 21; @101 it is @20 -> 81; @106 -> 30 -> 76;
     # @15 has only 2 videos before it and does not count.
-    assert seq.alive_window_ms(video_ts, np.array([15, 31, 101, 106]), num_negatives=2) == 81
-    assert seq.alive_window_ms(video_ts, np.array([15]), num_negatives=2) == 1
+    assert alive_window_ms(video_ts, np.array([15, 31, 101, 106]), num_negatives=2) == 81
+    assert alive_window_ms(video_ts, np.array([15]), num_negatives=2) == 1
     with pytest.raises(ValueError, match="alive_window"):
-        seq.add_video_negatives(video_rows([("p", 35, 1)]), VIDEO_TS, num_negatives=1, seed=0,
+        add_video_negatives(video_rows([("p", 35, 1)]), VIDEO_TS, num_negatives=1, seed=0,
                                 protocol="alive_window")

@@ -17,7 +17,8 @@ from ingestion.schema import TABLES, parse
 
 @pytest.fixture(scope="session")
 def serving_features(tmp_path_factory, ray_session):
-    from features.build import FeaturesConfig, build_features
+    from features.build import build_features
+    from features.config import FeaturesConfig
 
     root = tmp_path_factory.mktemp("serving")
     generate(str(root / "data"), GeneratorConfig(users=100, seed=3))
