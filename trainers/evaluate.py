@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from trainers.baselines import (
     video_train_counts,
 )
 from trainers.data import collate
-from trainers.metrics import METRIC_NAMES, ranking_metrics, ranks_from_scores
+from trainers.metrics import METRIC_NAMES, nonfinite_examples, ranking_metrics, ranks_from_scores
 from trainers.scoring import Scorer
 
 # fn(task, batch) -> scores [B, 1 + K] of [target, negatives...]; -inf where a negative is padding. Each
@@ -133,44 +134,123 @@ def tune_blend(folder: FeaturesFolder, max_examples: int = 0) -> float:
     return best
 
 
+SLICES = ("cold_item", "cold_user", "rest")
+COLD_ITEM_AGE_MS = 24 * 3_600_000  # a target published less than this before the event is a cold item
+COLD_USER_EVENTS = 3  # a user with at most this many earlier interactions (history elements) is a cold user
+
+
+@dataclass
+class Ranking:
+    """One task's evaluation on one split: per example, its user, its number of candidates (target
+    included) and its slice; per score function, the target's 0-based rank [N] and the examples whose scores
+    were not finite."""
+
+    task: str
+    user_id: np.ndarray  # [N] object
+    candidates: np.ndarray  # [N] int
+    slices: dict[str, np.ndarray]  # slice name -> bool [N]
+    ranks: dict[str, np.ndarray]  # score function -> int [N]
+    nonfinite: dict[str, int]
+    skipped: int  # examples without any negative: nothing to rank the target against
+
+    def metrics(self, name: str, mask: np.ndarray | None = None) -> dict:
+        ranks = self.ranks[name] if mask is None else self.ranks[name][mask]
+        return {**ranking_metrics(ranks), "skipped": self.skipped, "nonfinite": self.nonfinite[name]}
+
+    def slice_metrics(self) -> dict[str, dict[str, dict]]:
+        return {s: {name: ranking_metrics(self.ranks[name][mask]) for name in self.ranks}
+                for s, mask in self.slices.items()}
+
+    def candidate_counts(self) -> dict:
+        c = self.candidates
+        return {"min": int(c.min()), "median": float(np.median(c)), "max": int(c.max())} if len(c) else {}
+
+
+def cold_slices(rows: dict, task: str, item_ts: np.ndarray, trained: np.ndarray) -> dict[str, np.ndarray]:
+    """Slice masks of a batch of example rows: cold_item (the target was published less than
+    COLD_ITEM_AGE_MS before the event, or is not the target of any train example: trained [items] bool),
+    cold_user (at most COLD_USER_EVENTS history elements, video and comment records together), rest."""
+    target = np.asarray(rows["target"], np.int64)
+    age = np.asarray(rows["ts"], np.int64) - np.asarray(item_ts)[target]
+    cold_item = (age < COLD_ITEM_AGE_MS) | ~np.asarray(trained)[target]
+    earlier = np.array([len(v) + len(c) for v, c in zip(rows["hist_video"], rows["hist_cmt_video"])])
+    cold_user = earlier <= COLD_USER_EVENTS
+    return {"cold_item": cold_item, "cold_user": cold_user, "rest": ~cold_item & ~cold_user}
+
+
+def alive_pools(rows: dict, video_ts: np.ndarray, window_ms: int) -> list[np.ndarray]:
+    """Every video published in [ts - window_ms, ts) other than the target, per example: the full-corpus
+    candidates of the video task (the alive_window pool without sampling)."""
+    ts = np.asarray(rows["ts"], np.int64)
+    hi = np.searchsorted(video_ts, ts, side="left")
+    lo = np.searchsorted(video_ts, ts - window_ms, side="left")
+    return [np.setdiff1d(np.arange(a, b), [t]) for a, b, t in zip(lo, hi, np.asarray(rows["target"]))]
+
+
+def rank_task(folder: FeaturesFolder, fns: dict[str, ScoreFn], task: str, split: str, batch_size: int = 512,
+              max_examples: int = 0, negatives_column: str = "negatives",
+              full_corpus_window_ms: int = 0) -> Ranking:
+    """Rank every example of one task and split with every score function (max_examples > 0 caps it).
+    `negatives_column` picks the video task's candidate list (negatives_<protocol>: another protocol);
+    full_corpus_window_ms > 0 ranks video targets among every video alive then instead (alive_pools)."""
+    video_ts, comment_ts = folder.item_times()
+    item_ts = video_ts if task == "video" else comment_ts
+    trained = np.zeros(len(item_ts), bool)
+    trained[folder.examples_table(task, "train", ["target"])["target"].to_numpy()] = True
+    parts: dict[str, list] = {"user_id": [], "candidates": [], **{s: [] for s in SLICES}}
+    ranks: dict[str, list[np.ndarray]] = {name: [] for name in fns}
+    nonfinite = dict.fromkeys(fns, 0)
+    skipped = seen = 0
+    started = time.monotonic()
+    for rows in folder.iter_examples(task, split, batch_size, max_examples):
+        if full_corpus_window_ms:
+            rows["negatives"] = np.array(alive_pools(rows, video_ts, full_corpus_window_ms) + [None])[:-1]
+        elif task == "video" and negatives_column != "negatives":
+            if negatives_column not in rows:
+                raise ValueError(f"{folder}: video examples have no {negatives_column} column "
+                                 "(built before candidate protocols; rebuild the features)")
+            rows["negatives"] = rows[negatives_column]
+        has_negatives = np.array([len(n) > 0 for n in rows["negatives"]])
+        seen += len(has_negatives)
+        skipped += int((~has_negatives).sum())
+        if not has_negatives.any():
+            continue
+        rows = {k: v[has_negatives] for k, v in rows.items()}
+        parts["user_id"].append(rows["user_id"])
+        parts["candidates"].append(np.array([1 + len(n) for n in rows["negatives"]]))
+        for name, mask in cold_slices(rows, task, item_ts, trained).items():
+            parts[name].append(mask)
+        collated: dict[int, dict[str, torch.Tensor]] = {}  # one collate per history length
+        for name, fn in fns.items():
+            if fn.max_history not in collated:
+                collated[fn.max_history] = collate(rows, fn.max_history)
+            batch = collated[fn.max_history]
+            scores = fn(task, batch).double().numpy()  # [B, 1 + K]
+            valid = (batch["negatives"] >= 0).numpy()
+            ranks[name].append(ranks_from_scores(scores[:, 0], scores[:, 1:], valid))
+            nonfinite[name] += nonfinite_examples(scores[:, 0], scores[:, 1:], valid)
+    print(f"evaluate: {task}/{split}{' (full corpus)' if full_corpus_window_ms else ''}: {seen} examples "
+          f"({skipped} without negatives skipped), {len(fns)} models, {time.monotonic() - started:.1f}s", flush=True)
+
+    def joined(values: list, dtype) -> np.ndarray:
+        return np.concatenate(values) if values else np.zeros(0, dtype)
+
+    return Ranking(task=task, user_id=joined(parts["user_id"], object),
+                   candidates=joined(parts["candidates"], np.int64),
+                   slices={s: joined(parts[s], bool) for s in SLICES},
+                   ranks={name: joined(r, np.int64) for name, r in ranks.items()},
+                   nonfinite=nonfinite, skipped=skipped)
+
+
 def evaluate_fns(folder: FeaturesFolder, fns: dict[str, ScoreFn], split: str, batch_size: int = 512,
                  max_examples: int = 0, tasks: tuple[str, ...] = TASKS,
                  negatives_column: str = "negatives") -> dict[str, dict[str, dict]]:
-    """Rank every example of `split` with every score function; max_examples > 0 caps each task.
-    `negatives_column` picks the video task's candidate list (negatives_<protocol>: another protocol)."""
-    results: dict[str, dict[str, dict]] = {}
+    """Metrics of every score function on every example of `split`: {task: {name: metrics}}."""
+    out = {}
     for task in tasks:
-        ranks: dict[str, list[np.ndarray]] = {name: [] for name in fns}
-        skipped = seen = 0
-        started = time.monotonic()
-        for rows in folder.iter_examples(task, split, batch_size, max_examples):
-            if task == "video" and negatives_column != "negatives":
-                if negatives_column not in rows:
-                    raise ValueError(f"{folder}: video examples have no {negatives_column} column "
-                                     "(built before candidate protocols; rebuild the features)")
-                rows["negatives"] = rows[negatives_column]
-            has_negatives = np.array([len(n) > 0 for n in rows["negatives"]])
-            seen += len(has_negatives)
-            skipped += int((~has_negatives).sum())  # nothing to rank the target against
-            if not has_negatives.any():
-                continue
-            rows = {k: v[has_negatives] for k, v in rows.items()}
-            collated: dict[int, dict[str, torch.Tensor]] = {}  # one collate per history length
-            for name, fn in fns.items():
-                if fn.max_history not in collated:
-                    collated[fn.max_history] = collate(rows, fn.max_history)
-                batch = collated[fn.max_history]
-                scores = fn(task, batch).double().numpy()  # [B, 1 + K]
-                valid = (batch["negatives"] >= 0).numpy()
-                ranks[name].append(ranks_from_scores(scores[:, 0], scores[:, 1:], valid))
-        elapsed = time.monotonic() - started
-        print(f"evaluate: {task}/{split}: {seen} examples ({skipped} without negatives skipped), "
-              f"{len(fns)} models, {elapsed:.1f}s", flush=True)
-        results[task] = {}
-        for name in fns:
-            metrics = ranking_metrics(np.concatenate(ranks[name]) if ranks[name] else np.zeros(0))
-            results[task][name] = {**metrics, "skipped": skipped}
-    return results
+        ranking = rank_task(folder, fns, task, split, batch_size, max_examples, negatives_column)
+        out[task] = {name: ranking.metrics(name) for name in fns}
+    return out
 
 
 def evaluate(features: FeaturesFolder | str | Path, checkpoints: dict[str, str | Path], split: str = "test",
