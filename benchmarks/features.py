@@ -38,6 +38,7 @@ from devtools.generator import GeneratorConfig, generate
 from features.build import build_features
 from features.config import FeaturesConfig
 from features.embeddings import embed_texts
+from features.stage_b import global_cuts
 from ingestion.eventlog import EventLog
 from ingestion.schema import ARROW_SCHEMA, TABLES
 
@@ -167,13 +168,18 @@ def run(overrides: list[str]) -> dict:
     n_events = len(tables["video_events"]) + len(tables["comment_events"])
     print(f"features benchmark: {n_events} events, {counts}", flush=True)
 
-    config = FeaturesConfig(eventlog=str(eventlog), out=str(out), encoder="hash", encoder_dim=64, embed_cache="off")
+    # Both builds get the same global time cuts: the 80% and 90% quantiles of all event times.
+    valid_ts, test_ts = global_cuts(np.concatenate([tables["video_events"]["ts"].to_numpy(),
+                                                    tables["comment_events"]["ts"].to_numpy()]), 0.1, 0.1)
+    config = FeaturesConfig(eventlog=str(eventlog), out=str(out), encoder="hash", encoder_dim=64, embed_cache="off",
+                            split_valid_ts=valid_ts, split_test_ts=test_ts)
     # The baseline first, without Ray running, so that the two peaks are measured apart.
     with PeakRss() as base_rss:
         started = time.perf_counter()
         local = build_pandas(tables["videos"], tables["comments"], tables["video_events"], tables["comment_events"],
                              max_history=config.max_history, num_negatives=config.num_negatives, seed=config.seed,
-                             window_ms=config.negative_window_ms, protocol=config.video_protocol)
+                             window_ms=config.negative_window_ms, protocol=config.video_protocol,
+                             split=config.split, valid_ts=valid_ts, test_ts=test_ts)
         baseline_s = time.perf_counter() - started
     print(f"features benchmark: pandas baseline {baseline_s:.1f}s", flush=True)
     write_baseline(local, work / "baseline")

@@ -162,22 +162,57 @@ def _histories(video_hist, records, record_ts, max_history) -> dict[str, list]:
     }
 
 
-def _split(frame: pd.DataFrame, rankable: pd.Series, split: str, valid_ts: int, test_ts: int) -> pd.Series:
-    """Split of each example of one task: "unrankable" when its target was not published before it,
-    "dropped" when both histories are empty, else the policy's."""
-    dropped = (frame["hist_video"].str.len() == 0) & (frame["hist_cmt_video"].str.len() == 0)
-    out = pd.Series(np.where(rankable, "dropped", "unrankable"), index=frame.index, dtype=object)
-    kept = frame[~dropped & rankable].sort_values(["user_id", "ts", "event_id"], kind="stable")
-    if split == "global_time":
-        out[kept.index] = np.where(kept["ts"] < valid_ts, "train", np.where(kept["ts"] < test_ts, "valid", "test"))
-        return out
-    if split != "leave_last_out":
+def _splits(frames: dict[str, pd.DataFrame], rankable: pd.Series, split: str, valid_ts: int,
+            test_ts: int) -> dict[str, pd.Series]:
+    """Split of each example of both tasks: "unrankable" when its target was not published before it,
+    "dropped" when both histories are empty, else the policy's. Leave-last-out cuts each user's time once
+    for both tasks: at the earliest of the tasks' last example times (tasks with 2 or more examples) for
+    test, the earliest second-to-last (tasks with 3 or more) for valid."""
+    kept = {}
+    for task, frame in frames.items():
+        dropped = (frame["hist_video"].str.len() == 0) & (frame["hist_cmt_video"].str.len() == 0)
+        kept[task] = frame[~dropped & rankable[frame.index]]
+    if split == "leave_last_out":
+        never = np.iinfo(np.int64).max
+        ends = []
+        for frame in kept.values():
+            ordered = frame.sort_values(["user_id", "ts", "event_id"], kind="stable")
+            by_user = ordered.groupby("user_id")["ts"]
+            n = by_user.transform("size")
+            from_end = n - by_user.cumcount()  # 1 = the user's last example of this task
+            ends.append(pd.DataFrame({"user_id": ordered["user_id"],
+                                      "test_ts": ordered["ts"].where((from_end == 1) & (n >= 2), never),
+                                      "valid_ts": ordered["ts"].where((from_end == 2) & (n >= 3), never)}))
+        per_user = pd.concat(ends).groupby("user_id")[["valid_ts", "test_ts"]].min()
+        per_user["valid_ts"] = per_user[["valid_ts", "test_ts"]].min(axis=1)
+    elif split != "global_time":
         raise ValueError(f"unknown split policy {split!r}")
-    n = kept.groupby("user_id")["ts"].transform("size")
-    from_end = n - kept.groupby("user_id").cumcount()  # 1 = the user's last example
-    out[kept.index] = np.where((from_end == 1) & (n >= 2), "test",
-                               np.where((from_end == 2) & (n >= 3), "valid", "train"))
+    out = {}
+    for task, frame in frames.items():
+        labels = pd.Series(np.where(rankable[frame.index], "dropped", "unrankable"), index=frame.index, dtype=object)
+        rows = kept[task]
+        if split == "leave_last_out":
+            valid = per_user.loc[rows["user_id"], "valid_ts"].to_numpy()
+            test = per_user.loc[rows["user_id"], "test_ts"].to_numpy()
+        else:
+            valid, test = valid_ts, test_ts
+        labels[rows.index] = np.where(rows["ts"] < valid, "train", np.where(rows["ts"] < test, "valid", "test"))
+        out[task] = labels
     return out
+
+
+def _without_user_positives(comment: pd.DataFrame, annotated: pd.DataFrame) -> pd.DataFrame:
+    """Comment candidates without the user's positives on the same video at or before the example's time."""
+    events = annotated[annotated["kind"] == "c"]
+    by_key = {key: list(zip(g["ts"], g["comment_idx"])) for key, g in events.groupby(["user_id", "video_idx"])}
+    negatives, likes = [], []
+    for user, video, target, ts, neg, lik in zip(comment["user_id"], comment["video_idx"], comment["comment_idx"],
+                                                comment["ts"], comment["negatives"], comment["negative_likes"]):
+        others = {c for t, c in by_key.get((user, video), []) if t <= ts and c != target}
+        keep = [j for j, c in enumerate(neg) if c not in others]
+        negatives.append([neg[j] for j in keep])
+        likes.append([lik[j] for j in keep])
+    return comment.assign(negatives=negatives, negative_likes=likes)
 
 
 def _arrow(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
@@ -221,10 +256,11 @@ def build_pandas(
                                 videos["ts"].to_numpy(), num_negatives, seed, window_ms, protocol,
                                 video["ts"].to_numpy(), video["video_idx"].to_numpy()).to_pandas()
     video = drawn.set_index(video.index)
-    comment = examples[examples["kind"] == "c"].copy()
+    comment = _without_user_positives(examples[examples["kind"] == "c"].copy(), annotated)
     comment["target"], comment["query_video"] = comment["comment_idx"], comment["video_idx"]
-    for task, frame in (("video", video), ("comment", comment)):
-        split_of = _split(frame, examples["rankable"][frame.index], split, valid_ts, test_ts)
+    frames = {"video": video, "comment": comment}
+    labels = _splits(frames, examples["rankable"], split, valid_ts, test_ts)
+    for task, frame in frames.items():
         for name in SPLITS:
-            out[f"{task}/{name}"] = _arrow(frame[split_of == name], EXAMPLE_SCHEMA[task])
+            out[f"{task}/{name}"] = _arrow(frame[labels[task] == name], EXAMPLE_SCHEMA[task])
     return out

@@ -374,8 +374,9 @@ def _manifest(run: _Run, started: float, cut: int | None, after: int | None, sta
     num_users = pq.ParquetFile(run.out / contract.USERS).metadata.num_rows
     _log(f"{contract.USERS}: {num_users} users")
     if config.split == "leave_last_out":
-        split_policy = ("leave_last_out: per user and task, over examples with a non-empty history, by "
-                        "(ts, event_id): n>=3 last test, second last valid, rest train; n=2 train, test; n=1 train")
+        split_policy = ("leave_last_out: one cut per user for both tasks, over examples with a non-empty history: "
+                        "test from the earliest of the tasks' last example times (tasks with >= 2 examples), valid "
+                        "from the earliest second-to-last (tasks with >= 3), the rest train")
     else:
         split_policy = f"global_time: ts < {stages.valid_ts} train, ts < {stages.test_ts} valid, else test"
     empty_range = {"count": 0, "ts_min": None, "ts_max": None}

@@ -45,10 +45,11 @@ class FeaturesConfig:
     # Embedding cache by content hash, per encoder (a local folder: each node keeps its own);
     # "" = <lsvcr cache dir>/embeddings, "off" = no cache.
     embed_cache: str = ""
-    # Splits: "leave_last_out" (per user and task) or "global_time" (one cut for everyone). The global cut is
-    # split_valid_ts / split_test_ts when both are > 0, else the quantiles split_valid_frac / split_test_frac
-    # of the used positive events' times.
-    split: str = "leave_last_out"
+    # Splits: "global_time" (one time cut for every user and both tasks: nothing a model learns from comes
+    # from the evaluation period) or "leave_last_out" (one cut per user, shared by both tasks). The global cut
+    # is split_valid_ts / split_test_ts when both are > 0, else the quantiles split_valid_frac /
+    # split_test_frac of the used positive events' times.
+    split: str = "global_time"
     split_valid_frac: float = 0.1
     split_test_frac: float = 0.1
     split_valid_ts: int = 0

@@ -36,13 +36,16 @@ USER_ROWS_SCHEMA = pa.schema([
 ])
 
 
-def assign_splits(n: int) -> list[str]:
-    """Leave-last-out split of one user's n examples of one task, oldest first."""
-    if n >= 3:
-        return ["train"] * (n - 2) + ["valid", "test"]
-    if n == 2:
-        return ["train", "test"]
-    return ["train"] * n
+def leave_last_out_cuts(ts_by_task: list[np.ndarray]) -> tuple[int, int]:
+    """One user's (valid_ts, test_ts) for leave-last-out, shared by both tasks: the test cut is the earliest of
+    the tasks' last example times (over tasks with at least 2 examples), the valid cut the earliest of their
+    second-to-last times (tasks with at least 3), never after the test cut. Every example of the user at or
+    after the test cut is test, so no train or valid example of either task comes after a test event.
+    ts_by_task: each task's kept example times, sorted."""
+    never = np.iinfo(np.int64).max
+    test = min((int(t[-1]) for t in ts_by_task if len(t) >= 2), default=never)
+    valid = min((int(t[-2]) for t in ts_by_task if len(t) >= 3), default=never)
+    return min(valid, test), test
 
 
 def global_time_splits(ts: np.ndarray, valid_ts: int, test_ts: int) -> np.ndarray:
@@ -132,19 +135,40 @@ def _splits(group: pa.Table, empty: np.ndarray, split: str, valid_ts: int, test_
     """The split of each of user_rows' n + 1 rows (user_rows says which), given which have both histories
     `empty` [n + 1]; "" for the user row."""
     n = len(group)
-    kind = group["kind"].to_numpy()
+    kind, ts = group["kind"].to_numpy(), group["ts"].to_numpy()
     split_of = np.full(n + 1, "", dtype=object)
     unrankable = ~group["rankable"].to_numpy(zero_copy_only=False)
     split_of[np.flatnonzero(unrankable)] = "unrankable"
-    for task_kind in (KIND_VIDEO_EVENT, KIND_COMMENT_EVENT):
-        candidates = (kind == task_kind) & ~unrankable
-        rows = np.flatnonzero(candidates & ~empty[:n])  # already in (ts, event_id) order
-        if split == "leave_last_out":
-            split_of[rows] = assign_splits(len(rows))
-        else:
-            split_of[rows] = global_time_splits(group["ts"].to_numpy()[rows], valid_ts, test_ts)
-        split_of[np.flatnonzero(candidates & empty[:n])] = "dropped"
+    kept = {k: np.flatnonzero((kind == k) & ~unrankable & ~empty[:n]) for k in (KIND_VIDEO_EVENT, KIND_COMMENT_EVENT)}
+    if split == "leave_last_out":
+        valid_ts, test_ts = leave_last_out_cuts([ts[rows] for rows in kept.values()])  # rows in (ts, event_id) order
+    for task_kind, rows in kept.items():
+        split_of[rows] = global_time_splits(ts[rows], valid_ts, test_ts)
+        split_of[np.flatnonzero((kind == task_kind) & ~unrankable & empty[:n])] = "dropped"
     return split_of
+
+
+def without_user_positives(group: pa.Table) -> tuple[pa.ListArray, pa.ListArray]:
+    """(negatives, negative_likes) of one user's rows (sorted by time) with the user's earlier positives on the
+    same video taken out of each comment example's candidates (a comment the user already liked, replied to
+    or wrote, at or before the example's time, is not a negative); the target stays. Later positives are left
+    to the readers (trainers/data.py without_later_positives): an example written by an incremental build
+    must not change when later events arrive."""
+    kind, video = group["kind"].to_numpy(), group["video_idx"].to_numpy()
+    comment, ts = group["comment_idx"].to_numpy(), group["ts"].to_numpy()
+    is_comment = kind == KIND_COMMENT_EVENT
+    negatives, likes = group["negatives"].to_pylist(), group["negative_likes"].to_pylist()
+    for i in np.flatnonzero(is_comment).tolist():
+        if not negatives[i]:
+            continue
+        earlier = is_comment & (video == video[i]) & (ts <= ts[i]) & (comment != comment[i])
+        others = set(comment[earlier].tolist())
+        if others and not others.isdisjoint(negatives[i]):
+            keep = [j for j, c in enumerate(negatives[i]) if c not in others]
+            negatives[i] = [negatives[i][j] for j in keep]
+            likes[i] = [likes[i][j] for j in keep]
+    int_list = pa.list_(pa.int32())
+    return pa.array(negatives, int_list), pa.array(likes, int_list)
 
 
 def user_rows(
@@ -154,12 +178,13 @@ def user_rows(
     """Stage B, one user's annotated positive events -> examples of both tasks plus one "user" row.
 
     Examples whose two histories are both empty are marked split="dropped", comment events that are not
-    rankable (their comment was not published before them) split="unrankable". With split="leave_last_out" the
-    split is assigned after that, over the kept examples in (ts, event_id) order, so every user with at least
-    two kept examples of a task gets a test example of that task; with "global_time" it is the example's
-    side of the cuts valid_ts / test_ts (global_time_splits). The user row holds the histories as of the end
-    of the group (the build's cut). With emit_after_ts, only examples with ts > emit_after_ts come out (an
-    incremental build: older ones were written before), plus the user row.
+    rankable (their comment was not published before them) split="unrankable". With "global_time" the split
+    of a kept example is its side of the cuts valid_ts / test_ts (global_time_splits); with "leave_last_out"
+    the cuts are the user's own (leave_last_out_cuts: one pair for both tasks, so nothing of the user after
+    a test event trains). Comment candidates exclude the user's earlier positives on that video
+    (without_user_positives). The user row holds the histories as of the end of the group (the build's cut).
+    With emit_after_ts, only examples with ts > emit_after_ts come out (an incremental build: older ones were
+    written before), plus the user row.
     """
     if split not in SPLIT_POLICIES:
         raise ValueError(f"unknown split policy {split!r}; expected one of {SPLIT_POLICIES}")
@@ -170,6 +195,7 @@ def user_rows(
     hist = user_histories(group, query_ts, max_history)
     lengths = [pc.list_value_length(hist[c]).to_numpy(zero_copy_only=False) for c in ("hist_video", "hist_cmt_video")]
     split_of = _splits(group, (lengths[0] == 0) & (lengths[1] == 0), split, valid_ts, test_ts)
+    negatives, negative_likes = without_user_positives(group)
 
     is_video = kind == KIND_VIDEO_EVENT
     row_kind = np.where(is_video, "video", "comment").astype(object)
@@ -185,9 +211,9 @@ def user_rows(
                                                group["comment_idx"].to_numpy()), -1).astype(np.int32)),
         "query_video": pa.array(np.append(np.where(is_video, -1, group["video_idx"].to_numpy()), -1).astype(np.int32)),
         **hist,
-        "negatives": pa.concat_arrays([group["negatives"].combine_chunks(), empty_list]),
+        "negatives": pa.concat_arrays([negatives, empty_list]),
         "target_likes": pa.array(np.append(group["target_likes"].to_numpy(), 0).astype(np.int32)),
-        "negative_likes": pa.concat_arrays([group["negative_likes"].combine_chunks(), empty_list]),
+        "negative_likes": pa.concat_arrays([negative_likes, empty_list]),
     }, schema=USER_ROWS_SCHEMA)
     if emit_after_ts is not None:
         keep = np.append(group["ts"].to_numpy() > emit_after_ts, True)

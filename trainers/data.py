@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from core.contract import COMMENTS_PER_RECORD
+from features.arrays import sample_excluding
 from features.folder import FeaturesFolder
 
 
@@ -134,3 +135,53 @@ def item_time_tensors(folder: FeaturesFolder) -> tuple[torch.Tensor, torch.Tenso
     """(video publication ts [V], comment publication ts [C]) in ms, long, row = item index: the reference
     points of item ages."""
     return tuple(torch.from_numpy(t) for t in folder.item_times())
+
+
+def fresh_video_negatives(ts: np.ndarray, target: np.ndarray, video_ts: np.ndarray, window_ms: int, k: int,
+                          rng: np.random.Generator) -> torch.Tensor:
+    """[B, k] long: for each example, up to k distinct videos drawn uniformly from its alive pool (published
+    in [ts - window_ms, ts); before ts when window_ms is 0), never the target; -1 pads rows whose pool is
+    smaller. Training draws anew every step, so its negatives change from epoch to epoch and follow the
+    pool's age distribution; evaluation keeps the stored, seeded ones. video_ts is sorted (item index order)."""
+    ts, target = np.asarray(ts, np.int64), np.asarray(target, np.int64)
+    hi = np.searchsorted(video_ts, ts, side="left")
+    lo = np.searchsorted(video_ts, ts - window_ms, side="left") if window_ms > 0 else np.zeros_like(hi)
+    out = np.full((len(ts), k), -1, np.int64)
+    for i, (a, b, t) in enumerate(zip(lo.tolist(), hi.tolist(), target.tolist())):
+        drawn = sample_excluding(rng, a, b, t, k)
+        out[i, : len(drawn)] = drawn
+    return torch.from_numpy(out)
+
+
+def user_video_positives(folder: FeaturesFolder, splits: tuple[str, ...]) -> dict[tuple[str, int], set[int]]:
+    """{(user_id, video_idx): the comments the user engaged with under it}, from the targets of the comment
+    examples in `splits` (training reads its own split only, evaluation every split)."""
+    out: dict[tuple[str, int], set[int]] = {}
+    for split in splits:
+        table = folder.examples_table("comment", split, ["user_id", "query_video", "target"])
+        for user, video, target in zip(*(table[c].to_pylist() for c in ("user_id", "query_video", "target"))):
+            out.setdefault((user, video), set()).add(target)
+    return out
+
+
+def without_later_positives(rows: dict, positives: dict[tuple[str, int], set[int]]) -> dict:
+    """Comment example rows (numpy batch) whose candidates (negatives, negative_likes) no longer hold another
+    positive of the same user under the same video. The build already took out the earlier ones
+    (features/stage_b.py); this takes out those that came later, known only when the whole split is."""
+    negatives, likes = list(rows["negatives"]), list(rows["negative_likes"])
+    changed = False
+    for i, (user, video, target) in enumerate(zip(rows["user_id"], rows["query_video"], rows["target"])):
+        others = positives.get((user, int(video)), set()) - {int(target)}
+        if others and len(negatives[i]) and not others.isdisjoint(negatives[i].tolist()):
+            keep = np.array([c not in others for c in negatives[i].tolist()])
+            negatives[i], likes[i] = negatives[i][keep], likes[i][keep]
+            changed = True
+    if not changed:
+        return rows
+    as_objects = np.empty(len(negatives), dtype=object)
+    rows = dict(rows)
+    as_objects[:] = negatives
+    rows["negatives"] = as_objects.copy()
+    as_objects[:] = likes
+    rows["negative_likes"] = as_objects.copy()
+    return rows

@@ -31,8 +31,8 @@ from trainers.baselines import (
     top_level_scores,
     video_train_counts,
 )
-from trainers.data import collate
-from trainers.metrics import METRIC_NAMES, nonfinite_examples, ranking_metrics, ranks_from_scores
+from trainers.data import collate, user_video_positives, without_later_positives
+from trainers.metrics import METRIC_NAMES, metric_values, nonfinite_examples, ranking_metrics, ranks_from_scores
 from trainers.scoring import Scorer
 
 # fn(task, batch) -> scores [B, 1 + K] of [target, negatives...]; -inf where a negative is padding. Each
@@ -197,6 +197,8 @@ def rank_task(folder: FeaturesFolder, fns: dict[str, ScoreFn], task: str, split:
     item_ts = video_ts if task == "video" else comment_ts
     trained = np.zeros(len(item_ts), bool)
     trained[folder.examples_table(task, "train", ["target"])["target"].to_numpy()] = True
+    # A comment the user also engaged with under that video is not a negative (later ones: known per split).
+    positives = user_video_positives(folder, SPLITS) if task == "comment" else None
     parts: dict[str, list] = {"user_id": [], "candidates": [], **{s: [] for s in SLICES}}
     ranks: dict[str, list[np.ndarray]] = {name: [] for name in fns}
     nonfinite = dict.fromkeys(fns, 0)
@@ -205,6 +207,8 @@ def rank_task(folder: FeaturesFolder, fns: dict[str, ScoreFn], task: str, split:
     for rows in folder.iter_examples(task, split, batch_size, max_examples):
         if full_corpus_window_ms:
             rows["negatives"] = np.array(alive_pools(rows, video_ts, full_corpus_window_ms) + [None])[:-1]
+        elif positives is not None:
+            rows = without_later_positives(rows, positives)
         elif task == "video" and negatives_column != "negatives":
             if negatives_column not in rows:
                 raise ValueError(f"{folder}: video examples have no {negatives_column} column "
@@ -253,16 +257,14 @@ def evaluate_fns(folder: FeaturesFolder, fns: dict[str, ScoreFn], split: str, ba
     return out
 
 
-def evaluate(features: FeaturesFolder | str | Path, checkpoints: dict[str, str | Path], split: str = "test",
-             popularity: bool = True, batch_size: int = 512, max_examples: int = 0,
-             device: str = "cpu") -> dict:
-    """Metrics per task and model for the checkpoints (name -> folder), "popularity" and the time-aware
-    baselines, under the build's video protocol ("protocol"); "other_protocols" holds the video task under
-    every other protocol the build wrote. {"protocol", "recency_pop_blend_tau_h", "video", "comment",
-    "other_protocols": {protocol: {"video": {...}}}}. `features` may be a URI (downloaded once into the cache)."""
-    folder = FeaturesFolder.open(features)
-    manifest = folder.manifest
-    protocol = manifest.get("video_protocol", "uniform_all")
+FULL_CORPUS_METRICS = ("recall@10", "recall@50", "ndcg@10")
+FULL_CORPUS_BATCH = 64  # examples per full-corpus batch: [B, pool, H] item vectors are gathered at once
+
+
+def score_fns(folder: FeaturesFolder, checkpoints: dict[str, str | Path], popularity: bool = True,
+              device: str = "cpu", max_examples: int = 0) -> tuple[dict[str, dict[str, ScoreFn]], float]:
+    """Per task, every score function evaluation compares: the checkpoints (name -> folder), "popularity" and
+    the time-aware baselines (recency_pop_blend's tau tuned on valid, returned too)."""
     fns: dict[str, ScoreFn] = {}
     if popularity:
         fns["popularity"] = popularity_fn(folder)
@@ -272,17 +274,65 @@ def evaluate(features: FeaturesFolder | str | Path, checkpoints: dict[str, str |
         fns[name] = scorer_fn(Scorer(ckpt, folder, device=device))
     tau = tune_blend(folder, max_examples)
     baselines = time_baseline_fns(folder, tau)
-    results: dict = {"protocol": protocol, "recency_pop_blend_tau_h": tau}
-    for task in TASKS:
-        task_fns = {**fns, **baselines[task]}
-        results.update(evaluate_fns(folder, task_fns, split, batch_size, max_examples, tasks=(task,)))
+    return {task: {**fns, **baselines[task]} for task in TASKS}, tau
+
+
+def full_corpus_window_ms(folder: FeaturesFolder) -> int:
+    """W of the full-corpus pool: the build's alive window (0 when the manifest has none: not computed)."""
+    return int(folder.manifest.get("alive_window_ms") or 0)
+
+
+def rank_all(folder: FeaturesFolder, fns: dict[str, dict[str, ScoreFn]], split: str, batch_size: int = 512,
+             max_examples: int = 0) -> dict[str, Ranking]:
+    """Rankings of both tasks under the build's candidates, and of the video task against the whole alive
+    pool ("full_corpus/video", when the build has an alive window)."""
+    out = {task: rank_task(folder, fns[task], task, split, batch_size, max_examples) for task in TASKS}
+    window = full_corpus_window_ms(folder)
+    if window:
+        out["full_corpus/video"] = rank_task(folder, fns["video"], "video", split, FULL_CORPUS_BATCH, max_examples,
+                                             full_corpus_window_ms=window)
+    return out
+
+
+def results_of(rankings: dict[str, Ranking]) -> dict:
+    """The metrics of rankings: per task and model, the candidate counts, the slices, the full-corpus metrics."""
+    results: dict = {task: {name: rankings[task].metrics(name) for name in rankings[task].ranks} for task in TASKS}
+    results["candidates"] = {task: rankings[task].candidate_counts() for task in TASKS}
+    results["slices"] = {task: rankings[task].slice_metrics() for task in TASKS}
+    if "full_corpus/video" in rankings:
+        ranking = rankings["full_corpus/video"]
+        results["full_corpus"] = {"video": {
+            name: {"count": int(len(ranks)), **{m: float(metric_values(ranks, m).mean()) if len(ranks) else None
+                                                for m in FULL_CORPUS_METRICS}}
+            for name, ranks in ranking.ranks.items()}}
+        results["candidates"]["full_corpus/video"] = ranking.candidate_counts()
+    return results
+
+
+def evaluate(features: FeaturesFolder | str | Path, checkpoints: dict[str, str | Path], split: str = "test",
+             popularity: bool = True, batch_size: int = 512, max_examples: int = 0,
+             device: str = "cpu") -> dict:
+    """Metrics per task and model for the checkpoints (name -> folder), "popularity" and the time-aware
+    baselines, under the build's video protocol, with candidate counts, cold-item / cold-user slices and
+    full-corpus video metrics (results_of); "other_protocols" holds the video task under every other protocol
+    the build wrote. `features` may be a URI (downloaded once into the cache)."""
+    folder = FeaturesFolder.open(features)
+    manifest = folder.manifest
+    fns, tau = score_fns(folder, checkpoints, popularity, device, max_examples)
+    results: dict = {"split": split, "protocol": manifest.get("video_protocol", "uniform_all"),
+                     "recency_pop_blend_tau_h": tau, "full_corpus_window_ms": full_corpus_window_ms(folder),
+                     **results_of(rank_all(folder, fns, split, batch_size, max_examples))}
     results["other_protocols"] = {}
     for other in manifest.get("video_protocols", []):
-        if other != protocol:
+        if other != results["protocol"]:
             results["other_protocols"][other] = evaluate_fns(
-                folder, {**fns, **baselines["video"]}, split, batch_size, max_examples, tasks=("video",),
+                folder, fns["video"], split, batch_size, max_examples, tasks=("video",),
                 negatives_column=f"negatives_{other}")
     return results
+
+
+def _cell(value, width: int = 9) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.4f}"
 
 
 def _task_blocks(title: str, tasks: dict) -> list[str]:
@@ -293,29 +343,68 @@ def _task_blocks(title: str, tasks: dict) -> list[str]:
         lines.append(f"{task} task{title}")
         lines.append("  ".join([f"{'model':<{width}}", *(f"{c:>9}" for c in columns)]))
         for name, metrics in models.items():
-            cells = [f"{metrics.get('count', 0):>9}"]
-            for metric in METRIC_NAMES:
-                value = metrics.get(metric)
-                cells.append(f"{'-':>9}" if value is None else f"{value:>9.4f}")
+            cells = [f"{metrics.get('count', 0):>9}", *(_cell(metrics.get(m)) for m in METRIC_NAMES)]
             lines.append("  ".join([f"{name:<{width}}", *cells]))
         skipped = max((m.get("skipped", 0) for m in models.values()), default=0)
         if skipped:
             lines.append(f"({skipped} examples without negatives skipped)")
+        broken = {name: m["nonfinite"] for name, m in models.items() if m.get("nonfinite")}
+        if broken:
+            lines.append(f"(examples with a NaN or infinite score, ranked last: {broken})")
+        lines.append("")
+    return lines
+
+
+def _full_corpus_block(results: dict) -> list[str]:
+    models = results.get("full_corpus", {}).get("video", {})
+    if not models:
+        return []
+    width = max([len("model"), *(len(name) for name in models)])
+    hours = results.get("full_corpus_window_ms", 0) / 3.6e6
+    lines = [f"video task, full corpus (every video published in the {hours:.1f} h before the event)",
+             "  ".join([f"{'model':<{width}}", f"{'count':>9}", *(f"{m:>9}" for m in FULL_CORPUS_METRICS)])]
+    for name, metrics in models.items():
+        lines.append("  ".join([f"{name:<{width}}", f"{metrics['count']:>9}",
+                                *(_cell(metrics[m]) for m in FULL_CORPUS_METRICS)]))
+    return lines + [""]
+
+
+def _slice_blocks(results: dict, metric: str = "ndcg@10") -> list[str]:
+    lines = []
+    for task, slices in results.get("slices", {}).items():
+        models = list(next(iter(slices.values()), {}))
+        if not models:
+            continue
+        width = max([len("model"), *(len(name) for name in models)])
+        counts = {s: next(iter(slices[s].values()))["count"] for s in SLICES}
+        lines.append(f"{task} task {metric} by slice (cold item: published < 24 h before or never a train target; "
+                     f"cold user: <= {COLD_USER_EVENTS} earlier interactions)")
+        lines.append("  ".join([f"{'model':<{width}}", *(f"{f'{s} ({counts[s]})':>18}" for s in SLICES)]))
+        for name in models:
+            lines.append("  ".join([f"{name:<{width}}", *(_cell(slices[s][name][metric], 18) for s in SLICES)]))
         lines.append("")
     return lines
 
 
 def format_table(results: dict) -> str:
-    """Readable text table: one block per task (and per other video protocol), one row per model."""
+    """Readable text table: one block per task (and per other video protocol), one row per model, then the
+    full-corpus video metrics and the slices."""
     protocol = results.get("protocol")
     lines = []
     if protocol:
         lines.append(f"video candidates: {protocol} (recency_pop_blend tau {results.get('recency_pop_blend_tau_h')} h, "
                      "tuned on valid)")
+    counts = results.get("candidates", {})
+    if counts:
+        lines.append("candidates per example, target included (min / median / max): " + ", ".join(
+            f"{task} {c['min']} / {c['median']:g} / {c['max']}" for task, c in counts.items() if c))
+    if lines:
         lines.append("")
     tasks = {k: v for k, v in results.items() if k in TASKS}
     lines += _task_blocks(f" ({protocol})" if protocol else "", {k: v for k, v in tasks.items() if k == "video"})
     lines += _task_blocks("", {k: v for k, v in tasks.items() if k != "video"})
+    lines += _full_corpus_block(results)
+    lines += _slice_blocks(results)
     for other, other_tasks in results.get("other_protocols", {}).items():
         lines += _task_blocks(f" ({other})", other_tasks)
     return "\n".join(lines).rstrip() + "\n"

@@ -24,7 +24,8 @@ def test_ray_build_has_the_same_rows_as_the_pandas_baseline(tmp_path, ray_sessio
     manifest = build_features(config)
     assert not (tmp_path / "out" / SHUFFLE).exists()
     local = build_pandas(*(tables[n] for n in ("videos", "comments", "video_events", "comment_events")),
-                         num_negatives=6, protocol=config.video_protocol)
+                         num_negatives=6, protocol=config.video_protocol, split=config.split,
+                         valid_ts=manifest["split_valid_ts"], test_ts=manifest["split_test_ts"])
     assert manifest["tasks"]["video"]["train"]["count"] == len(local["video/train"]) > 0
     benchmark.write_baseline(local, tmp_path / "baseline")
     assert benchmark.same_rows(tmp_path / "out", tmp_path / "baseline") == []

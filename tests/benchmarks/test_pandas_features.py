@@ -44,7 +44,9 @@ def test_hand_worked_rows(tables):
     k2, k3 = comment["k2"], comment["k3"]
     # k2: c1 under v1 @14; c2 was published @12 and liked @13; u2's record of v1 holds c2.
     assert (k2["query_video"], k2["target"], k2["target_likes"]) == (0, 0, 0)
-    assert (k2["negatives"], k2["negative_likes"]) == ([1], [1])
+    # c2 is the only other comment published before @14, and u2 liked it @13: an earlier positive of the user
+    # on that video is not a negative, so k2 has no candidate besides its target.
+    assert (k2["negatives"], k2["negative_likes"]) == ([], [])
     assert (k2["hist_video"], k2["hist_cmt_video"], k2["hist_cmt_comments"], k2["hist_cmt_ts"]) == ([], [0], [1, -1, -1], [13])
     # k3: c3 is the only comment of v2, so no candidates; u1's two video events @15 are its history.
     assert (k3["query_video"], k3["target"], k3["negatives"], k3["negative_likes"]) == (1, 2, [], [])

@@ -51,7 +51,8 @@ def rows_by_event(folder):
 def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_writer):
     log = eventlog_writer(tmp_path / "eventlog", tables(**LOG))
     out = tmp_path / "features"
-    config = FeaturesConfig(eventlog=str(log), out=str(out), num_negatives=2, encoder="hash", encoder_dim=32)
+    config = FeaturesConfig(eventlog=str(log), out=str(out), num_negatives=2, encoder="hash", encoder_dim=32,
+                            split="leave_last_out")
     manifest = build_features(config)
 
     # Catalog and embeddings.
@@ -65,18 +66,21 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
     assert np.allclose(video_emb, HashEncoder(32).encode(["cats pets", "dogs", "news daily", "quiet"]), atol=1e-6)
     assert np.allclose(comment_emb[2], HashEncoder(32).encode(["good dog"])[0], atol=1e-6)
 
-    # Video task. ve1 @13 and ve8 (u2's only event) have empty histories and are dropped.
+    # Video task. ve1 @13 and ve8 (u2's only event) have empty histories and are dropped. u1's usable examples:
+    # video ve3 @17, ve4 @36, ve5 @36, ve6 @41; comment ce2 @30, ce3 @36. One cut for both tasks: test from the
+    # earlier last example (ce3 @36), valid from the earlier second-to-last (ve5 @36): no valid, and ve4, ve5
+    # (at the cut) and ve6 are test. u3's one usable example (ce5) trains.
     train, valid, test = (rows_by_event(contract.examples_dir(out, "video", s)) for s in SPLITS)
-    assert sorted(train) == ["ve3", "ve4"] and sorted(valid) == ["ve5"] and sorted(test) == ["ve6"]
+    assert sorted(train) == ["ve3"] and valid == {} and sorted(test) == ["ve4", "ve5", "ve6"]
     assert [train["ve3"][c] for c in HIST] == [[0], [0], [13], [], [], []]
-    assert [train["ve4"][c] for c in HIST] == [[0, 0], [0, 1], [13, 17], [0], [0, -1, -1], [30]]
-    assert [valid["ve5"][c] for c in HIST] == [c for c in (train["ve4"][h] for h in HIST)]
+    assert [test["ve4"][c] for c in HIST] == [[0, 0], [0, 1], [13, 17], [0], [0, -1, -1], [30]]
+    assert [test["ve5"][c] for c in HIST] == [c for c in (test["ve4"][h] for h in HIST)]
     assert [test["ve6"][c] for c in HIST] == [[0, 0, 1, 3], [0, 1, 2, -1], [13, 17, 36, 36], [0], [0, 1, -1], [36]]
-    assert (train["ve3"]["target"], valid["ve5"]["target"], test["ve6"]["target"]) == (0, 3, 2)
+    assert (train["ve3"]["target"], test["ve5"]["target"], test["ve6"]["target"]) == (0, 3, 2)
     assert train["ve3"]["negatives"] == []  # only the target was published before 17
     # Before 36: videos 0, 1, 2 and 3 (v4 at 35); 1 is the target.
-    assert len(train["ve4"]["negatives"]) == 2 and set(train["ve4"]["negatives"]) <= {0, 2, 3}
-    assert len(valid["ve5"]["negatives"]) == 2 and set(valid["ve5"]["negatives"]) <= {0, 1, 2}
+    assert len(test["ve4"]["negatives"]) == 2 and set(test["ve4"]["negatives"]) <= {0, 2, 3}
+    assert len(test["ve5"]["negatives"]) == 2 and set(test["ve5"]["negatives"]) <= {0, 1, 2}
     assert len(test["ve6"]["negatives"]) == 2 and set(test["ve6"]["negatives"]) <= {0, 1, 3}
 
     # Comment task. ce1 (u9) and ce4 (u3's first) have empty histories; ce6's comment is unknown.
@@ -84,10 +88,12 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
     assert sorted(train) == ["ce2", "ce5"] and valid == {} and sorted(test) == ["ce3"]
     ce2, ce3, ce5 = train["ce2"], test["ce3"], train["ce5"]
     assert [ce2[c] for c in HIST] == [[0, 0], [0, 1], [13, 17], [], [], []]
+    # u1 liked c1 @30 (ce2), then replied to c2 @36 (ce3) under v1: c1 is not a negative of ce3 any more; c2
+    # is one of ce2 (the reply comes later: readers leave later positives out, trainers/data.py).
     assert (ce2["query_video"], ce2["target"], ce2["negatives"], ce2["negative_likes"], ce2["target_likes"]) == \
         (0, 0, [1], [1], 0)
     assert [ce3[c] for c in HIST] == [[0, 0], [0, 1], [13, 17], [0], [0, -1, -1], [30]]
-    assert (ce3["negatives"], ce3["negative_likes"], ce3["target_likes"]) == ([0], [1], 1)
+    assert (ce3["negatives"], ce3["negative_likes"], ce3["target_likes"]) == ([], [], 1)
     assert [ce5[c] for c in HIST] == [[], [], [], [1], [2, -1, -1], [27]]
     assert (ce5["query_video"], ce5["target"], ce5["negatives"], ce5["negative_likes"], ce5["target_likes"]) == \
         (0, 0, [1], [1], 1)
@@ -107,9 +113,9 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
 
     # Manifest.
     assert json.loads((out / contract.MANIFEST).read_text()) == json.loads(json.dumps(manifest))
-    assert manifest["tasks"]["video"] == {"train": {"count": 2, "ts_min": 17, "ts_max": 36},
-                                          "valid": {"count": 1, "ts_min": 36, "ts_max": 36},
-                                          "test": {"count": 1, "ts_min": 41, "ts_max": 41}}
+    assert manifest["tasks"]["video"] == {"train": {"count": 1, "ts_min": 17, "ts_max": 17},
+                                          "valid": {"count": 0, "ts_min": None, "ts_max": None},
+                                          "test": {"count": 3, "ts_min": 36, "ts_max": 41}}
     assert manifest["tasks"]["comment"]["train"] == {"count": 2, "ts_min": 30, "ts_max": 31}
     assert manifest["tasks"]["comment"]["valid"]["count"] == 0
     assert manifest["dropped"] == {"comments_unknown_video": 1, "video_events_unknown_video": 1,
@@ -129,7 +135,7 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
 
     # The Ray build equals the one-process reference, negatives included.
     local = build_local(*(tables(**LOG)[t] for t in ("videos", "comments", "video_events", "comment_events")),
-                            num_negatives=2)
+                            num_negatives=2, split="leave_last_out")
     for task in TASKS:
         for split in SPLITS:
             got = read(contract.examples_dir(out, task, split))
@@ -138,13 +144,14 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
 
     # A rerun into the same folder replaces the outputs rather than adding to them.
     build_features(config)
-    assert read(contract.examples_dir(out, "video", "train")).num_rows == 2
+    assert read(contract.examples_dir(out, "video", "test")).num_rows == 3
 
 
 def test_build_features_without_comment_tables(tmp_path, ray_session, tables, eventlog_writer):
     t = tables(videos=LOG["videos"], video_events=LOG["video_events"])  # no comments, no comment events
     log = eventlog_writer(tmp_path / "eventlog", t)
-    manifest = build_features(FeaturesConfig(eventlog=str(log), out=str(tmp_path / "f"), encoder="hash"))
+    manifest = build_features(FeaturesConfig(eventlog=str(log), out=str(tmp_path / "f"), encoder="hash",
+                                             split="leave_last_out"))
     assert manifest["num_comments"] == 0
     assert np.load(tmp_path / "f" / contract.COMMENT_EMB).shape == (0, 64)
     test = rows_by_event(contract.examples_dir(tmp_path / "f", "video", "test"))
@@ -176,7 +183,9 @@ def test_config_validation_and_overrides():
 def test_build_local_matches_hand_values_without_ray(tables):
     local = build_local(*(tables(**LOG)[t] for t in ("videos", "comments", "video_events", "comment_events")),
                             num_negatives=2)
-    assert sorted(local["video/train"]["event_id"].to_pylist()) == ["ve3", "ve4"]
+    # leave_last_out (build_local's default): one cut for u1 at ce3 @36 (test_build_features_end_to_end).
+    assert local["video/train"]["event_id"].to_pylist() == ["ve3"]
+    assert sorted(local["video/test"]["event_id"].to_pylist()) == ["ve4", "ve5", "ve6"]
     assert local["comment/test"]["event_id"].to_pylist() == ["ce3"]
     assert local["video/train"].schema.equals(contract.VIDEO_EXAMPLE_SCHEMA)
     assert local["comment/test"].schema.equals(contract.COMMENT_EXAMPLE_SCHEMA)

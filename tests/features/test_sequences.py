@@ -12,7 +12,7 @@ from features.interactions import comment_event_rows, publication_rows, video_ev
 from features.negatives import add_video_negatives, alive_window_ms
 from features.sequences import build_local
 from features.stage_a import ANNOTATED_SCHEMA, annotate_video_group
-from features.stage_b import USER_ROWS_SCHEMA, assign_splits, global_cuts, global_time_splits, user_rows
+from features.stage_b import USER_ROWS_SCHEMA, global_cuts, global_time_splits, leave_last_out_cuts, user_rows
 
 
 def by_event(table: pa.Table) -> dict[str, dict]:
@@ -227,7 +227,10 @@ def test_user_rows_histories_ties_and_splits():
     assert hist(got["d"]) == hist(got["c"])
     # v0's record: c0, c1 (twice: kept once), c5 -> latest 3 [0, 1, 5] @39; v1's record @38 comes first.
     assert hist(got["e"]) == ([0, 0, 1, 4], [0, 1, 2, -1], [13, 17, 36, 36], [1, 0], [2, -1, -1, 0, 1, 5], [38, 39])
-    assert {e: got[e]["split"] for e in "abcde"} == {"a": "dropped", "b": "train", "c": "train", "d": "valid",
+    # Leave-last-out cuts the user's time once for both tasks: test from e@41 (the earlier of the tasks' last
+    # examples e@41 and k@45), valid from d@36 (the earlier of the second-to-last d@36 and j@39), so c@36 is
+    # valid too and nothing of either task after e trains.
+    assert {e: got[e]["split"] for e in "abcde"} == {"a": "dropped", "b": "train", "c": "valid", "d": "valid",
                                                   "e": "test"}
     assert {e: got[e]["target"] for e in "abcde"} == {"a": 0, "b": 0, "c": 1, "d": 4, "e": 3}
     # Comment task.
@@ -239,7 +242,7 @@ def test_user_rows_histories_ties_and_splits():
     assert hist(got["j"])[3:] == ([0, 1], [0, 1, -1, 2, -1, -1], [37, 38])
     assert hist(got["k"]) == ([0, 0, 1, 4, 3], [0, 1, 2, -1, -1], [13, 17, 36, 36, 41], [1, 0],
                               [2, -1, -1, 0, 1, 5], [38, 39])
-    assert [got[e]["split"] for e in "fghijk"] == ["train"] * 4 + ["valid", "test"]
+    assert [got[e]["split"] for e in "fghijk"] == ["train"] + ["valid"] * 4 + ["test"]
     assert (got["i"]["query_video"], got["i"]["target"]) == (1, 2)
     assert (got["f"]["negatives"], got["f"]["negative_likes"], got["f"]["target_likes"]) == ([7, 8], [1, 2], 3)
     assert got["a"]["query_video"] == -1
@@ -288,12 +291,31 @@ def test_single_kept_example_is_train():
     assert (got["a"]["split"], got["b"]["split"]) == ("dropped", "train")
 
 
-@pytest.mark.parametrize("n, expected", [
-    (0, []), (1, ["train"]), (2, ["train", "test"]), (3, ["train", "valid", "test"]),
-    (5, ["train", "train", "train", "valid", "test"]),
+NEVER = np.iinfo(np.int64).max
+
+
+@pytest.mark.parametrize("ts_by_task, cuts", [
+    ([[10, 20, 30], [5, 25]], (20, 25)),  # test at the earlier last example, valid at the earlier second-to-last
+    ([[1, 2, 3, 4, 5], []], (4, 5)),
+    ([[10, 20], []], (20, 20)),  # two examples: train, test; no valid
+    ([[10], [7]], (NEVER, NEVER)),  # one example per task: train
+    ([[10, 20, 30], [1, 2]], (2, 2)),  # the valid cut never comes after the test cut
 ])
-def test_assign_splits(n, expected):
-    assert assign_splits(n) == expected
+def test_leave_last_out_cuts(ts_by_task, cuts):
+    assert leave_last_out_cuts([np.array(t) for t in ts_by_task]) == cuts
+
+
+def test_comment_candidates_leave_out_the_users_earlier_positives():
+    # The user engages with comments 0 @30, 1 @31 and 5 @32 under video 0 and comment 2 @33 under video 1.
+    rows = [dict(kind=1, event_id=e, user_id="u", video_idx=v, comment_idx=c, ts=ts, hot=-1, negatives=neg,
+                 target_likes=0, negative_likes=[10 + n for n in neg], rankable=True)
+            for e, v, c, ts, neg in [("p", 0, 0, 30, [1, 9]), ("q", 0, 1, 31, [0, 5, 7]), ("r", 0, 5, 32, [0, 1, 7, 8]),
+                                     ("s", 1, 2, 33, [5, 6])]]
+    out = by_event(user_rows(pa.Table.from_pylist(rows, schema=ANNOTATED_SCHEMA), max_history=50))
+    assert (out["q"]["negatives"], out["q"]["negative_likes"]) == ([5, 7], [15, 17])  # 0 @30 is out; 5 @32 is later
+    assert (out["r"]["negatives"], out["r"]["negative_likes"]) == ([7, 8], [17, 18])  # 0 and 1 came before
+    assert out["s"]["negatives"] == [5, 6]  # 5 is a positive under another video: a fair negative here
+    assert out["p"]["negatives"] == [1, 9] and out["q"]["target"] == 1  # 1 is liked only later
 
 
 # ------------------------------------------------------------------------------------------------ negatives
@@ -529,3 +551,49 @@ def test_alive_window_ms_is_the_smallest_window_holding_enough_videos():
     with pytest.raises(ValueError, match="alive_window"):
         add_video_negatives(video_rows([("p", 35, 1)]), VIDEO_TS, num_negatives=1, seed=0,
                                 protocol="alive_window")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_global_time_keeps_the_evaluation_period_out_of_training(tables, seed):
+    """On random logs under split=global_time: every train example and everything in it (history elements,
+    candidates) lie before the valid cut; every valid example before the test cut."""
+    log = random_log(np.random.default_rng(100 + seed))
+    t = tables(**log)
+    valid_ts, test_ts = 30, 45
+    out = build_local(t["videos"], t["comments"], t["video_events"], t["comment_events"], max_history=5,
+                      num_negatives=3, seed=seed, split="global_time", valid_ts=valid_ts, test_ts=test_ts)
+    video_ts, comment_ts = out["videos"]["ts"].to_pylist(), out["comments"]["ts"].to_pylist()
+    seen = 0
+    for task in TASKS:
+        for split, bound in (("train", valid_ts), ("valid", test_ts)):
+            for row in out[f"{task}/{split}"].to_pylist():
+                seen += 1
+                assert row["ts"] < bound
+                assert all(h < bound for h in row["hist_video_ts"] + row["hist_cmt_ts"])
+                published = video_ts if task == "video" else comment_ts
+                assert all(published[n] < bound for n in row["negatives"])
+        for row in out[f"{task}/test"].to_pylist():
+            assert row["ts"] >= test_ts
+    assert seen > 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_no_comment_candidate_is_an_earlier_positive_of_the_same_user_on_that_video(tables, seed):
+    log = random_log(np.random.default_rng(200 + seed))
+    t = tables(**log)
+    out = build_local(t["videos"], t["comments"], t["video_events"], t["comment_events"], num_negatives=20,
+                      seed=seed, split="global_time", valid_ts=30, test_ts=45)
+    index = {c: i for i, c in enumerate(out["comments"]["comment_id"].to_pylist())}
+    positives: dict[str, list] = {}
+    for _, user, comment, _, action, ts in log["comment_events"]:
+        if comment in index and action in ("like", "reply", "write"):
+            positives.setdefault(user, []).append((ts, index[comment]))
+    checked = 0
+    for split in contract.SPLITS:
+        for row in out[f"comment/{split}"].to_pylist():
+            # Candidates are comments under the query video, so any positive of the user among them is one on it.
+            earlier = {c for ts, c in positives[row["user_id"]] if ts <= row["ts"]} - {row["target"]}
+            assert not set(row["negatives"]) & earlier
+            assert len(row["negatives"]) == len(row["negative_likes"])
+            checked += 1
+    assert checked > 0

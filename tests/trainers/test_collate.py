@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from features.folder import FeaturesFolder
-from trainers.data import collate, collate_histories, item_time_tensors, text_tensors
+from trainers.data import (
+    collate,
+    collate_histories,
+    fresh_video_negatives,
+    item_time_tensors,
+    text_tensors,
+    user_video_positives,
+    without_later_positives,
+)
 
 
 def rows():
@@ -116,3 +124,53 @@ def test_reading_the_features_folder(fake_features):
     out = collate_histories(users, 8)
     assert out["hist_video"].shape[0] == 40
     assert out["hist_video_mask"].sum(1).tolist() == [min(8, len(v)) for v in users["hist_video"]]
+
+
+def test_fresh_video_negatives_come_from_the_alive_pool_and_follow_its_ages():
+    video_ts = np.arange(0, 1000, 10)  # video i published at 10 i
+    ts, target = np.array([505, 505, 15, 1]), np.array([40, 3, 1, 0])
+    rng = np.random.default_rng(0)
+    out = fresh_video_negatives(ts, target, video_ts, window_ms=100, k=8, rng=rng).numpy()
+    # ts 505, W 100: published in [405, 505) -> videos 41..50 (10 of them); target 40 is outside anyway.
+    assert all(41 <= v <= 50 for v in out[0]) and len(set(out[0])) == 8
+    assert all(41 <= v <= 50 for v in out[1])
+    assert sorted(out[2][out[2] >= 0].tolist()) == [0] and (out[2] == -1).sum() == 7  # pool {0, 1} minus target 1
+    assert (out[3] == -1).all()  # nothing published before 1 but the target itself
+    # Without a window the pool is everything published before ts; each call draws anew.
+    again = fresh_video_negatives(ts, target, video_ts, window_ms=0, k=8, rng=rng).numpy()
+    assert all(0 <= v <= 50 and v != 40 for v in again[0])
+    # Over many draws the negatives' ages match the pool's: the pool [0, 500) for ts 505 has mean age 255.
+    many = fresh_video_negatives(np.full(4000, 505), np.full(4000, 999), video_ts, window_ms=0, k=5,
+                                 rng=np.random.default_rng(1)).numpy()
+    ages = 505 - video_ts[many.ravel()]
+    pool_ages = 505 - video_ts[:51]
+    assert abs(ages.mean() - pool_ages.mean()) < 3  # 20k draws: standard error ~1
+    assert np.allclose(np.percentile(ages, [10, 50, 90]), np.percentile(pool_ages, [10, 50, 90]), atol=15)
+
+
+def test_later_positives_leave_the_comment_candidates(tmp_path, features_writer):
+    write_examples, write_embeddings = features_writer
+    write_embeddings(tmp_path, np.zeros((3, 2)), np.zeros((9, 2)))
+    empty = {"hist_video": [], "hist_video_hot": [], "hist_video_ts": [], "hist_cmt_video": [],
+             "hist_cmt_comments": [], "hist_cmt_ts": []}
+
+    def row(event, user, video, target, ts, negatives):
+        return {"user_id": user, "event_id": event, "ts": ts, "query_video": video, "target": target,
+                "negatives": negatives, "target_likes": 0, "negative_likes": [10 + n for n in negatives], **empty}
+
+    # u likes 1 @10 and 2 @20 under video 0, 5 @30 under video 1; w likes 2 under video 0.
+    write_examples(tmp_path, "comment", "train", [row("a", "u", 0, 1, 10, [2, 3, 4]), row("b", "w", 0, 2, 11, [1, 3])])
+    write_examples(tmp_path, "comment", "test", [row("c", "u", 0, 2, 20, [3]), row("d", "u", 1, 5, 30, [1, 2, 6])])
+    folder = FeaturesFolder(tmp_path)
+    assert user_video_positives(folder, ("train",)) == {("u", 0): {1}, ("w", 0): {2}}
+    every = user_video_positives(folder, ("train", "test"))
+    rows = next(folder.iter_examples("comment", "train", batch_size=8))
+    out = without_later_positives(rows, every)
+    # a: 2 is u's later positive under video 0 -> out (with its likes); b: w has no other positive.
+    assert [list(n) for n in out["negatives"]] == [[3, 4], [1, 3]]
+    assert [list(n) for n in out["negative_likes"]] == [[13, 14], [11, 13]]
+    # Training reads its own split only: u's test positive 2 stays a negative there.
+    assert [list(n) for n in without_later_positives(rows, user_video_positives(folder, ("train",)))["negatives"]] \
+        == [[2, 3, 4], [1, 3]]
+    d = without_later_positives(next(folder.iter_examples("comment", "test", batch_size=8)), every)
+    assert list(d["negatives"][1]) == [1, 2, 6]  # positives under another video are fair negatives

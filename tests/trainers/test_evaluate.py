@@ -44,6 +44,7 @@ def test_popularity_on_a_hand_made_case(tmp_path, features_writer):
     write_examples(tmp_path, "video", "test", [video_row(1, [0, 2, 3]),  # 2 beats 0, 1, 0: rank 0
                                                 video_row(3, [0, 1, 2])])  # 0 ties or loses to all: rank 3
     write_examples(tmp_path, "comment", "train", [])
+    write_examples(tmp_path, "comment", "valid", [])
     write_examples(tmp_path, "comment", "test", [
         comment_row(5, [3, 7]),  # rank 1
         comment_row(9, []),  # no negatives: skipped
