@@ -3,12 +3,12 @@
 import json
 
 import pytest
-from kafka import KafkaConsumer
 
 from ingestion.consumer import IngestConfig, ingest
 from ingestion.eventlog import EventLog
 from ingestion.replay import replay
 from ingestion.topics import ensure_topics, topic_names
+from tests.ingestion.conftest import read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -54,10 +54,7 @@ def test_replay_then_ingest_stores_valid_records_once_and_dead_letters_the_rest(
     assert again.get("consumed", 0) == 0
     assert log.count("video_events") == 2
 
-    dlq = KafkaConsumer(topic_names(prefix)["dead_letter"], bootstrap_servers=kafka_bootstrap,
-                        auto_offset_reset="earliest", consumer_timeout_ms=5000, group_id=None)
-    letters = list(dlq)
-    dlq.close()
+    letters = read_topic(kafka_bootstrap, topic_names(prefix)["dead_letter"])
     assert len(letters) == 3
     by_reason = {dict(m.headers)["reason"].decode(): m.value for m in letters}
     assert by_reason["malformed_json"] == b"{broken json"

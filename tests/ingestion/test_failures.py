@@ -7,6 +7,7 @@ events: none missing, none twice.
 
 import dataclasses
 import json
+import os
 import random
 import signal
 import subprocess
@@ -17,14 +18,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer
+from kafka import KafkaProducer
 
 from benchmarks.ingest import produce as produce_payloads
 from devtools import broker
-from ingestion.consumer import IngestConfig, ingest, read_dead_letter_counts
+from ingestion.consumer import IngestConfig, Ingestor, ingest, read_dead_letter_counts
 from ingestion.eventlog import EventLog
 from ingestion.sequence_store import SequenceStore
 from ingestion.topics import ensure_topics, topic_names
+from tests.ingestion.conftest import read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -137,7 +139,9 @@ class _OwnBroker(broker.BrokerConfig):
 
 @pytest.fixture
 def own_broker(tmp_path):
-    cfg = _OwnBroker(tmp_path / "kafka2", port=19392, controller_port=19393)
+    # 200 above the session broker's ports, so runs on other ports (LSVCR_TEST_KAFKA_PORT) do not clash here either.
+    port = int(os.environ.get("LSVCR_TEST_KAFKA_PORT", "19192")) + 200
+    cfg = _OwnBroker(tmp_path / "kafka2", port=port, controller_port=port + 1)
     broker.start(cfg)
     yield cfg
     broker.stop(cfg)
@@ -149,13 +153,16 @@ def test_broker_restart_mid_stream_loses_nothing_and_consumer_recovers(tmp_path,
     ensure_topics(bootstrap, prefix)
     items = make_events(4_000, seed=2)
     log_dir = tmp_path / "log"
+    log_dir.mkdir()
     # After a restart the producer reconnects with backoff and waits for partition leadership before it resends:
-    # the consumer's idle stop must outlast that, or it stops "caught up" before the resent records exist. 20 s
-    # was not enough in a clean-clone CI run (the producer still found no broker 17 s after the restart).
-    cfg = IngestConfig(eventlog=str(log_dir), bootstrap=bootstrap, topic_prefix=prefix, group="restart",
-                       until_idle_s=45.0, flush_interval_s=0.3)
+    # the consumer must not stop "caught up" before the resent records exist (the producer was seen to find no
+    # broker 17 s after the restart in a clean-clone CI run). So its idle stop stays off (an hour) until the
+    # sender has every record acked, and is short after that: the wait ends when the stream does, not after a
+    # fixed 45 s of idleness. The one consumer runs through the restart from start to end, as before.
+    ingestor = Ingestor(IngestConfig(eventlog=str(log_dir), bootstrap=bootstrap, topic_prefix=prefix, group="restart",
+                                     until_idle_s=3600.0, flush_interval_s=0.3))
     result = {}
-    consumer = threading.Thread(target=lambda: result.update(ingest(cfg)))
+    consumer = threading.Thread(target=lambda: result.update(ingestor.run()))
     consumer.start()
     sender = threading.Thread(target=produce, args=(bootstrap, prefix, items, 1_000.0))
     sender.start()
@@ -164,6 +171,8 @@ def test_broker_restart_mid_stream_loses_nothing_and_consumer_recovers(tmp_path,
     time.sleep(1.0)
     broker.start(own_broker)
     sender.join(timeout=150)
+    assert not sender.is_alive()
+    ingestor.config.until_idle_s = 2.0  # run() reads it on every loop: now idle + caught up means done
     consumer.join(timeout=150)
     assert not consumer.is_alive()
     assert_log_holds_exactly(log_dir, items)
@@ -219,10 +228,8 @@ def test_bad_input_corpus_is_dead_lettered_with_reasons_and_counters(tmp_path, k
     # backpressure: the buffer never held more than one full flush plus one poll
     assert stats["peak_pending"] <= 500 + 200
 
-    dlq = KafkaConsumer(topic_names(prefix)["dead_letter"], bootstrap_servers=kafka_bootstrap,
-                        auto_offset_reset="earliest", consumer_timeout_ms=5000, group_id=None)
+    dlq = read_topic(kafka_bootstrap, topic_names(prefix)["dead_letter"])
     letters = Counter((m.value, dict(m.headers)["reason"].decode()) for m in dlq)
-    dlq.close()
     assert letters == Counter((raw, reason) for _, raw, reason in corpus * 2)
 
 
@@ -239,16 +246,37 @@ def test_third_consumer_joining_mid_stream_loses_and_duplicates_nothing(tmp_path
             time.sleep(0.2)
         assert len(list(members.glob("*.json"))) >= n
 
-    # until_idle_s must outlast the gap between the two bursts (starting the third consumer takes several
-    # seconds on a loaded machine); otherwise the first two exit idle and the third takes everything.
+    # Between the two bursts (while the third consumer starts, several seconds on a loaded machine) a trickle
+    # of the stream keeps the first two busy, so they cannot exit idle and leave everything to the third; the
+    # idle stop then only has to outlast short stalls, not the whole gap (it was 15 s with a silent gap).
     cfg = IngestConfig(eventlog=str(log_dir), bootstrap=kafka_bootstrap, topic_prefix=prefix, group="rebalance",
-                       until_idle_s=15.0, flush_interval_s=0.5, flush_records=2_000)
+                       until_idle_s=6.0, flush_interval_s=0.5, flush_records=2_000)
     procs = [_consumer_process(cfg, tmp_path / f"r{i}.json") for i in range(2)]
     produce(kafka_bootstrap, prefix, items[:3_000], 1_500.0)
-    wait_members(2)
-    procs.append(_consumer_process(cfg, tmp_path / "r2.json"))
-    wait_members(3)
-    produce(kafka_bootstrap, prefix, items[3_000:], 3_000.0)
+    third_joined, trickled = threading.Event(), [0]
+
+    def trickle():  # about 50 records a second (a minute of them at most) until the third consumer holds partitions
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5, acks="all")
+        topics = topic_names(prefix)
+        for table, record in items[3_000:6_000]:
+            if third_joined.is_set():
+                break
+            producer.send(topics[table], key=record["user_id"].encode(), value=json.dumps(record).encode())
+            trickled[0] += 1
+            time.sleep(0.02)
+        producer.flush()
+        producer.close()
+
+    bridge = threading.Thread(target=trickle)
+    bridge.start()
+    try:
+        wait_members(2)
+        procs.append(_consumer_process(cfg, tmp_path / "r2.json"))
+        wait_members(3)
+    finally:
+        third_joined.set()
+        bridge.join()
+    produce(kafka_bootstrap, prefix, items[3_000 + trickled[0]:], 3_000.0)
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     assert_log_holds_exactly(log_dir, items)
     results = [json.loads((tmp_path / f"r{i}.json").read_text()) for i in range(3)]

@@ -72,13 +72,15 @@ def _stop_processes_under(temp: Path) -> None:
                 pass
         return pids
 
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, grace_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 3)):
         for pid in ours():
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        time.sleep(3)
+        deadline = time.monotonic() + grace_s  # until they are gone, not a fixed sleep
+        while ours() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,7 @@ def _wait(check, timeout_s: float, what: str, job: str | None = None):
             return value
         if job and jobs.status(job, HEAD) in jobs.TERMINAL:
             raise AssertionError(f"job {job} ended while waiting for {what}:\n{jobs.logs(job, HEAD)[-4000:]}")
-        time.sleep(1)
+        time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}"
                          + (f":\n{jobs.logs(job, HEAD)[-4000:]}" if job else ""))
 

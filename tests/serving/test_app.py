@@ -164,12 +164,14 @@ def test_rollback_is_followed(served, serving_features):
 
 def _start_ingest(kafka_bootstrap, root):
     """The real consumer group, writing the event log and the sequence store the app reads, in a thread.
-    Returns (thread, result) once the consumer holds its partitions, so the 5 s budget excludes its start."""
+    Returns (ingestor, thread, result) once the consumer holds its partitions, so the 5 s budget excludes its
+    start. Its idle stop is off (an hour) until the caller lowers ingestor.config.until_idle_s (run() reads it
+    on every loop): the caller knows when its event is in, a fixed idle time would only be waited out."""
     from ingestion.consumer import IngestConfig, Ingestor
 
     config = IngestConfig(eventlog=str(root / "eventlog"), bootstrap=kafka_bootstrap, group="t-serving-ingest",
                           topic_prefix=TOPIC_PREFIX, sequence_store=str(root / "sequences.sqlite"),
-                          until_idle_s=8.0, instance_id="serving-test")
+                          until_idle_s=3600.0, instance_id="serving-test")
     ingestor = Ingestor(config)
     result = {}
     thread = threading.Thread(target=lambda: result.update(ingestor.run()), daemon=True)
@@ -178,7 +180,7 @@ def _start_ingest(kafka_bootstrap, root):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if stats.is_file() and json.loads(stats.read_text())["assigned"]:
-            return thread, result
+            return ingestor, thread, result
         time.sleep(0.1)
     raise AssertionError("the ingest consumer got no partitions within 30s")
 
@@ -193,22 +195,25 @@ def test_an_event_produced_to_kafka_changes_the_users_history_within_5_seconds(s
     assert before["source"] == "snapshot" and before["videos"]
     videos = pq.read_table(serving_features / "videos.parquet", columns=["video_id"])["video_id"].to_pylist()
     watched = next(v for v in videos if v != before["videos"][-1])
-    thread, result = _start_ingest(kafka_bootstrap, root)
-    event = {"event_id": "fresh-1", "user_id": user, "video_id": watched, "action": "finish", "watch_ms": None,
-             "ts": 1_800_000_000_000}
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
-    producer.send(topic_names(TOPIC_PREFIX)["video_events"], key=user.encode(), value=json.dumps(event).encode())
-    producer.flush()
-    producer.close()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        now = client.get(f"/v1/users/{user}/history").json()
-        if now["source"] == "store":
-            break
-        time.sleep(0.05)
-    assert now["source"] == "store" and now["videos"] == [watched]
-    seen = client.post("/v1/recommend/videos", json={"user_id": user, "k": 100}).json()["items"]
-    assert watched not in [item["id"] for item in seen]  # exclude_seen uses the fresh history
+    ingestor, thread, result = _start_ingest(kafka_bootstrap, root)
+    try:
+        event = {"event_id": "fresh-1", "user_id": user, "video_id": watched, "action": "finish", "watch_ms": None,
+                 "ts": 1_800_000_000_000}
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+        producer.send(topic_names(TOPIC_PREFIX)["video_events"], key=user.encode(), value=json.dumps(event).encode())
+        producer.flush()
+        producer.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            now = client.get(f"/v1/users/{user}/history").json()
+            if now["source"] == "store":
+                break
+            time.sleep(0.05)
+        assert now["source"] == "store" and now["videos"] == [watched]
+        seen = client.post("/v1/recommend/videos", json={"user_id": user, "k": 100}).json()["items"]
+        assert watched not in [item["id"] for item in seen]  # exclude_seen uses the fresh history
+    finally:
+        ingestor.config.until_idle_s = 1.0  # the event is in (or the test failed): stop once idle and caught up
     thread.join(timeout=60)
     assert not thread.is_alive() and result["consumed"] >= 1
     logged = EventLog(root / "eventlog").read("video_events", columns=["event_id"])["event_id"].to_pylist()
