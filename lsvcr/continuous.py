@@ -65,7 +65,7 @@ from trainers.align import AlignConfig, align
 from trainers.checkpoint import WEIGHTS, read_weights
 from trainers.evaluate import evaluate_fns, scorer_fn
 from trainers.finetune import FinetuneConfig, finetune, model_config
-from trainers.models import build_model
+from trainers.models import ModelSize, build_model
 from trainers.registry import Registry
 from trainers.scoring import Scorer
 
@@ -330,7 +330,7 @@ def _finetune_config(config: ContinuousConfig, window: str | Path, out: Path, in
     return FinetuneConfig(features=str(window), out=str(out), model="sr", init=str(init) if init else None,
                           epochs=config.epochs, patience=config.patience, batch_size=config.batch_size,
                           lr=config.lr, num_workers=config.num_workers, use_gpu=config.use_gpu,
-                          max_history=config.max_history, storage_path=config.storage_path,
+                          size=ModelSize(max_history=config.max_history), storage_path=config.storage_path,
                           max_eval_examples=config.max_eval_examples)
 
 
@@ -523,7 +523,7 @@ class ContinuousTrainer:
             out = self.workdir / "align" / window.name
             align(AlignConfig(features=shared, out=str(out), llm_mode=self.config.align_llm_mode,
                               max_examples=self.config.align_max_examples, num_workers=self.config.num_workers,
-                              use_gpu=self.config.use_gpu, max_history=self.config.max_history))
+                              use_gpu=self.config.use_gpu, size=ModelSize(max_history=self.config.max_history)))
             return out, f"align {out}"
         version = self.registry.current()
         if version is not None:

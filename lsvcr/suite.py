@@ -15,8 +15,9 @@
 | lsvcr | stage 1 (all losses), then stage 2 |
 
 Every model sees the same features folder and splits. `align` / `finetune` are key=value overrides applied to
-every stage 1 / stage 2 run (model sizes must agree between the two stages). Checkpoints go to
-OUT/<name> (stage 1 outputs to OUT/<name>_aligned); an existing checkpoint is reused when `reuse` is set.
+every stage 1 / stage 2 run; the model size (`size.hidden=128`, ...) given to either applies to both, which
+must agree. Checkpoints go to OUT/<name> (stage 1 outputs to OUT/<name>_aligned); an existing checkpoint is
+reused when `reuse` is set.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ MODEL_NAMES = ("popularity", "sasrec", "sr_no_align", "sr_text_only", "lsvcr_no_
 STAGE2 = {"sasrec": {"model": "sasrec"}, "sr_no_align": {}, "sr_text_only": {"text_only": True},
           "lsvcr_no_vc_contrast": {}, "lsvcr_no_time": {"time_features": False}, "lsvcr": {}}
 STAGE1 = {"lsvcr_no_vc_contrast": {"vc_contrast": False}, "lsvcr_no_time": {"time_features": False}, "lsvcr": {}}
-# Stage 2 loads stage 1's weights strictly, so these must agree between the two stages.
-SIZE_KEYS = ("hidden", "num_layers", "num_heads", "inner", "dropout", "max_history", "temperature", "time_features")
+# Stage 2 loads stage 1's weights strictly, so these must agree between the two stages: the nested model size
+# (every `size.*` override) and the time embeddings.
+SIZE_KEYS = ("size", "time_features")
 
 
 def train_all(features: str | Path, out: str | Path, models: tuple[str, ...] | list[str] = MODEL_NAMES,
@@ -52,7 +54,7 @@ def train_all(features: str | Path, out: str | Path, models: tuple[str, ...] | l
     out.mkdir(parents=True, exist_ok=True)
     stage1, stage2 = parse_overrides(align), parse_overrides(finetune)
     # Stage 2 loads stage 1's weights strictly: one set of model sizes for both.
-    shared = {k: v for k, v in {**stage2, **stage1}.items() if k in SIZE_KEYS}
+    shared = {k: v for k, v in {**stage2, **stage1}.items() if k.split(".")[0] in SIZE_KEYS}
     checkpoints = {}
     for name in models:
         if name == "popularity":

@@ -9,7 +9,8 @@ mixed in one forward pass. Loss = LM (response tokens only; LoRA mode) + rec_wei
 InfoNCE of the SR user vector against the target's text vector) + contrast_weight x (sequential-
 supplemental contrast both ways + video-comment preference contrast). Every InfoNCE gathers its negatives
 from all workers (trainers/losses.py). The SR model is text-only here and uses randomized sorted position
-ids; stage 2 (trainers/finetune.py, `init=ALIGNED`) adds the gated ID embeddings.
+ids; stage 2 (trainers/finetune.py, `init=ALIGNED`) adds the gated ID embeddings. `AlignRecipe` is the stage on
+the shared Ray Train mechanics of trainers/loop.py.
 
 llm_mode:
 - `lora`: the LLM (+ LoRA r 8, alpha 32, dropout 0.1 on the attention projections) runs in every step;
@@ -33,30 +34,34 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from core.config import require, require_at_least
 from core.contract import TASKS
 from core.paths import cache_dir
 from core.runtime import init_ray
 from features.folder import FeaturesFolder
-from trainers.checkpoint import CONFIG, WEIGHTS, load_state, read_weights, save_checkpoint
+from trainers.checkpoint import CONFIG, TRAIN, WEIGHTS, load_state, read_weights, save_checkpoint, write_tensors
 from trainers.data import collate, item_time_tensors, text_tensors
-from trainers.finetune import (
-    INJECTED_FAILURE,
-    _joint_batches,
-    inject_failure,
-    load_optimizer_tensors,
-    optimizer_tensors,
+from trainers.loop import (
+    OPTIMIZER,
+    STATE,
+    Recipe,
+    all_reduce,
+    any_worker,
+    read_training_state,
+    restored,
+    train_counts,
+    write_training_state,
 )
 from trainers.losses import info_nce, item_vectors, seq_sup_contrast, vc_contrast
+from trainers.models.base import ModelSize
 from trainers.models.llm import (
     DEFAULT_LLM,
     ItemTexts,
@@ -71,6 +76,8 @@ from trainers.models.sr import SRConfig, SRModel
 
 LLM_MODES = ("auto", "lora", "frozen")
 STATE_COLUMN = "llm_state"
+LLM_DIR, TRAINABLE = "llm", "trainable.safetensors"  # everything trained on the LLM side, for resuming
+LOSS_NAMES = ("total", "lm", "rec_video", "rec_comment", "seq_sup", "vc")
 
 
 @dataclass
@@ -106,32 +113,19 @@ class AlignConfig:
     storage_path: Optional[str] = None
     inference_batch_size: int = 16  # frozen mode: examples per LLM forward in the precompute
     llm_dtype: str = "auto"  # frozen precompute: auto (bfloat16 on GPU or AMX CPUs), float32 or bfloat16
-    # SR model (the paper's released configuration); stage 2 must use the same sizes.
-    hidden: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    inner: int = 256
-    dropout: float = 0.3
-    max_history: int = 50
-    temperature: float = 0.07
+    size: ModelSize = field(default_factory=ModelSize)  # the SR model's; stage 2 must use the same
 
     def __post_init__(self):
-        if not self.features or not self.out:
-            raise ValueError("AlignConfig: features and out are required")
-        if self.llm_mode not in LLM_MODES:
-            raise ValueError(f"AlignConfig.llm_mode must be one of {LLM_MODES}, got {self.llm_mode!r}")
-        for name in ("epochs", "batch_size", "num_workers", "log_every", "checkpoint_every",
-                     "max_prompt_tokens", "max_response_tokens", "inference_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"AlignConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_examples", "weight_decay", "max_grad_norm", "rec_weight",
-                     "contrast_weight", "shuffle_buffer", "max_failures", "fail_once_at_step"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"AlignConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"AlignConfig.lr must be > 0, got {self.lr}")
-        if self.llm_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"AlignConfig.llm_dtype must be auto, float32 or bfloat16, got {self.llm_dtype!r}")
+        require(self, bool(self.features), "features", "is required")
+        require(self, bool(self.out), "out", "is required")
+        require(self, self.llm_mode in LLM_MODES, "llm_mode", f"must be one of {LLM_MODES}")
+        require_at_least(self, 1, "epochs", "batch_size", "num_workers", "log_every", "checkpoint_every",
+                         "max_prompt_tokens", "max_response_tokens", "inference_batch_size")
+        require_at_least(self, 0, "max_steps", "max_examples", "weight_decay", "max_grad_norm", "rec_weight",
+                         "contrast_weight", "shuffle_buffer", "max_failures", "fail_once_at_step")
+        require(self, self.lr > 0, "lr", "must be > 0")
+        require(self, self.llm_dtype in ("auto", "float32", "bfloat16"), "llm_dtype",
+                "must be auto, float32 or bfloat16")
 
     @property
     def mode(self) -> str:
@@ -141,14 +135,12 @@ class AlignConfig:
 
 
 def sr_config(config: AlignConfig, text_dim: int) -> SRConfig:
-    return SRConfig(text_dim=text_dim, hidden=config.hidden, num_layers=config.num_layers,
-                    num_heads=config.num_heads, inner=config.inner, dropout=config.dropout,
-                    max_history=config.max_history, temperature=config.temperature,
-                    use_id_embedding=False, random_positions=True, time_features=config.time_features)
+    return SRConfig(text_dim=text_dim, size=config.size, use_id_embedding=False, random_positions=True,
+                    time_features=config.time_features)
 
 
 def llm_config(config: AlignConfig) -> LLMConfig:
-    return LLMConfig(sr_hidden=config.hidden, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
+    return LLMConfig(sr_hidden=config.size.hidden, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
                      lora_dropout=config.lora_dropout, frozen=config.mode == "frozen",
                      max_prompt_tokens=config.max_prompt_tokens, max_response_tokens=config.max_response_tokens)
 
@@ -161,7 +153,7 @@ def stage1_losses(sr: SRModel, llm, batches: dict[str, dict | None], config: Ali
     """Losses of one step. batches maps task -> example rows (numpy batch; frozen mode: with the
     llm_state column) or None. `llm` is an LLMRecommender (lora) or the preference adapter nn.Linear
     (frozen). Every worker calls the same collectives whatever its batches hold (empty tensors stand in)."""
-    h = config.hidden
+    h, temperature = config.size.hidden, config.size.temperature
     users, prefs, video_h, comment_h, is_video, losses = [], [], [], [], [], {}
     prompts, responses, states = [], [], []
     for task in TASKS:
@@ -169,12 +161,12 @@ def stage1_losses(sr: SRModel, llm, batches: dict[str, dict | None], config: Ali
         if rows is None or len(rows["target"]) == 0:
             # An empty stand-in keeps the collectives of info_nce in step with the other workers.
             losses[f"rec_{task}"] = info_nce(torch.zeros(0, h, device=device), torch.zeros(0, h, device=device),
-                                             config.temperature, torch.zeros(0, dtype=torch.long, device=device))
+                                             temperature, torch.zeros(0, dtype=torch.long, device=device))
             continue
-        batch = {k: v.to(device) for k, v in collate(rows, config.max_history).items()}
+        batch = {k: v.to(device) for k, v in collate(rows, config.size.max_history).items()}
         out = sr.stage1_vectors(batch, batch["query_video"] if task == "comment" else None)
         items = item_vectors(sr, task, batch["target"], batch.get("ts"))
-        losses[f"rec_{task}"] = info_nce(out["user"], items, config.temperature, batch["target"])
+        losses[f"rec_{task}"] = info_nce(out["user"], items, temperature, batch["target"])
         users.append(out["user"])
         video_h.append(out["video_history"])
         comment_h.append(out["comment_history"])
@@ -201,9 +193,9 @@ def stage1_losses(sr: SRModel, llm, batches: dict[str, dict | None], config: Ali
         user = video_h = comment_h = torch.zeros(0, h, device=device)
         prefs = torch.zeros(0, h, device=device)
         is_video = torch.zeros(0, dtype=torch.bool, device=device)
-    losses["seq_sup"] = seq_sup_contrast(user, prefs, config.temperature)
+    losses["seq_sup"] = seq_sup_contrast(user, prefs, temperature)
     if config.vc_contrast:
-        losses["vc"] = vc_contrast(prefs, video_h, comment_h, is_video, config.temperature)
+        losses["vc"] = vc_contrast(prefs, video_h, comment_h, is_video, temperature)
     return losses
 
 
@@ -214,197 +206,7 @@ def total_loss(losses: dict[str, torch.Tensor], config: AlignConfig) -> torch.Te
     return losses.get("lm", 0.0) + config.rec_weight * rec + config.contrast_weight * contrast
 
 
-# ---- inside each Ray Train worker ----------------------------------------------------------------------
-
-
-def _trainable(modules) -> list[torch.nn.Parameter]:
-    return [p for m in modules for p in m.parameters() if p.requires_grad]
-
-
-def _sync(params: list[torch.nn.Parameter], world: int, grads: bool) -> None:
-    """Broadcast rank 0's values (grads=False) or average the gradients (grads=True, missing = zeros) of
-    the trainable parameters only: the frozen LLM base never crosses the wire."""
-    if not dist.is_initialized() or world == 1:
-        for p in params:
-            if grads and p.grad is None:
-                p.grad = torch.zeros_like(p)
-        return
-    tensors = [(p.grad if p.grad is not None else torch.zeros_like(p)) if grads else p.data for p in params]
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    if grads:
-        dist.all_reduce(flat)
-        flat /= world
-    else:
-        dist.broadcast(flat, src=0)
-    offset = 0
-    for p in params:
-        chunk = flat[offset: offset + p.numel()].view_as(p)
-        if grads:
-            p.grad = chunk.clone()
-        else:
-            p.data.copy_(chunk)
-        offset += p.numel()
-
-
-def _build_llm_side(config: AlignConfig, llm_path: str | None, llm_hidden: int, device: torch.device):
-    if config.mode == "frozen":
-        return torch.nn.Linear(llm_hidden, config.hidden).to(device)
-
-    base, tokenizer = load_base(llm_path, device)
-    return LLMRecommender(base, tokenizer, llm_config(config)).to(device)
-
-
-def _llm_state_dict(llm, mode: str) -> dict[str, torch.Tensor]:
-    if mode == "frozen":
-        return {f"adapter.{k}": v for k, v in llm.state_dict().items()}
-    return llm.trainable_state()
-
-
-def save_aligned(out_dir: str | Path, sr: SRModel, llm, config: AlignConfig, state: dict, info: dict,
-                 optimizer: torch.optim.Optimizer | None = None) -> None:
-    """SR checkpoint (docs/DATA.md section 4) + llm/ (PEFT adapter, preference adapter) + state.json."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    save_checkpoint(out, "sr", sr.config, sr.state_dict(), info)
-    if config.mode == "frozen":
-        (out / "llm").mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in llm.state_dict().items()},
-                  str(out / "llm" / "preference_adapter.safetensors"))
-    else:
-        llm.save_adapter(out / "llm")
-    # Everything trainable on the LLM side in one file, for resuming.
-    save_file({k: v.detach().cpu().contiguous() for k, v in _llm_state_dict(llm, config.mode).items()},
-              str(out / "llm" / "trainable.safetensors"))
-    if optimizer is not None:
-        save_file(optimizer_tensors(optimizer), str(out / "optimizer.safetensors"))
-    (out / "state.json").write_text(json.dumps(state) + "\n")
-
-
-def _resume(sr: SRModel, llm, optimizer: torch.optim.Optimizer, config: AlignConfig) -> dict:
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return {"step": 0, "epoch": 0, "history": [], "resumed_from": []}
-    with checkpoint.as_directory() as folder:
-        load_state(sr, read_weights(Path(folder) / WEIGHTS), "resume SR weights")
-        saved = read_weights(Path(folder) / "llm" / "trainable.safetensors")
-        if config.mode == "frozen":
-            llm.load_state_dict({k[len("adapter."):]: v for k, v in saved.items()})
-        else:
-            llm.load_state_dict(saved, strict=False)
-        if (Path(folder) / "optimizer.safetensors").is_file():
-            load_optimizer_tensors(optimizer, read_weights(Path(folder) / "optimizer.safetensors"))
-        state = json.loads((Path(folder) / "state.json").read_text())
-    print(f"align: resumed from step {state['step']} (epoch {state['epoch']})", flush=True)
-    return {"history": [], **state, "resumed_from": state.get("resumed_from", []) + [state["step"]]}
-
-
-def _train_loop(loop_config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-
-    torch.set_num_threads(1)
-    config = AlignConfig(**loop_config["config"])
-    folder = loop_config["folder"].on_this_node()
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(config.seed)
-    sr = SRModel(SRConfig(**loop_config["sr_config"]))
-    sr.set_text_tables(*text_tensors(folder))
-    sr.set_item_times(*item_time_tensors(folder))  # a no-op without time features
-    sr.to(device)
-    llm = _build_llm_side(config, loop_config["llm_path"], loop_config["llm_hidden"], device)
-    texts = ItemTexts.from_folder(folder) if config.mode == "lora" else None
-    params = _trainable([sr, llm])
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    state = _resume(sr, llm, optimizer, config)
-    _sync(params, world, grads=False)
-    torch.manual_seed(config.seed + 1 + rank + 1000 * state["step"])
-    shards = {task: ray.train.get_dataset_shard(task) for task in loop_config["tasks"]}
-    names = ("total", "lm", "rec_video", "rec_comment", "seq_sup", "vc")
-    step, started = state["step"], time.monotonic()
-    history, resumed_from = state["history"], state["resumed_from"]
-
-    def checkpoint(epoch: int, metrics: dict, final: bool) -> None:
-        state_now = {"step": step, "epoch": epoch, "final": final, "history": history,
-                     "resumed_from": resumed_from}
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                info = {"align_config": dataclasses.asdict(config), "llm_path": loop_config["llm_path"],
-                        "mode": config.mode, **metrics, "workers": world, "history": history,
-                        "resumed_from": resumed_from}
-                save_aligned(tmp, sr, llm, config, state_now, info, optimizer)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
-
-    metrics = {}
-    for epoch in range(state["epoch"] + 1, config.epochs + 1):
-        sr.train()
-        llm.train()
-        sums = torch.zeros(len(names) + 3, dtype=torch.float64)  # losses, steps, examples, tokens
-        epoch_start = time.monotonic()
-        done = False
-        for video_rows, comment_rows in _joint_batches(shards, config, epoch, device):
-            losses = stage1_losses(sr, llm, {"video": video_rows, "comment": comment_rows}, config, texts, device)
-            tokens = losses.pop("tokens", torch.zeros(()))
-            loss = total_loss(losses, config)
-            optimizer.zero_grad(set_to_none=True)
-            if isinstance(loss, torch.Tensor) and loss.requires_grad:
-                loss.backward()
-            _sync(params, world, grads=True)
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            step += 1
-            inject_failure(config, step, rank)
-            values = {"total": loss, **losses}
-            for i, name in enumerate(names):
-                if name in values and isinstance(values[name], torch.Tensor):
-                    sums[i] += float(values[name].detach())
-            sums[len(names)] += 1
-            sums[len(names) + 1] += sum(len(r["target"]) for r in (video_rows, comment_rows) if r is not None)
-            sums[len(names) + 2] += float(tokens)
-            if rank == 0 and step % config.log_every == 0:
-                rate = sums[len(names) + 1] * world / max(time.monotonic() - epoch_start, 1e-9)
-                print(f"align: epoch {epoch} step {step} " + " ".join(
-                    f"{k} {float(v.detach()):.4f}" for k, v in values.items() if isinstance(v, torch.Tensor))
-                      + f" ~{rate:.1f} examples/s", flush=True)
-            done = bool(config.max_steps and step >= config.max_steps)
-            if step % config.checkpoint_every == 0 and not done:
-                checkpoint(epoch - 1, {"step": step, "epoch": epoch}, final=False)
-            if done:
-                break
-        if dist.is_initialized():
-            flags = torch.tensor([float(done)], device=device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            done = bool(flags.item())
-        totals = sums.to(device)
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-        totals = totals.cpu()
-        epoch_s = time.monotonic() - epoch_start
-        steps = max(float(totals[len(names)]), 1.0)
-        metrics = {f"{name}_loss": float(totals[i]) / steps for i, name in enumerate(names)}
-        metrics.update(epoch=epoch, step=step, epoch_s=round(epoch_s, 3),
-                       examples=int(totals[len(names) + 1]),
-                       examples_per_s=float(totals[len(names) + 1]) / max(epoch_s, 1e-9),
-                       tokens_per_s=float(totals[len(names) + 2]) / max(epoch_s, 1e-9),
-                       train_s=time.monotonic() - started)
-        if rank == 0:
-            print("align: epoch done: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in metrics.items()), flush=True)
-        history.append(metrics)
-        final = done or epoch == config.epochs
-        checkpoint(epoch, metrics, final=final)
-        if done:
-            break
-
-
-# ---- driver --------------------------------------------------------------------------------------------
+# ---- frozen mode: the LLM states, precomputed once with Ray Data batch inference ---------------------------
 
 
 class _LLMStates:
@@ -474,68 +276,183 @@ def precompute_states(config: AlignConfig, folder: FeaturesFolder, llm_path: str
     return folders
 
 
+# ---- the recipe -------------------------------------------------------------------------------------
+
+
+def _build_llm_side(config: AlignConfig, llm_path: str | None, llm_hidden: int, device: torch.device):
+    if config.mode == "frozen":
+        return torch.nn.Linear(llm_hidden, config.size.hidden).to(device)
+
+    base, tokenizer = load_base(llm_path, device)
+    return LLMRecommender(base, tokenizer, llm_config(config)).to(device)
+
+
+def _llm_state_dict(llm, mode: str) -> dict[str, torch.Tensor]:
+    if mode == "frozen":
+        return {f"adapter.{k}": v for k, v in llm.state_dict().items()}
+    return llm.trainable_state()
+
+
+def save_aligned(out_dir: str | Path, sr: SRModel, llm, config: AlignConfig, info: dict) -> None:
+    """The SR checkpoint (docs/DATA.md section 4) and llm/: the PEFT adapter or the preference adapter, and
+    everything trainable on the LLM side in one file for resuming."""
+    out = Path(out_dir)
+    save_checkpoint(out, "sr", sr.config, sr.state_dict(), info)
+    if config.mode == "frozen":
+        write_tensors(out / LLM_DIR / "preference_adapter.safetensors", llm.state_dict())
+    else:
+        llm.save_adapter(out / LLM_DIR)
+    write_tensors(out / LLM_DIR / TRAINABLE, _llm_state_dict(llm, config.mode))
+
+
+class AlignRecipe(Recipe):
+    """Stage 1: the SR model and the LLM side (LoRA + preference adapter, or the adapter alone when frozen)."""
+
+    name = "align"
+    OUTPUTS = (WEIGHTS, CONFIG, TRAIN, LLM_DIR, OPTIMIZER, STATE)
+
+    @classmethod
+    def prepare(cls, config: AlignConfig) -> tuple[AlignConfig, dict, dict]:
+        import ray.data
+        from transformers import AutoConfig
+
+        # A URI is downloaded once into the cache; the workers use that copy, or their node's own.
+        folder = FeaturesFolder(config.features)
+        config = dataclasses.replace(config, features=folder.source, out=os.path.abspath(config.out))
+        counts = train_counts(folder)
+        tasks = [task for task in TASKS if counts[task] > 0]
+        llm_path = str(resolve_llm_path(config.llm))  # converts the packaged GGUF once, here on the driver
+        llm_hidden = AutoConfig.from_pretrained(llm_path).hidden_size
+        print(f"align: mode {config.mode}, LLM {llm_path}, train examples {counts}, {config.num_workers} workers",
+              flush=True)
+        init_ray()
+        if config.mode == "frozen":
+            sources = {task: (path, None) for task, path in
+                       precompute_states(config, folder, llm_path, tasks, cache_dir()).items()}
+        else:
+            sources = {task: folder.examples_source(task, "train") for task in tasks}
+        datasets = {}
+        for task in tasks:
+            path, filesystem = sources[task]
+            dataset = ray.data.read_parquet(path, filesystem=filesystem)  # streamed into the shards each epoch
+            if config.max_examples and config.mode != "frozen":
+                dataset = dataset.limit(config.max_examples)
+            datasets[task] = dataset
+        return config, datasets, {"folder": folder, "llm_path": llm_path, "llm_hidden": llm_hidden}
+
+    def __init__(self, config: AlignConfig, folder: FeaturesFolder, tasks: list[str], llm_path: str,
+                 llm_hidden: int):
+        super().__init__(config, folder, tasks)
+        self.llm_path, self.llm_hidden = llm_path, llm_hidden
+
+    def setup(self) -> None:
+        c = self.config
+        torch.manual_seed(c.seed)
+        self.sr = SRModel(sr_config(c, self.folder.text_dim))
+        self.sr.set_text_tables(*text_tensors(self.folder))
+        self.sr.set_item_times(*item_time_tensors(self.folder))  # a no-op without time features
+        self.sr.to(self.device)
+        self.llm = _build_llm_side(c, self.llm_path, self.llm_hidden, self.device)
+        self.texts = ItemTexts.from_folder(self.folder) if c.mode == "lora" else None
+        self.init_optimizer(self.sr, self.llm)
+        state = self.resume()
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.history, self.resumed_from = state["history"], state["resumed_from"]
+        self.start()
+
+    def resume(self) -> dict:
+        """Fresh, or the last checkpoint's weights, optimizer state and step count after a worker failure."""
+        with restored() as folder:
+            if folder is None:
+                return {"step": 0, "epoch": 0, "history": [], "resumed_from": []}
+            load_state(self.sr, read_weights(folder / WEIGHTS), "resume SR weights")
+            saved = read_weights(folder / LLM_DIR / TRAINABLE)
+            if self.config.mode == "frozen":
+                self.llm.load_state_dict({k[len("adapter."):]: v for k, v in saved.items()})
+            else:
+                self.llm.load_state_dict(saved, strict=False)
+            state = read_training_state(folder, self.optimizer)
+        print(f"align: resumed from step {state['step']} (epoch {state['epoch']})", flush=True)
+        return {"history": [], **state, "resumed_from": state.get("resumed_from", []) + [state["step"]]}
+
+    def train(self) -> None:
+        self.started = time.monotonic()
+        for epoch in range(self.epoch + 1, self.config.epochs + 1):
+            sums, done, epoch_start = self.train_epoch(epoch)
+            done = any_worker(done, self.device)
+            metrics = self.epoch_metrics(epoch, all_reduce(sums.to(self.device)).cpu(), epoch_start)
+            if self.rank == 0:
+                print("align: epoch done: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in metrics.items()), flush=True)
+            self.history.append(metrics)
+            self.save(epoch, metrics, final=done or epoch == self.config.epochs)
+            if done:
+                break
+
+    def train_epoch(self, epoch: int) -> tuple[torch.Tensor, bool, float]:
+        """One pass over the shards (or up to max_steps): (this worker's sums, whether max_steps was reached,
+        the epoch's start time); a checkpoint every checkpoint_every steps."""
+        c, n = self.config, len(LOSS_NAMES)
+        self.sr.train()
+        self.llm.train()
+        sums = torch.zeros(n + 3, dtype=torch.float64)  # losses, steps, examples, tokens
+        epoch_start = time.monotonic()
+        for video_rows, comment_rows in self.batches(epoch):
+            losses = stage1_losses(self.sr, self.llm, {"video": video_rows, "comment": comment_rows}, c, self.texts,
+                                   self.device)
+            tokens = losses.pop("tokens", torch.zeros(()))
+            loss = total_loss(losses, c)
+            self.optimizer_step(loss)
+            values = {"total": loss, **losses}
+            for i, name in enumerate(LOSS_NAMES):
+                if name in values and isinstance(values[name], torch.Tensor):
+                    sums[i] += float(values[name].detach())
+            sums[n] += 1
+            sums[n + 1] += sum(len(r["target"]) for r in (video_rows, comment_rows) if r is not None)
+            sums[n + 2] += float(tokens)
+            if self.rank == 0 and self.step % c.log_every == 0:
+                rate = sums[n + 1] * self.world / max(time.monotonic() - epoch_start, 1e-9)
+                print(f"align: epoch {epoch} step {self.step} " + " ".join(
+                    f"{k} {float(v.detach()):.4f}" for k, v in values.items() if isinstance(v, torch.Tensor))
+                      + f" ~{rate:.1f} examples/s", flush=True)
+            done = bool(c.max_steps and self.step >= c.max_steps)
+            if done:
+                return sums, True, epoch_start
+            if self.step % c.checkpoint_every == 0:
+                # Resuming from here reads this epoch again from its start.
+                self.save(epoch - 1, {"step": self.step, "epoch": epoch}, final=False)
+        return sums, False, epoch_start
+
+    def epoch_metrics(self, epoch: int, totals: torch.Tensor, epoch_start: float) -> dict:
+        """Mean losses per step and throughput from the sums of every worker."""
+        n = len(LOSS_NAMES)
+        epoch_s = time.monotonic() - epoch_start
+        steps = max(float(totals[n]), 1.0)
+        metrics = {f"{name}_loss": float(totals[i]) / steps for i, name in enumerate(LOSS_NAMES)}
+        metrics.update(epoch=epoch, step=self.step, epoch_s=round(epoch_s, 3), examples=int(totals[n + 1]),
+                       examples_per_s=float(totals[n + 1]) / max(epoch_s, 1e-9),
+                       tokens_per_s=float(totals[n + 2]) / max(epoch_s, 1e-9),
+                       train_s=time.monotonic() - self.started)
+        return metrics
+
+    def save(self, epoch: int, metrics: dict, final: bool) -> None:
+        """Report metrics and a checkpoint (module docstring); state.json's epoch is the last one finished."""
+        c = self.config
+        state = {"step": self.step, "epoch": epoch, "final": final, "history": self.history,
+                 "resumed_from": self.resumed_from}
+
+        def write(folder: Path) -> None:
+            info = {"align_config": dataclasses.asdict(c), "llm_path": self.llm_path, "mode": c.mode, **metrics,
+                    "workers": self.world, "history": self.history, "resumed_from": self.resumed_from}
+            save_aligned(folder, self.sr, self.llm, c, info)
+            write_training_state(folder, self.optimizer, state)
+
+        self.report(metrics, write)
+
+
 def align(config: AlignConfig) -> str:
     """Run stage 1 and write the final checkpoint to config.out; returns that folder."""
-    import ray
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from transformers import AutoConfig
-
-    # A URI is downloaded once into the cache; the workers use that copy, or their node's own.
-    folder = FeaturesFolder(config.features)
-    config = dataclasses.replace(config, features=folder.source, out=os.path.abspath(config.out))
+    config, metrics = AlignRecipe.launch(config)
     out = Path(config.out).resolve()
-    (out / INJECTED_FAILURE).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    counts = {task: folder.count_examples(task, "train") for task in TASKS}
-    tasks = [task for task in TASKS if counts[task] > 0]
-    if not tasks:
-        raise ValueError(f"{folder}: no train examples for either task")
-    llm_path = str(resolve_llm_path(config.llm))  # converts the packaged GGUF once, here on the driver
-    llm_hidden = AutoConfig.from_pretrained(llm_path).hidden_size
-    print(f"align: mode {config.mode}, LLM {llm_path}, train examples {counts}, {config.num_workers} workers",
-          flush=True)
-    init_ray()
-    if config.mode == "frozen":
-        sources = {task: (path, None) for task, path in
-                   precompute_states(config, folder, llm_path, tasks, cache_dir()).items()}
-    else:
-        sources = {task: folder.examples_source(task, "train") for task in tasks}
-    datasets = {}
-    for task in tasks:
-        path, filesystem = sources[task]
-        dataset = ray.data.read_parquet(path, filesystem=filesystem)  # streamed into the workers' shards each epoch
-        if config.max_examples and config.mode != "frozen":
-            dataset = dataset.limit(config.max_examples)
-        datasets[task] = dataset
-    resources = {"CPU": 1, "GPU": 1} if config.use_gpu else {"CPU": 1}
-    storage_path = config.storage_path or tempfile.mkdtemp(prefix="lsvcr-align-")
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"config": dataclasses.asdict(config),
-                           "sr_config": dataclasses.asdict(sr_config(config, folder.text_dim)),
-                           "llm_path": llm_path, "llm_hidden": llm_hidden, "tasks": tasks,
-                           "folder": folder},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                               resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(name=f"align-{int(time.time())}", storage_path=storage_path,
-                                       failure_config=ray.train.FailureConfig(max_failures=config.max_failures)),
-        datasets=datasets,
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("align: training ended without a checkpoint")
-    with result.checkpoint.as_directory() as ckpt:
-        for name in os.listdir(ckpt):
-            source, target = Path(ckpt) / name, out / name
-            if source.is_dir():
-                shutil.rmtree(target, ignore_errors=True)
-                shutil.copytree(source, target)
-            elif name in (WEIGHTS, CONFIG) or source.suffix in (".json", ".safetensors"):
-                shutil.copy2(source, target)
-    if not config.storage_path:
-        shutil.rmtree(storage_path, ignore_errors=True)
-    print(f"align: wrote {out} ({result.metrics.get('step')} steps)", flush=True)
+    print(f"align: wrote {out} ({metrics.get('step')} steps)", flush=True)
     return str(out)

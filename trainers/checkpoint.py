@@ -1,7 +1,8 @@
 """Checkpoint folders (docs/DATA.md section 4): model.safetensors, config.json, train.json.
 
-config.json is {"model": "sr" | "sasrec", "config": {fields of the model config dataclass}}. Weights are
-only ever read with safetensors; any problem (missing file, corrupt file, other architecture) raises
+config.json is {"model": "sr" | "sasrec", "config": {fields of the model config dataclass, the model size
+nested as "size"}}; one written before ModelSize, with the size fields at the top, is read as nested. Weights
+are only ever read with safetensors; any problem (missing file, corrupt file, other architecture) raises
 CheckpointError with the reason, so a caller such as serving can refuse the checkpoint and keep the old one.
 """
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from trainers.models import MODELS, build_model
+from trainers.models.base import nest_size
 
 WEIGHTS, CONFIG, TRAIN = "model.safetensors", "config.json", "train.json"
 
@@ -31,6 +33,13 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """A safetensors file (CPU copies), written atomically."""
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(Path(path), lambda p: save_file(tensors, str(p), metadata=metadata))
+
+
 def save_checkpoint(out_dir: str | Path, kind: str, model_config, state_dict: dict[str, torch.Tensor],
                     train_info: dict | None = None) -> Path:
     """Write the three files into out_dir (created if needed); returns the folder."""
@@ -38,8 +47,7 @@ def save_checkpoint(out_dir: str | Path, kind: str, model_config, state_dict: di
         raise ValueError(f"unknown model {kind!r}; known: {sorted(MODELS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in state_dict.items()}
-    _write_atomic(out / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"model": kind}))
+    write_tensors(out / WEIGHTS, state_dict, metadata={"model": kind})
     config = {"model": kind, "config": dataclasses.asdict(model_config)}
     _write_atomic(out / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     if train_info is not None:
@@ -48,7 +56,7 @@ def save_checkpoint(out_dir: str | Path, kind: str, model_config, state_dict: di
 
 
 def read_model_config(ckpt_dir: str | Path) -> tuple[str, dict]:
-    """(model name, config fields) from CKPT/config.json."""
+    """(model name, config fields, size nested) from CKPT/config.json."""
     path = Path(ckpt_dir) / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
@@ -59,7 +67,7 @@ def read_model_config(ckpt_dir: str | Path) -> tuple[str, dict]:
         raise CheckpointError(f"{path} is not a checkpoint config ({{'model', 'config'}}): {err}") from None
     if kind not in MODELS or not isinstance(config, dict):
         raise CheckpointError(f"{path}: unknown model {kind!r}; known: {sorted(MODELS)}")
-    return kind, config
+    return kind, nest_size(config)
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:

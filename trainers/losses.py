@@ -3,7 +3,7 @@
 Stage 2 (`video_loss`, `comment_loss`, `id_text_loss`) uses this worker's batch for in-batch negatives.
 Stage 1 (`info_nce`, `seq_sup_contrast`, `vc_contrast`, `global_mean`) gathers negatives from every worker
 with a differentiable all-gather (`gather_rows`) and scales each worker's loss so that the *average* of the
-workers' gradients (what trainers/finetune._average_gradients computes) equals the gradient of one worker
+workers' gradients (what trainers/loop.average_gradients computes) equals the gradient of one worker
 running the whole global batch: worker loss = (sum over its rows) x world / (global row count).
 """
 
@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+
+from trainers.models.base import Recommender, has_time_features
+from trainers.models.sr import SRModel
 
 
 def _world() -> int:
@@ -114,16 +116,16 @@ def in_batch_logits(queries: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor
     return logits.masked_fill(duplicate, float("-inf"))
 
 
-def item_vectors(model: nn.Module, kind: str, idx: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+def item_vectors(model: Recommender, kind: str, idx: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
     """model.<kind>_item_vectors(idx), with the request times ts (broadcastable to idx) for a model with
     time features (SRConfig.time_features): its item vectors include the item's age at that time."""
     fn = model.video_item_vectors if kind == "video" else model.comment_item_vectors
-    if getattr(getattr(model, "config", None), "time_features", False):
+    if has_time_features(model):
         return fn(idx, ts)
     return fn(idx)
 
 
-def video_loss(model: nn.Module, batch: dict[str, torch.Tensor], train_negatives: int) -> torch.Tensor:
+def video_loss(model: Recommender, batch: dict[str, torch.Tensor], train_negatives: int) -> torch.Tensor:
     """InfoNCE of the user vector against its target video: negatives are the other targets of the batch
     plus up to `train_negatives` of the example's own sampled negatives (videos alive at its time)."""
     target = batch["target"]  # [B]
@@ -140,7 +142,7 @@ def video_loss(model: nn.Module, batch: dict[str, torch.Tensor], train_negatives
     return F.cross_entropy(logits, torch.arange(len(target), device=target.device))
 
 
-def comment_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def comment_loss(model: Recommender, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Softmax over [target, the example's candidate negatives] (padding masked); an example without
     negatives contributes 0."""
     context = model.comment_context_vector(batch, batch["query_video"])  # [B, H]
@@ -151,7 +153,7 @@ def comment_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     return F.cross_entropy(logits, torch.zeros(len(candidates), dtype=torch.long, device=candidates.device))
 
 
-def id_text_loss(model: nn.Module, video_idx: torch.Tensor | None, comment_idx: torch.Tensor | None,
+def id_text_loss(model: SRModel, video_idx: torch.Tensor | None, comment_idx: torch.Tensor | None,
                  temperature: float) -> torch.Tensor | None:
     """Symmetric InfoNCE between the ID embedding and the adapted text embedding of the same items (the
     distinct items of the batch); None when there is nothing to contrast."""

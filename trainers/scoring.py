@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from features.folder import FeaturesFolder
 from trainers.checkpoint import CheckpointError, load_model
 from trainers.data import collate_histories, item_time_tensors, text_tensors
+from trainers.models.base import Recommender, TextRecommender, has_time_features
 from trainers.models.layers import time_bucket_edges
 
 
@@ -41,7 +41,7 @@ class Scorer:
             raise CheckpointError(f"{ckpt_dir} does not fit the features in {folder}: {err}") from None
 
     @classmethod
-    def from_model(cls, kind: str, model: nn.Module, folder: FeaturesFolder) -> "Scorer":
+    def from_model(cls, kind: str, model: Recommender, folder: FeaturesFolder) -> "Scorer":
         """Wrap a model in memory (used for validation during training). Puts the model in eval mode;
         the caller switches it back to train mode."""
         scorer = cls.__new__(cls)
@@ -49,12 +49,12 @@ class Scorer:
         scorer._setup(model, folder, next(model.parameters()).device)
         return scorer
 
-    def _setup(self, model: nn.Module, folder: FeaturesFolder, device: torch.device) -> None:
+    def _setup(self, model: Recommender, folder: FeaturesFolder, device: torch.device) -> None:
         self.device = device
         self.model = model.to(device).eval()
-        self.max_history = model.config.max_history
+        self.max_history = model.config.size.max_history
         self.temperature = model.temperature
-        self.time_features = bool(getattr(model.config, "time_features", False))
+        self.time_features = has_time_features(model)
         self.video_pub_ts = self.comment_pub_ts = None
         times = item_time_tensors(folder) if self.time_features else (None, None)
         self.set_text_tables(*text_tensors(folder), *times)
@@ -65,8 +65,9 @@ class Scorer:
 
         video_ts [V] / comment_ts [C] are the publication times (ms). Left out when the tables grew by
         items that just arrived (serving/catalog.py): known items keep theirs and the new ones are taken as
-        published now."""
-        self.model.set_text_tables(video_text, comment_text)
+        published now. A model without text (SASRec) takes only the new item counts."""
+        if isinstance(self.model, TextRecommender):
+            self.model.set_text_tables(video_text, comment_text)
         self.num_videos, self.num_comments = video_text.shape[0], comment_text.shape[0]
         if self.time_features:
             now = int(time.time() * 1000)
@@ -79,7 +80,7 @@ class Scorer:
     def refresh_items(self, chunk: int = 65536) -> None:
         def matrix(fn, n):
             parts = [fn(torch.arange(i, min(i + chunk, n), device=self.device)) for i in range(0, n, chunk)]
-            return torch.cat(parts) if parts else torch.zeros(0, self.model.config.hidden, device=self.device)
+            return torch.cat(parts) if parts else torch.zeros(0, self.model.config.size.hidden, device=self.device)
 
         if self.time_features:  # without the age term, which depends on the request time
             video, comment = (lambda idx: self.model.timeless_item_vectors("video", idx),

@@ -1,6 +1,8 @@
 import pytest
 
+import lsvcr.suite as suite
 from lsvcr.suite import MODEL_NAMES, STAGE1, STAGE2, train_all
+from trainers.models import ModelSize
 
 
 def test_names_cover_baselines_and_ablations():
@@ -18,3 +20,16 @@ def test_bad_requests_are_clear_errors(tmp_path):
         train_all(tmp_path, tmp_path / "out", models=["gpt"])
     with pytest.raises(ValueError, match="key=value"):
         train_all(tmp_path, tmp_path / "out", models=["sasrec"], finetune=["epochs"])
+
+
+def test_one_model_size_for_both_stages(tmp_path, monkeypatch):
+    """Stage 2 loads stage 1's weights strictly: a size.* override given to either stage reaches both."""
+    configs = []
+    monkeypatch.setattr(suite, "run_align", lambda config: configs.append(config) or config.out)
+    monkeypatch.setattr(suite, "run_finetune", lambda config: configs.append(config) or config.out)
+    monkeypatch.setattr(suite, "evaluate", lambda *args, **kwargs: {})
+    train_all(tmp_path, tmp_path / "out", models=["lsvcr"], align=["size.hidden=32"],
+              finetune=["size.max_history=20", "epochs=1"])
+    assert [type(c).__name__ for c in configs] == ["AlignConfig", "FinetuneConfig"]
+    assert configs[0].size == configs[1].size == ModelSize(hidden=32, max_history=20)
+    assert configs[1].epochs == 1 and configs[1].init == str(tmp_path / "out" / "lsvcr_aligned")

@@ -39,7 +39,7 @@ def make_checkpoint(features, out, seed: int, text_dim: int | None = None):
     videos = np.load(features / "video_emb.npy", mmap_mode="r")
     comments = np.load(features / "comment_emb.npy", mmap_mode="r")
     config = {"num_videos": videos.shape[0], "num_comments": comments.shape[0],
-              "text_dim": text_dim or videos.shape[1], "max_history": manifest.get("max_history", 50)}
+              "text_dim": text_dim or videos.shape[1], "size": {"max_history": manifest.get("max_history", 50)}}
     torch.manual_seed(seed)
     model = build_model("sr", config)
     return save_checkpoint(out, "sr", model.config, model.state_dict(), {"valid": {"seed": seed}})

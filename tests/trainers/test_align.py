@@ -6,15 +6,15 @@ import torch
 
 from core.contract import TASKS
 from features.folder import FeaturesFolder
-from trainers.align import AlignConfig, save_aligned, sr_config, stage1_losses, total_loss
+from trainers.align import AlignConfig, llm_config, save_aligned, sr_config, stage1_losses, total_loss
 from trainers.checkpoint import load_init_weights
 from trainers.data import collate, item_time_tensors, text_tensors
 from trainers.finetune import FinetuneConfig, model_config
-from trainers.models import build_model
+from trainers.models import ModelSize, build_model
 from trainers.models.llm import ItemTexts, LLMRecommender, load_base
 from trainers.models.sr import SRModel
 
-SIZE = dict(hidden=16, num_heads=2, inner=32, num_layers=1, max_history=8, dropout=0.0)
+SIZE = ModelSize(hidden=16, num_heads=2, inner=32, num_layers=1, max_history=8, dropout=0.0)
 
 
 def first_rows(features, task, n=6):
@@ -23,14 +23,12 @@ def first_rows(features, task, n=6):
 
 def setup(fake_features, tiny_llm, tmp_path, **overrides):
     config = AlignConfig(features=str(fake_features), out=str(tmp_path), llm=str(tiny_llm), llm_mode="lora",
-                         max_prompt_tokens=128, **SIZE, **overrides)
+                         max_prompt_tokens=128, size=SIZE, **overrides)
     torch.manual_seed(0)
     sr = SRModel(sr_config(config, 32))
     sr.set_text_tables(*text_tensors(FeaturesFolder(fake_features)))
     sr.set_item_times(*item_time_tensors(FeaturesFolder(fake_features)))
     base, tokenizer = load_base(str(tiny_llm))
-    from trainers.align import llm_config
-
     llm = LLMRecommender(base, tokenizer, llm_config(config))
     return config, sr, llm
 
@@ -68,7 +66,7 @@ def test_without_vc_contrast_the_term_is_absent(fake_features, tiny_llm, tmp_pat
 
 
 def test_frozen_mode_trains_only_the_adapter_on_precomputed_states(fake_features, tmp_path):
-    config = AlignConfig(features=str(fake_features), out=str(tmp_path), llm_mode="frozen", **SIZE)
+    config = AlignConfig(features=str(fake_features), out=str(tmp_path), llm_mode="frozen", size=SIZE)
     sr = SRModel(sr_config(config, 32))
     sr.set_text_tables(*text_tensors(FeaturesFolder(fake_features)))
     sr.set_item_times(*item_time_tensors(FeaturesFolder(fake_features)))
@@ -86,11 +84,10 @@ def test_stage2_init_reproduces_stage1_outputs_exactly(fake_features, tiny_llm, 
     with torch.no_grad():  # move the weights away from their initial values
         for p in sr.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    save_aligned(tmp_path / "aligned", sr, llm, config, {"step": 1, "epoch": 1}, {})
+    save_aligned(tmp_path / "aligned", sr, llm, config, {})
     assert (tmp_path / "aligned" / "llm" / "lora" / "adapter_config.json").is_file()
     video_text, comment_text = text_tensors(FeaturesFolder(fake_features))
-    ft = FinetuneConfig(features=str(fake_features), out="unused", init=str(tmp_path / "aligned"),
-                        **{k: v for k, v in SIZE.items()})
+    ft = FinetuneConfig(features=str(fake_features), out="unused", init=str(tmp_path / "aligned"), size=SIZE)
     for text_only in (False, True):
         cfg = model_config(dataclasses.replace(ft, text_only=text_only), video_text.shape[0],
                            comment_text.shape[0], video_text.shape[1])

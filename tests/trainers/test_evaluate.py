@@ -7,7 +7,7 @@ import torch
 
 from trainers.checkpoint import save_checkpoint
 from trainers.evaluate import evaluate, format_table
-from trainers.models import SASRec, SASRecConfig
+from trainers.models import ModelSize, SASRec, SASRecConfig
 
 EMPTY = {"hist_video": [], "hist_video_hot": [], "hist_video_ts": [], "hist_cmt_video": [],
          "hist_cmt_comments": [], "hist_cmt_ts": []}
@@ -70,7 +70,7 @@ def test_popularity_on_a_hand_made_case(tmp_path, features_writer):
 
 def test_models_and_popularity_in_one_run(fake_features, tmp_path):
     torch.manual_seed(0)
-    model = SASRec(SASRecConfig(num_videos=48, num_comments=192, hidden=16, inner=32, max_history=8))
+    model = SASRec(SASRecConfig(num_videos=48, num_comments=192, size=ModelSize(hidden=16, inner=32, max_history=8)))
     save_checkpoint(tmp_path, "sasrec", model.config, model.state_dict())
     results = evaluate(fake_features, {"sasrec": tmp_path}, split="test", batch_size=16)
     assert set(results["video"]) == {"popularity", "sasrec", "recency", "popularity_at_t", "recency_pop_blend"}

@@ -11,6 +11,7 @@ from trainers.checkpoint import load_model
 from trainers.evaluate import evaluate
 from trainers.finetune import FinetuneConfig, finetune, seen_items
 from trainers.metrics import METRIC_NAMES
+from trainers.models import ModelSize
 from trainers.scoring import Scorer
 
 
@@ -25,6 +26,13 @@ def test_config_from_overrides_and_validation():
         FinetuneConfig(features="/f", out="/o", batch_size=0)
     with pytest.raises(ConfigError, match="unknown keys"):
         load_config(FinetuneConfig, None, ["features=/f", "out=/o", "epoch=3"])
+    # The model size is one nested config, reached with dotted keys; a bad value names its key.
+    config = load_config(FinetuneConfig, None, ["features=/f", "out=/o", "size.hidden=128", "size.max_history=20"])
+    assert config.size == ModelSize(hidden=128, max_history=20)
+    with pytest.raises(ConfigError, match=r"size: ModelSize.hidden must be divisible by num_heads 3"):
+        load_config(FinetuneConfig, None, ["features=/f", "out=/o", "size.hidden=64", "size.num_heads=3"])
+    with pytest.raises(ConfigError, match="unknown keys"):
+        load_config(FinetuneConfig, None, ["features=/f", "out=/o", "hidden=128"])
 
 
 def test_seen_items_by_hand(tmp_path, features_writer):
@@ -45,7 +53,8 @@ def test_seen_items_by_hand(tmp_path, features_writer):
 
 def test_finetune_smoke(ray_session, fake_features, tmp_path):
     out = finetune(FinetuneConfig(features=str(fake_features), out=str(tmp_path / "ckpt"), epochs=3, patience=3,
-                                  batch_size=32, max_history=8, log_every=1000))
+                                  batch_size=32, size=ModelSize(max_history=8),
+                                  log_every=1000))
     ckpt = tmp_path / "ckpt"
     assert out == str(ckpt)
     info = json.loads((ckpt / "train.json").read_text())
@@ -88,7 +97,7 @@ def test_finetune_and_evaluate_from_a_features_uri(ray_session, fake_features, t
     uri = f"local://{tmp_path}/bucket/features"
     storage.upload_dir(fake_features, uri, "manifest.json")
     ckpt = tmp_path / "ckpt"
-    finetune(FinetuneConfig(features=uri, out=str(ckpt), epochs=1, patience=1, batch_size=32, max_history=8,
+    finetune(FinetuneConfig(features=uri, out=str(ckpt), epochs=1, patience=1, batch_size=32, size=ModelSize(max_history=8),
                             log_every=1000, num_workers=1))
     info = json.loads((ckpt / "train.json").read_text())
     assert info["history"][0]["examples"] == 400 + 160  # every train example, read through the URI

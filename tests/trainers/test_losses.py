@@ -4,13 +4,15 @@ import pytest
 import torch
 
 from trainers.losses import comment_loss, id_text_loss, in_batch_logits, video_loss
+from trainers.models import ModelSize, SASRecConfig
 
 ITEMS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
 
 
 class Stub:
-    """Fixed unit vectors instead of a model, temperature 1."""
+    """Fixed unit vectors instead of a model (a Recommender without time features), temperature 1."""
 
+    config = SASRecConfig(size=ModelSize(hidden=2, num_heads=1, temperature=1.0))
     temperature = 1.0
 
     def user_video_vector(self, batch):

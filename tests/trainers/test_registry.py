@@ -10,7 +10,8 @@ from trainers.registry import Registry, RegistryError
 
 def _checkpoint(path, seed=0):
     torch.manual_seed(seed)
-    model = build_model("sr", {"num_videos": 5, "num_comments": 7, "text_dim": 8, "hidden": 8, "inner": 16})
+    model = build_model("sr", {"num_videos": 5, "num_comments": 7, "text_dim": 8,
+                                "size": {"hidden": 8, "inner": 16}})
     return save_checkpoint(path, "sr", model.config, model.state_dict(), {"valid": {"video": {"ndcg@5": 0.5}}})
 
 

@@ -8,11 +8,13 @@ import torch
 
 from trainers.align import AlignConfig, align
 from trainers.checkpoint import load_model
-from trainers.finetune import INJECTED_FAILURE, FinetuneConfig, finetune, load_optimizer_tensors, optimizer_tensors
+from trainers.finetune import FinetuneConfig, finetune
+from trainers.loop import INJECTED_FAILURE, load_optimizer_tensors, optimizer_tensors
+from trainers.models import ModelSize
 
 pytestmark = pytest.mark.integration
 
-SIZE = dict(hidden=16, num_heads=2, inner=32, num_layers=1, max_history=8)
+SIZE = ModelSize(hidden=16, num_heads=2, inner=32, num_layers=1, max_history=8)
 
 
 def test_optimizer_state_round_trip():
@@ -38,7 +40,7 @@ def test_finetune_resumes_after_a_worker_failure(ray_session, fake_features, tmp
     out = tmp_path / "ckpt"
     finetune(FinetuneConfig(features=str(fake_features), out=str(out), epochs=2, patience=2, batch_size=256,
                             num_workers=1, fail_once_at_step=3, max_eval_examples=50, log_every=1000,
-                            materialize_max_mb=0, **SIZE))
+                            materialize_max_mb=0, size=SIZE))
     assert (out / INJECTED_FAILURE).read_text().strip() == "3"  # the failure did happen
     info = json.loads((out / "train.json").read_text())
     assert info["resumed_from"] == [2]
@@ -53,7 +55,7 @@ def test_align_resumes_after_a_worker_failure(ray_session, tiny_llm, fake_featur
     out = tmp_path / "aligned"
     align(AlignConfig(features=str(fake_features), out=str(out), llm=str(tiny_llm), llm_mode="lora",
                       max_steps=5, batch_size=8, checkpoint_every=2, max_prompt_tokens=64, num_workers=1,
-                      fail_once_at_step=3, log_every=100, **SIZE))
+                      fail_once_at_step=3, log_every=100, size=SIZE))
     assert (out / INJECTED_FAILURE).read_text().strip() == "3"
     info = json.loads((out / "train.json").read_text())
     state = json.loads((out / "state.json").read_text())

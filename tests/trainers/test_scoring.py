@@ -4,15 +4,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from features.folder import FeaturesFolder
 from trainers.checkpoint import CheckpointError, save_checkpoint
-from trainers.models import SRConfig, SRModel
+from trainers.data import text_tensors
+from trainers.models import ModelSize, Recommender, SASRec, SASRecConfig, SRConfig, SRModel, TextRecommender
 from trainers.scoring import Scorer
+
+SIZE = ModelSize(hidden=16, inner=32, max_history=8)
 
 
 @pytest.fixture(scope="module")
 def sr_checkpoint(fake_features, tmp_path_factory):
     torch.manual_seed(0)
-    model = SRModel(SRConfig(num_videos=48, num_comments=192, text_dim=32, hidden=16, inner=32, max_history=8))
+    model = SRModel(SRConfig(num_videos=48, num_comments=192, text_dim=32, size=SIZE))
     model.set_seen(torch.ones(48, dtype=torch.bool), torch.ones(192, dtype=torch.bool))
     path = tmp_path_factory.mktemp("ckpt")
     save_checkpoint(path, "sr", model.config, model.state_dict())
@@ -63,7 +67,7 @@ def test_corrupt_checkpoint_is_refused(fake_features, sr_checkpoint, tmp_path):
 
 
 def test_checkpoint_for_other_features_is_refused(fake_features, tmp_path):
-    model = SRModel(SRConfig(num_videos=48, num_comments=192, text_dim=16, hidden=16, inner=32))
+    model = SRModel(SRConfig(num_videos=48, num_comments=192, text_dim=16, size=ModelSize(hidden=16, inner=32)))
     save_checkpoint(tmp_path, "sr", model.config, model.state_dict())
     with pytest.raises(CheckpointError, match="does not fit the features"):
         Scorer(tmp_path, fake_features)
@@ -72,8 +76,7 @@ def test_checkpoint_for_other_features_is_refused(fake_features, tmp_path):
 @pytest.fixture(scope="module")
 def timed_checkpoint(fake_features, tmp_path_factory):
     torch.manual_seed(0)
-    model = SRModel(SRConfig(num_videos=48, num_comments=192, text_dim=32, hidden=16, inner=32, max_history=8,
-                             time_features=True))
+    model = SRModel(SRConfig(num_videos=48, num_comments=192, text_dim=32, size=SIZE, time_features=True))
     with torch.no_grad():  # untrained age tables are zero: give them values so the age term matters
         model.video_age.weight.normal_()
         model.comment_age.weight.normal_()
@@ -146,3 +149,18 @@ def test_full_corpus_scores_follow_bucket_changes_through_the_cache(fake_feature
     assert model.age_buckets("video", torch.tensor([0, 1]), now + crossing).tolist() == [13, 12]
     scorer.video_scores(scorer.histories(users, now_ms=now))
     assert scorer._aged[:2] == (now, now + crossing)
+
+
+def test_an_id_only_model_takes_grown_tables_as_new_item_counts(fake_features, tmp_path):
+    """SASRec reads no text (it is not a TextRecommender): grown tables only add items, which score as zero
+    vectors, as items beyond its ID table do."""
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(num_videos=48, num_comments=192, size=SIZE))
+    assert isinstance(model, Recommender) and not isinstance(model, TextRecommender)
+    save_checkpoint(tmp_path, "sasrec", model.config, model.state_dict())
+    scorer = Scorer(tmp_path, fake_features)
+    video, comment = text_tensors(FeaturesFolder(fake_features))
+    scorer.set_text_tables(torch.cat([video, video[:2]]), comment)
+    hist = scorer.histories(pq.read_table(fake_features / "users.parquet").slice(0, 2).to_pydict())
+    scores = scorer.video_scores(hist)
+    assert scores.shape == (2, 50) and (scores[:, 48:] == 0).all() and scores[:, :48].abs().sum() > 0

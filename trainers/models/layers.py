@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainers.models.base import ModelSize
+
 
 def position_ids(mask: torch.Tensor, max_position: int, randomize: bool) -> torch.Tensor:
     """Position ids for right-aligned histories, [B, L] -> [B, L] long.
@@ -126,10 +128,11 @@ class Block(nn.Module):
 class CausalEncoder(nn.Module):
     """A stack of causal blocks over one history: elements [B, L, H], mask [B, L] -> states [B, L, H]."""
 
-    def __init__(self, hidden: int, heads: int, inner: int, layers: int, dropout: float):
+    def __init__(self, size: ModelSize):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(hidden, heads, inner, dropout) for _ in range(layers))
-        self.norm = nn.LayerNorm(hidden)
+        self.blocks = nn.ModuleList(Block(size.hidden, size.num_heads, size.inner, size.dropout)
+                                    for _ in range(size.num_layers))
+        self.norm = nn.LayerNorm(size.hidden)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         allowed = causal_mask(mask)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.config import require, require_at_least
 from core.paths import cache_dir
 from features.folder import FeaturesFolder
 
@@ -48,11 +49,8 @@ class LLMConfig:
     max_response_tokens: int = 32
 
     def __post_init__(self):
-        for name in ("sr_hidden", "lora_r", "lora_alpha", "max_prompt_tokens", "max_response_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LLMConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LLMConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        require_at_least(self, 1, "sr_hidden", "lora_r", "lora_alpha", "max_prompt_tokens", "max_response_tokens")
+        require(self, 0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
         self.lora_targets = tuple(self.lora_targets)
 
 

@@ -2,7 +2,8 @@
 
 Inputs are index tensors from trainers/data.py (right-aligned histories, -1 = padding or "none"); the text
 embedding matrices of the features folder are attached with `set_text_tables` (not part of the checkpoint:
-they belong to the features folder and grow as new items arrive).
+they belong to the features folder and grow as new items arrive), which makes it a `TextRecommender`
+(trainers/models/base.py).
 
 Every vector the task methods return is L2-normalised; score = dot / temperature, i.e. cosine / temperature.
 
@@ -31,12 +32,14 @@ A config saved before these features existed lacks the field and loads with them
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.config import require, require_at_least
+from trainers.models.base import ModelSize
 from trainers.models.layers import CausalEncoder, NullAttention, position_ids, safe_lookup, time_buckets
 
 
@@ -45,14 +48,8 @@ class SRConfig:
     num_videos: int = 0  # size of the video ID table (rows of video_emb.npy at training time)
     num_comments: int = 0  # size of the comment ID table
     text_dim: int = 384
-    hidden: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    inner: int = 256
-    dropout: float = 0.3
-    max_history: int = 50
-    max_position: int = 0  # size of the position tables; 0 means max_history
-    temperature: float = 0.07
+    size: ModelSize = field(default_factory=ModelSize)
+    max_position: int = 0  # size of the position tables; 0 means size.max_history
     use_id_embedding: bool = True  # gated ID embeddings (stage 2); False = the text-only model
     random_positions: bool = False  # stage 1: randomized sorted position ids while training
     # Item age and history-gap embeddings. False by default so that a saved config without the field (a
@@ -62,25 +59,15 @@ class SRConfig:
 
     def __post_init__(self):
         if self.max_position == 0:
-            self.max_position = self.max_history
-        positive = ("text_dim", "hidden", "num_layers", "num_heads", "inner", "max_history", "max_position")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"SRConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_videos < 0 or self.num_comments < 0:
-            raise ValueError("SRConfig.num_videos and num_comments must be >= 0")
-        if self.use_id_embedding and (self.num_videos < 1 or self.num_comments < 1):
-            raise ValueError("SRConfig: use_id_embedding needs num_videos >= 1 and num_comments >= 1")
-        if self.hidden % self.num_heads:
-            raise ValueError(f"SRConfig.hidden {self.hidden} is not divisible by num_heads {self.num_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"SRConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.temperature <= 0:
-            raise ValueError(f"SRConfig.temperature must be > 0, got {self.temperature}")
-        if self.num_time_buckets < 2:
-            raise ValueError(f"SRConfig.num_time_buckets must be >= 2, got {self.num_time_buckets}")
-        if self.max_position < self.max_history:
-            raise ValueError("SRConfig.max_position must be >= max_history")
+            self.max_position = self.size.max_history
+        require_at_least(self, 1, "text_dim")
+        require_at_least(self, 0, "num_videos", "num_comments")
+        for name in ("num_videos", "num_comments"):
+            require(self, getattr(self, name) >= 1 or not self.use_id_embedding, name,
+                    "must be >= 1 with use_id_embedding")
+        require_at_least(self, 2, "num_time_buckets")
+        require(self, self.max_position >= self.size.max_history, "max_position",
+                f"must be >= size.max_history {self.size.max_history}")
 
     @property
     def text_only(self) -> bool:
@@ -91,8 +78,9 @@ class SRModel(nn.Module):
     def __init__(self, config: SRConfig):
         super().__init__()
         self.config = config
-        self.temperature = config.temperature
-        h = config.hidden
+        size = config.size
+        self.temperature = size.temperature
+        h = size.hidden
         self.video_adapter = nn.Linear(config.text_dim, h)
         self.comment_adapter = nn.Linear(config.text_dim, h)
         if config.use_id_embedding:
@@ -112,13 +100,12 @@ class SRModel(nn.Module):
         self.comment_pos = nn.Embedding(config.max_position, h)
         nn.init.normal_(self.video_pos.weight, std=0.02)
         nn.init.normal_(self.comment_pos.weight, std=0.02)
-        self.drop = nn.Dropout(config.dropout)
-        args = (h, config.num_heads, config.inner, config.num_layers, config.dropout)
-        self.video_encoder = CausalEncoder(*args)
-        self.comment_encoder = CausalEncoder(*args)
+        self.drop = nn.Dropout(size.dropout)
+        self.video_encoder = CausalEncoder(size)
+        self.comment_encoder = CausalEncoder(size)
         # Mix layer: each history's states attend to the other's (no causal mask: both are the past).
-        self.mix_video = NullAttention(h, config.num_heads, config.dropout)
-        self.mix_comment = NullAttention(h, config.num_heads, config.dropout)
+        self.mix_video = NullAttention(h, size.num_heads, size.dropout)
+        self.mix_comment = NullAttention(h, size.num_heads, size.dropout)
         self.video_fuse = nn.Sequential(nn.Linear(2 * h, h), nn.LayerNorm(h))
         self.comment_fuse = nn.Sequential(nn.Linear(2 * h, h), nn.LayerNorm(h))
         # Video task: additive attention pooling, w^T tanh(W s), over [null; video states].
@@ -128,7 +115,7 @@ class SRModel(nn.Module):
         # Comment task: the query video attends over the comment-history states; the result, the video-task
         # user vector and the query video vector are merged into the user-in-context vector.
         self.query_proj = nn.Linear(h, h)
-        self.comment_attn = NullAttention(h, config.num_heads, config.dropout)
+        self.comment_attn = NullAttention(h, size.num_heads, size.dropout)
         self.context_mlp = nn.Sequential(nn.Linear(3 * h, h), nn.GELU(), nn.Linear(h, h))
         self.register_buffer("video_text", torch.zeros(0, config.text_dim), persistent=False)
         self.register_buffer("comment_text", torch.zeros(0, config.text_dim), persistent=False)

@@ -1,12 +1,12 @@
 import torch
 
 from trainers.losses import video_loss
-from trainers.models import SASRec, SASRecConfig
+from trainers.models import ModelSize, SASRec, SASRecConfig
 
 
 def make_model() -> SASRec:
     torch.manual_seed(0)
-    return SASRec(SASRecConfig(num_videos=10, num_comments=30, hidden=16, inner=32, max_history=4)).eval()
+    return SASRec(SASRecConfig(num_videos=10, num_comments=30, size=ModelSize(hidden=16, inner=32, max_history=4))).eval()
 
 
 def test_shapes_norms_and_empty_histories(history_batch):

@@ -2,15 +2,15 @@ import pytest
 import torch
 
 from trainers.checkpoint import CheckpointError, load_init_weights, save_checkpoint
-from trainers.models import SRConfig, SRModel
+from trainers.models import ModelSize, SRConfig, SRModel
 
 V, C, D = 10, 30, 8
 
 
-def make_model(**overrides) -> SRModel:
+def make_model(dropout: float = 0.3, **overrides) -> SRModel:
     torch.manual_seed(0)
-    config = SRConfig(num_videos=V, num_comments=C, text_dim=D, hidden=16, num_heads=2, inner=32,
-                      max_history=4, **overrides)
+    size = ModelSize(hidden=16, num_heads=2, inner=32, max_history=4, dropout=dropout)
+    config = SRConfig(num_videos=V, num_comments=C, text_dim=D, size=size, **overrides)
     model = SRModel(config)
     # Two more text rows than ID rows: items that arrived after training.
     model.set_text_tables(torch.randn(V + 2, D), torch.randn(C + 2, D))
@@ -95,7 +95,7 @@ def test_random_positions_only_while_training(history_batch):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="divisible"):
-        SRConfig(num_videos=1, num_comments=1, hidden=10, num_heads=3)
+        SRConfig(num_videos=1, num_comments=1, size=ModelSize(hidden=10, num_heads=3))
     with pytest.raises(ValueError, match="num_videos"):
         SRConfig(num_videos=0, num_comments=0)
     assert SRConfig(num_videos=0, num_comments=0, use_id_embedding=False).max_position == 50
@@ -108,6 +108,6 @@ def test_init_from_a_text_only_checkpoint(tmp_path):
     fresh = load_init_weights(model, tmp_path / "stage1")
     assert set(fresh) == {"video_id.weight", "comment_id.weight", "video_gate", "comment_gate"}
     assert torch.equal(model.video_adapter.weight, stage1.video_adapter.weight)
-    bigger = SRModel(SRConfig(num_videos=V, num_comments=C, text_dim=D, hidden=32, max_history=4))
+    bigger = SRModel(SRConfig(num_videos=V, num_comments=C, text_dim=D, size=ModelSize(hidden=32, max_history=4)))
     with pytest.raises(CheckpointError, match="shape"):
         load_init_weights(bigger, tmp_path / "stage1")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trainers.models import SRConfig, SRModel, build_model
+from trainers.models import ModelSize, SRConfig, SRModel, build_model
 from trainers.models.layers import time_bucket_edges, time_buckets
 
 V, C, D, H = 10, 30, 8, 16
@@ -12,8 +12,8 @@ MINUTE, DAY = 60_000, 86_400_000
 
 def make_model(time_features: bool, seed: int = 0) -> SRModel:
     torch.manual_seed(seed)
-    model = SRModel(SRConfig(num_videos=V, num_comments=C, text_dim=D, hidden=H, num_heads=2, inner=32,
-                             max_history=4, time_features=time_features))
+    model = SRModel(SRConfig(num_videos=V, num_comments=C, text_dim=D, time_features=time_features,
+                             size=ModelSize(hidden=H, num_heads=2, inner=32, max_history=4)))
     torch.manual_seed(1)
     model.set_text_tables(torch.randn(V, D), torch.randn(C, D))
     # Video i published at day i, comment j at day j // 3 (with its video).
