@@ -86,6 +86,11 @@ class FeaturesFolder:
         file = self.root / contract.MANIFEST
         return json.loads(file.read_text()) if file.is_file() else {}
 
+    @property
+    def alive_window_ms(self) -> int:
+        """W of the alive_window pool: videos published in [ts - W, ts) were alive at ts (0: not recorded)."""
+        return int(self.manifest.get("alive_window_ms") or 0)
+
     # ---- examples --------------------------------------------------------------------------------------
 
     def examples_dir(self, task: str, split: str) -> Path:

@@ -1,7 +1,8 @@
 """Baselines that need no training.
 
-- `popularity` (video): how often the video is the target of a train example of the video task (a global
-  count, so it may include interactions after a valid/test example's time); comment: likes before t.
+- `popularity` (video): how often the video is the target of a train example of the video task. Under the
+  default split (global_time) every train example lies before the valid cut, so no evaluation-period event
+  counts; under leave_last_out other users' later events do. Comment: likes before t.
 - Time-aware (issue 8), all strictly before the example's time t: video `recency` (newest first),
   `popularity_at_t` (positive interactions before t, CountsBefore) and `recency_pop_blend`
   (log1p(count) - age / tau, tau tuned on valid); comment `newest`, `most_engaged` (likes + replies before t)

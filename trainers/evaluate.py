@@ -277,17 +277,12 @@ def score_fns(folder: FeaturesFolder, checkpoints: dict[str, str | Path], popula
     return {task: {**fns, **baselines[task]} for task in TASKS}, tau
 
 
-def full_corpus_window_ms(folder: FeaturesFolder) -> int:
-    """W of the full-corpus pool: the build's alive window (0 when the manifest has none: not computed)."""
-    return int(folder.manifest.get("alive_window_ms") or 0)
-
-
 def rank_all(folder: FeaturesFolder, fns: dict[str, dict[str, ScoreFn]], split: str, batch_size: int = 512,
              max_examples: int = 0) -> dict[str, Ranking]:
     """Rankings of both tasks under the build's candidates, and of the video task against the whole alive
     pool ("full_corpus/video", when the build has an alive window)."""
     out = {task: rank_task(folder, fns[task], task, split, batch_size, max_examples) for task in TASKS}
-    window = full_corpus_window_ms(folder)
+    window = folder.alive_window_ms
     if window:
         out["full_corpus/video"] = rank_task(folder, fns["video"], "video", split, FULL_CORPUS_BATCH, max_examples,
                                              full_corpus_window_ms=window)
@@ -320,7 +315,7 @@ def evaluate(features: FeaturesFolder | str | Path, checkpoints: dict[str, str |
     manifest = folder.manifest
     fns, tau = score_fns(folder, checkpoints, popularity, device, max_examples)
     results: dict = {"split": split, "protocol": manifest.get("video_protocol", "uniform_all"),
-                     "recency_pop_blend_tau_h": tau, "full_corpus_window_ms": full_corpus_window_ms(folder),
+                     "recency_pop_blend_tau_h": tau, "full_corpus_window_ms": folder.alive_window_ms,
                      **results_of(rank_all(folder, fns, split, batch_size, max_examples))}
     results["other_protocols"] = {}
     for other in manifest.get("video_protocols", []):

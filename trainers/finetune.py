@@ -60,7 +60,14 @@ from trainers.checkpoint import (
     save_checkpoint,
     write_tensors,
 )
-from trainers.data import collate, item_time_tensors, text_tensors
+from trainers.data import (
+    collate,
+    fresh_video_negatives,
+    item_time_tensors,
+    text_tensors,
+    user_video_positives,
+    without_later_positives,
+)
 from trainers.evaluate import evaluate_fns, scorer_fn
 from trainers.loop import (
     Recipe,
@@ -95,7 +102,7 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 5.0  # 0 = no clipping
     id_text_weight: float = 0.1  # weight of the ID-text contrast (SR with ID embeddings)
-    train_negatives: int = 20  # sampled negatives per video example added to the in-batch ones (0 = none)
+    train_negatives: int = 20  # alive-pool negatives per video example, drawn each step, beside the in-batch ones
     num_workers: int = 2
     use_gpu: bool = False
     seed: int = 0
@@ -227,6 +234,10 @@ class FinetuneRecipe(Recipe):
             self.model.set_text_tables(*text_tensors(self.folder))
             self.model.set_item_times(*item_time_tensors(self.folder))  # a no-op without time features
         self.model.to(self.device)
+        # Training negatives: video ones drawn afresh each step from the alive pool; comment lists without
+        # the user's other train positives on the video (the stored lists keep only the earlier ones out).
+        self.video_ts = self.folder.item_times()[0]
+        self.comment_positives = user_video_positives(self.folder, ("train",)) if "comment" in self.shards else {}
         self.init_optimizer(self.model)
         state = self.resume()
         self.step, self.epoch, self.stale, self.best = state["step"], state["epoch"], state["stale"], state["best"]
@@ -263,12 +274,19 @@ class FinetuneRecipe(Recipe):
             self.history.append(record)
             self.save(epoch, record)
 
-    def step_losses(self, video_rows: dict | None, comment_rows: dict | None) -> dict[str, torch.Tensor]:
+    def step_losses(self, video_rows: dict | None, comment_rows: dict | None,
+                    rng: np.random.Generator) -> dict[str, torch.Tensor]:
         c, losses, targets = self.config, {}, {}
         for task, rows in (("video", video_rows), ("comment", comment_rows)):
             if rows is None:
                 continue
-            batch = {k: v.to(self.device) for k, v in collate(rows, c.size.max_history).items()}
+            if task == "comment":
+                rows = without_later_positives(rows, self.comment_positives)
+            batch = collate(rows, c.size.max_history)
+            if task == "video" and c.train_negatives > 0:
+                batch["negatives"] = fresh_video_negatives(rows["ts"], rows["target"], self.video_ts,
+                                                           self.folder.alive_window_ms, c.train_negatives, rng)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
             losses[task] = (video_loss(self.model, batch, c.train_negatives) if task == "video"
                             else comment_loss(self.model, batch))
             targets[task] = batch["target"]
@@ -285,8 +303,9 @@ class FinetuneRecipe(Recipe):
         # Loss sums, loss counts, examples; kept on the device so steps need no extra synchronisation.
         sums = torch.zeros(2 * n + 1, dtype=torch.float64, device=self.device)
         epoch_start = time.monotonic()
+        rng = np.random.default_rng([c.seed, epoch, self.rank])  # reproducible, new draws every epoch
         for video_rows, comment_rows in self.batches(epoch):
-            losses = self.step_losses(video_rows, comment_rows)
+            losses = self.step_losses(video_rows, comment_rows, rng)
             self.optimizer_step(sum(self.loss_weights[name] * value for name, value in losses.items())
                                 if losses else None)
             for i, name in enumerate(LOSS_NAMES):

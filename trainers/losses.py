@@ -127,7 +127,7 @@ def item_vectors(model: Recommender, kind: str, idx: torch.Tensor, ts: torch.Ten
 
 def video_loss(model: Recommender, batch: dict[str, torch.Tensor], train_negatives: int) -> torch.Tensor:
     """InfoNCE of the user vector against its target video: negatives are the other targets of the batch
-    plus up to `train_negatives` of the example's own sampled negatives (videos alive at its time)."""
+    plus up to `train_negatives` of batch["negatives"] (training puts fresh draws from the alive pool there)."""
     target = batch["target"]  # [B]
     user = model.user_video_vector(batch)  # [B, H]
     # In-batch negatives are aged at their own example's time (one [B, H] key matrix for the batch).
