@@ -168,7 +168,7 @@ def cmd_run(a) -> None:
 
     models = MODEL_NAMES if a.models == "all" else tuple(m for m in a.models.split(",") if m)
     run_pipeline(PipelineConfig(data=a.data, work=work, results=a.out, epochs=a.epochs, models=models,
-                                align=tuple(a.align)))
+                                align=tuple(a.align), seeds=a.seeds))
 
 
 def cmd_demo(a) -> None:
@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "lsvcr; or 'all' (the lsvcr ones run stage 1 with the LLM: slow on CPU)")
     p.add_argument("--align", action="append", default=[], metavar="key=value",
                    help="stage 1 override, repeatable (e.g. --align max_examples=2000 --align llm_mode=frozen)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train every model this many times (seeds 0..N-1): means, standard deviations and paired "
+                        "95%% intervals against sr_no_align")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="generate data and run everything end to end, then serve two users")

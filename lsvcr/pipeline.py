@@ -38,10 +38,12 @@ class PipelineConfig:
     # Models to train and evaluate (lsvcr.suite.MODEL_NAMES); the LLM-aligned ones take much longer.
     models: tuple[str, ...] = ("popularity", "sasrec", "sr_no_align")
     align: tuple[str, ...] = ()  # key=value overrides for stage 1 (e.g. max_examples=2000)
+    seeds: int = 1  # every trained model is trained this many times (seed 0..N-1)
 
     def __post_init__(self):
         require(self, Path(self.data).is_dir(), "data", "must be a dataset folder (docs/DATA.md section 1)")
         require(self, self.epochs is None or self.epochs >= 1, "epochs", "must be >= 1")
+        require(self, self.seeds >= 1, "seeds", "must be >= 1")
 
 
 class Steps:
@@ -96,10 +98,11 @@ def run_pipeline(cfg: PipelineConfig, steps: Steps | None = None) -> dict:
     manifest = build_features(load_config(FeaturesConfig, None, {"eventlog": str(eventlog), "out": str(features)}))
 
     trained = [m for m in cfg.models if m != "popularity"]
-    steps(f"train {', '.join(trained)} with Ray Train ({cfg.num_workers} workers), evaluate on the test split")
+    times = f", {cfg.seeds} seeds each" if cfg.seeds > 1 else ""
+    steps(f"train {', '.join(trained)} with Ray Train ({cfg.num_workers} workers{times}), evaluate on the test split")
     finetune = [f"num_workers={cfg.num_workers}"] + ([f"epochs={cfg.epochs}"] if cfg.epochs else [])
     suite = train_all(features, work / "models", models=cfg.models, finetune=finetune,
-                      align=[f"num_workers={cfg.num_workers}", *cfg.align], split="test")
+                      align=[f"num_workers={cfg.num_workers}", *cfg.align], split="test", seeds=cfg.seeds)
     results, checkpoints = suite["metrics"], suite["checkpoints"]
     steps.say("\nTest-split metrics (video: the target among the sampled candidates of the protocol named; comment: "
               f"among the other comments under the same video):\n{format_table(results)}")

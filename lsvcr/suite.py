@@ -18,6 +18,11 @@ Every model sees the same features folder and splits. `align` / `finetune` are k
 every stage 1 / stage 2 run; the model size (`size.hidden=128`, ...) given to either applies to both, which
 must agree. Checkpoints go to OUT/<name> (stage 1 outputs to OUT/<name>_aligned); an existing checkpoint is
 reused when `reuse` is set.
+
+With seeds=N > 1 every trained model is trained N times, stage 1 included, with seed=0..N-1 (named
+"<name>@seed<k>", folders OUT/<name>@seed<k>); the results give each model's mean and standard deviation over
+the seeds and its paired difference to sr_no_align with a 95% bootstrap interval over test users
+(trainers/ranking.py).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from trainers.align import align as run_align
 from trainers.evaluate import evaluate
 from trainers.finetune import FinetuneConfig
 from trainers.finetune import finetune as run_finetune
+from trainers.ranking import seed_name
 
 MODEL_NAMES = ("popularity", "sasrec", "sr_no_align", "sr_text_only", "lsvcr_no_vc_contrast", "lsvcr_no_time",
                "lsvcr")
@@ -44,12 +50,14 @@ SIZE_KEYS = ("size", "time_features")
 
 def train_all(features: str | Path, out: str | Path, models: tuple[str, ...] | list[str] = MODEL_NAMES,
               align: list[str] | None = None, finetune: list[str] | None = None, split: str = "test",
-              reuse: bool = False) -> dict:
-    """Train `models` (names from MODEL_NAMES) and evaluate them with popularity on `split`; also writes
-    OUT/metrics.json. Returns {"checkpoints": {...}, "metrics": {...}}."""
+              reuse: bool = False, seeds: int = 1) -> dict:
+    """Train `models` (names from MODEL_NAMES), each under `seeds` seeds, and evaluate them with the baselines
+    on `split`; also writes OUT/metrics.json. Returns {"checkpoints": {...}, "metrics": {...}}."""
     unknown = sorted(set(models) - set(MODEL_NAMES))
     if unknown:
         raise ValueError(f"unknown models {unknown}; known: {list(MODEL_NAMES)}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stage1, stage2 = parse_overrides(align), parse_overrides(finetune)
@@ -59,25 +67,30 @@ def train_all(features: str | Path, out: str | Path, models: tuple[str, ...] | l
     for name in models:
         if name == "popularity":
             continue
-        target = out / name
-        if reuse and (target / "model.safetensors").is_file():
-            checkpoints[name] = str(target)
-            continue
-        init = None
-        if name in STAGE1:
-            aligned = out / f"{name}_aligned"
-            if not (reuse and (aligned / "model.safetensors").is_file()):
-                config = load_config(AlignConfig, None, {**stage1, **shared, **STAGE1[name],
-                                                         "features": str(features), "out": str(aligned)})
-                print(f"suite: stage 1 for {name}", flush=True)
-                run_align(config)
-            init = str(aligned)
-        values = {**stage2, **shared, **STAGE2[name], "features": str(features), "out": str(target)}
-        if init:
-            values["init"] = init
-        print(f"suite: stage 2 for {name}", flush=True)
-        checkpoints[name] = run_finetune(load_config(FinetuneConfig, None, values))
-    metrics = evaluate(features, checkpoints, split=split, popularity="popularity" in models)
+        for seed in range(seeds):
+            run = seed_name(name, seed) if seeds > 1 else name
+            extra = {**shared, "seed": seed} if seeds > 1 else shared
+            checkpoints[run] = _train_one(name, run, features, out, stage1, stage2, extra, reuse)
+    metrics = {"seeds": seeds, **evaluate(features, checkpoints, split=split, popularity="popularity" in models)}
     result = {"split": split, "checkpoints": checkpoints, "metrics": metrics}
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _train_one(name: str, run: str, features: str | Path, out: Path, stage1: dict, stage2: dict, shared: dict,
+               reuse: bool) -> str:
+    """Stage 1 (for the aligned models) and stage 2 of one model under one seed -> its checkpoint folder."""
+    target = out / run
+    if reuse and (target / "model.safetensors").is_file():
+        return str(target)
+    values = {**stage2, **shared, **STAGE2[name], "features": str(features), "out": str(target)}
+    if name in STAGE1:
+        aligned = out / f"{run}_aligned"
+        if not (reuse and (aligned / "model.safetensors").is_file()):
+            config = load_config(AlignConfig, None, {**stage1, **shared, **STAGE1[name],
+                                                     "features": str(features), "out": str(aligned)})
+            print(f"suite: stage 1 for {run}", flush=True)
+            run_align(config)
+        values["init"] = str(aligned)
+    print(f"suite: stage 2 for {run}", flush=True)
+    return run_finetune(load_config(FinetuneConfig, None, values))

@@ -16,6 +16,10 @@ import torch
 
 from features.folder import FeaturesFolder
 
+# Every baseline of each task by the name evaluation gives it (trainers/evaluate.py).
+NAMES = {"video": ("popularity", "recency", "popularity_at_t", "recency_pop_blend"),
+         "comment": ("popularity", "newest", "most_engaged", "top_level")}
+
 
 def video_train_counts(folder: FeaturesFolder) -> np.ndarray:
     """[V] int64: positive train interactions per video_idx."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,16 @@ from trainers.baselines import (
     video_train_counts,
 )
 from trainers.data import collate, user_video_positives, without_later_positives
-from trainers.metrics import METRIC_NAMES, metric_values, nonfinite_examples, ranking_metrics, ranks_from_scores
+from trainers.metrics import METRIC_NAMES, nonfinite_examples, ranks_from_scores
+from trainers.ranking import (
+    COLD_USER_EVENTS,
+    FULL_CORPUS_METRICS,
+    SLICES,
+    Ranking,
+    alive_pools,
+    cold_slices,
+    results_of,
+)
 from trainers.scoring import Scorer
 
 # fn(task, batch) -> scores [B, 1 + K] of [target, negatives...]; -inf where a negative is padding. Each
@@ -134,59 +142,6 @@ def tune_blend(folder: FeaturesFolder, max_examples: int = 0) -> float:
     return best
 
 
-SLICES = ("cold_item", "cold_user", "rest")
-COLD_ITEM_AGE_MS = 24 * 3_600_000  # a target published less than this before the event is a cold item
-COLD_USER_EVENTS = 3  # a user with at most this many earlier interactions (history elements) is a cold user
-
-
-@dataclass
-class Ranking:
-    """One task's evaluation on one split: per example, its user, its number of candidates (target
-    included) and its slice; per score function, the target's 0-based rank [N] and the examples whose scores
-    were not finite."""
-
-    task: str
-    user_id: np.ndarray  # [N] object
-    candidates: np.ndarray  # [N] int
-    slices: dict[str, np.ndarray]  # slice name -> bool [N]
-    ranks: dict[str, np.ndarray]  # score function -> int [N]
-    nonfinite: dict[str, int]
-    skipped: int  # examples without any negative: nothing to rank the target against
-
-    def metrics(self, name: str, mask: np.ndarray | None = None) -> dict:
-        ranks = self.ranks[name] if mask is None else self.ranks[name][mask]
-        return {**ranking_metrics(ranks), "skipped": self.skipped, "nonfinite": self.nonfinite[name]}
-
-    def slice_metrics(self) -> dict[str, dict[str, dict]]:
-        return {s: {name: ranking_metrics(self.ranks[name][mask]) for name in self.ranks}
-                for s, mask in self.slices.items()}
-
-    def candidate_counts(self) -> dict:
-        c = self.candidates
-        return {"min": int(c.min()), "median": float(np.median(c)), "max": int(c.max())} if len(c) else {}
-
-
-def cold_slices(rows: dict, task: str, item_ts: np.ndarray, trained: np.ndarray) -> dict[str, np.ndarray]:
-    """Slice masks of a batch of example rows: cold_item (the target was published less than
-    COLD_ITEM_AGE_MS before the event, or is not the target of any train example: trained [items] bool),
-    cold_user (at most COLD_USER_EVENTS history elements, video and comment records together), rest."""
-    target = np.asarray(rows["target"], np.int64)
-    age = np.asarray(rows["ts"], np.int64) - np.asarray(item_ts)[target]
-    cold_item = (age < COLD_ITEM_AGE_MS) | ~np.asarray(trained)[target]
-    earlier = np.array([len(v) + len(c) for v, c in zip(rows["hist_video"], rows["hist_cmt_video"])])
-    cold_user = earlier <= COLD_USER_EVENTS
-    return {"cold_item": cold_item, "cold_user": cold_user, "rest": ~cold_item & ~cold_user}
-
-
-def alive_pools(rows: dict, video_ts: np.ndarray, window_ms: int) -> list[np.ndarray]:
-    """Every video published in [ts - window_ms, ts) other than the target, per example: the full-corpus
-    candidates of the video task (the alive_window pool without sampling)."""
-    ts = np.asarray(rows["ts"], np.int64)
-    hi = np.searchsorted(video_ts, ts, side="left")
-    lo = np.searchsorted(video_ts, ts - window_ms, side="left")
-    return [np.setdiff1d(np.arange(a, b), [t]) for a, b, t in zip(lo, hi, np.asarray(rows["target"]))]
-
-
 def rank_task(folder: FeaturesFolder, fns: dict[str, ScoreFn], task: str, split: str, batch_size: int = 512,
               max_examples: int = 0, negatives_column: str = "negatives",
               full_corpus_window_ms: int = 0) -> Ranking:
@@ -257,7 +212,6 @@ def evaluate_fns(folder: FeaturesFolder, fns: dict[str, ScoreFn], split: str, ba
     return out
 
 
-FULL_CORPUS_METRICS = ("recall@10", "recall@50", "ndcg@10")
 FULL_CORPUS_BATCH = 64  # examples per full-corpus batch: [B, pool, H] item vectors are gathered at once
 
 
@@ -289,34 +243,20 @@ def rank_all(folder: FeaturesFolder, fns: dict[str, dict[str, ScoreFn]], split: 
     return out
 
 
-def results_of(rankings: dict[str, Ranking]) -> dict:
-    """The metrics of rankings: per task and model, the candidate counts, the slices, the full-corpus metrics."""
-    results: dict = {task: {name: rankings[task].metrics(name) for name in rankings[task].ranks} for task in TASKS}
-    results["candidates"] = {task: rankings[task].candidate_counts() for task in TASKS}
-    results["slices"] = {task: rankings[task].slice_metrics() for task in TASKS}
-    if "full_corpus/video" in rankings:
-        ranking = rankings["full_corpus/video"]
-        results["full_corpus"] = {"video": {
-            name: {"count": int(len(ranks)), **{m: float(metric_values(ranks, m).mean()) if len(ranks) else None
-                                                for m in FULL_CORPUS_METRICS}}
-            for name, ranks in ranking.ranks.items()}}
-        results["candidates"]["full_corpus/video"] = ranking.candidate_counts()
-    return results
-
-
 def evaluate(features: FeaturesFolder | str | Path, checkpoints: dict[str, str | Path], split: str = "test",
              popularity: bool = True, batch_size: int = 512, max_examples: int = 0,
-             device: str = "cpu") -> dict:
-    """Metrics per task and model for the checkpoints (name -> folder), "popularity" and the time-aware
-    baselines, under the build's video protocol, with candidate counts, cold-item / cold-user slices and
-    full-corpus video metrics (results_of); "other_protocols" holds the video task under every other protocol
-    the build wrote. `features` may be a URI (downloaded once into the cache)."""
+             device: str = "cpu", reference: str = "sr_no_align") -> dict:
+    """Metrics per task and model for the checkpoints (name -> folder; "<model>@seed<k>" for one seed of
+    several), "popularity" and the time-aware baselines, under the build's video protocol: means and standard
+    deviations over seeds, paired differences to `reference`, candidate counts, cold-item / cold-user slices
+    and full-corpus video metrics (trainers/ranking.results_of); "other_protocols" holds the video task under
+    every other protocol the build wrote. `features` may be a URI (downloaded once into the cache)."""
     folder = FeaturesFolder.open(features)
     manifest = folder.manifest
     fns, tau = score_fns(folder, checkpoints, popularity, device, max_examples)
     results: dict = {"split": split, "protocol": manifest.get("video_protocol", "uniform_all"),
                      "recency_pop_blend_tau_h": tau, "full_corpus_window_ms": folder.alive_window_ms,
-                     **results_of(rank_all(folder, fns, split, batch_size, max_examples))}
+                     **results_of(rank_all(folder, fns, split, batch_size, max_examples), reference)}
     results["other_protocols"] = {}
     for other in manifest.get("video_protocols", []):
         if other != results["protocol"]:
@@ -331,14 +271,19 @@ def _cell(value, width: int = 9) -> str:
 
 
 def _task_blocks(title: str, tasks: dict) -> list[str]:
-    columns = ("count", *METRIC_NAMES)
+    """One row per model; with several seeds, the mean over seeds and the standard deviation of NDCG@10."""
     lines = []
     for task, models in tasks.items():
         width = max([len("model"), *(len(name) for name in models)])
-        lines.append(f"{task} task{title}")
-        lines.append("  ".join([f"{'model':<{width}}", *(f"{c:>9}" for c in columns)]))
+        seeded = any(m.get("seeds", 1) > 1 for m in models.values())
+        extra = ("seeds", "ndcg@10_std") if seeded else ()
+        lines.append(f"{task} task{title}{' (means over seeds)' if seeded else ''}")
+        lines.append("  ".join([f"{'model':<{width}}", *(f"{c[:9]:>9}" for c in ("count", *METRIC_NAMES)),
+                                *(f"{c:>11}" for c in extra)]))
         for name, metrics in models.items():
             cells = [f"{metrics.get('count', 0):>9}", *(_cell(metrics.get(m)) for m in METRIC_NAMES)]
+            if seeded:
+                cells += [f"{metrics.get('seeds', 1):>11}", _cell(metrics.get("ndcg@10_std"), 11)]
             lines.append("  ".join([f"{name:<{width}}", *cells]))
         skipped = max((m.get("skipped", 0) for m in models.values()), default=0)
         if skipped:
@@ -364,6 +309,28 @@ def _full_corpus_block(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _paired_blocks(results: dict) -> list[str]:
+    lines = []
+    for task, models in results.get("paired", {}).items():
+        references = list(dict.fromkeys(ref for by_ref in models.values() for ref in by_ref))
+        for ref in references:
+            rows = [(name, by_ref[ref]) for name, by_ref in models.items()
+                    if ref in by_ref and by_ref[ref]["diff"] is not None]
+            if not rows:
+                continue
+            width = max([len("model"), *(len(name) for name, _ in rows)])
+            lines.append(f"{task} task: NDCG@10 minus {ref}'s on the same test examples, 95% bootstrap "
+                         f"interval over {rows[0][1]['groups']} test users")
+            lines.append("  ".join([f"{'model':<{width}}", f"{'diff':>9}", f"{'ci95':>20}"]))
+            for name, d in rows:
+                low, high = d["ci95"]
+                verdict = "significant" if d["significant"] else "not significant (interval contains 0)"
+                lines.append("  ".join([f"{name:<{width}}", f"{d['diff']:>+9.4f}", f"[{low:+.4f}, {high:+.4f}]",
+                                        verdict]))
+            lines.append("")
+    return lines
+
+
 def _slice_blocks(results: dict, metric: str = "ndcg@10") -> list[str]:
     lines = []
     for task, slices in results.get("slices", {}).items():
@@ -383,7 +350,7 @@ def _slice_blocks(results: dict, metric: str = "ndcg@10") -> list[str]:
 
 def format_table(results: dict) -> str:
     """Readable text table: one block per task (and per other video protocol), one row per model, then the
-    full-corpus video metrics and the slices."""
+    paired differences to the reference, the full-corpus video metrics and the slices."""
     protocol = results.get("protocol")
     lines = []
     if protocol:
@@ -398,6 +365,7 @@ def format_table(results: dict) -> str:
     tasks = {k: v for k, v in results.items() if k in TASKS}
     lines += _task_blocks(f" ({protocol})" if protocol else "", {k: v for k, v in tasks.items() if k == "video"})
     lines += _task_blocks("", {k: v for k, v in tasks.items() if k != "video"})
+    lines += _paired_blocks(results)
     lines += _full_corpus_block(results)
     lines += _slice_blocks(results)
     for other, other_tasks in results.get("other_protocols", {}).items():

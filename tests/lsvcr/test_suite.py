@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 import lsvcr.suite as suite
@@ -33,3 +35,22 @@ def test_one_model_size_for_both_stages(tmp_path, monkeypatch):
     assert [type(c).__name__ for c in configs] == ["AlignConfig", "FinetuneConfig"]
     assert configs[0].size == configs[1].size == ModelSize(hidden=32, max_history=20)
     assert configs[1].epochs == 1 and configs[1].init == str(tmp_path / "out" / "lsvcr_aligned")
+
+
+def test_seeds_train_every_model_once_per_seed(tmp_path, monkeypatch):
+    configs = []
+    monkeypatch.setattr(suite, "run_align", lambda config: configs.append(config) or config.out)
+    monkeypatch.setattr(suite, "run_finetune", lambda config: configs.append(config) or config.out)
+    evaluated = {}
+    monkeypatch.setattr(suite, "evaluate", lambda features, checkpoints, **kw: evaluated.update(checkpoints) or {})
+    out = train_all(tmp_path, tmp_path / "out", models=["popularity", "sasrec", "lsvcr"], seeds=2)
+    assert sorted(evaluated) == ["lsvcr@seed0", "lsvcr@seed1", "sasrec@seed0", "sasrec@seed1"]
+    assert out["metrics"]["seeds"] == 2
+    # Stage 1 and stage 2 of a run share its seed; stage 2 starts from that seed's stage 1.
+    runs = [(type(c).__name__, c.seed, Path(c.out).name) for c in configs]
+    assert runs == [("FinetuneConfig", 0, "sasrec@seed0"), ("FinetuneConfig", 1, "sasrec@seed1"),
+                    ("AlignConfig", 0, "lsvcr@seed0_aligned"), ("FinetuneConfig", 0, "lsvcr@seed0"),
+                    ("AlignConfig", 1, "lsvcr@seed1_aligned"), ("FinetuneConfig", 1, "lsvcr@seed1")]
+    assert configs[-1].init == str(tmp_path / "out" / "lsvcr@seed1_aligned")
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        train_all(tmp_path, tmp_path / "out", models=["sasrec"], seeds=0)

@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from trainers.evaluate import Ranking
-from trainers.seeds import model_of, seed_name, seed_results
+from trainers.evaluate import format_table
+from trainers.ranking import Ranking, model_of, results_of, seed_name
 
 
 def ranking(ranks: dict[str, list[int]], users: list[str]) -> Ranking:
@@ -25,7 +25,7 @@ def test_means_stds_and_paired_difference_by_hand():
     r = ranking({seed_name("sr_no_align", 0): [0, 1, 5, 20], seed_name("sr_no_align", 1): [0, 3, 5, 20],
                  seed_name("lsvcr", 0): [0, 0, 0, 20], seed_name("lsvcr", 1): [0, 0, 0, 0],
                  "popularity": [20, 20, 20, 20]}, users)
-    out = seed_results({"video": r}, reference="sr_no_align", n_boot=500)
+    out = results_of({"video": r}, reference="sr_no_align", n_boot=500)
     ndcg = lambda rank: 1 / math.log2(rank + 2) if rank < 10 else 0.0  # noqa: E731
     seed0 = np.mean([ndcg(0), ndcg(1), ndcg(5), 0.0])
     seed1 = np.mean([ndcg(0), ndcg(3), ndcg(5), 0.0])
@@ -33,14 +33,30 @@ def test_means_stds_and_paired_difference_by_hand():
     assert sr["seeds"] == 2 and sr["count"] == 4
     assert sr["ndcg@10"] == pytest.approx((seed0 + seed1) / 2)
     assert sr["ndcg@10_std"] == pytest.approx(np.std([seed0, seed1], ddof=1))
-    assert out["video"]["popularity"]["seeds"] == 1 and out["video"]["popularity"]["ndcg@10_std"] == 0.0
+    assert out["video"]["popularity"]["seeds"] == 1 and out["video"]["popularity"]["ndcg@10_std"] is None
     # Paired on seed-averaged per-example NDCG@10: lsvcr [1, 1, 1, 0.5], sr [1, (ndcg(1)+ndcg(3))/2, ndcg(5), 0].
     diff = np.mean([0.0, 1 - (ndcg(1) + ndcg(3)) / 2, 1 - ndcg(5), 0.5])
     lsvcr = out["paired"]["video"]["lsvcr"]["sr_no_align"]
     assert lsvcr["diff"] == pytest.approx(diff) and lsvcr["groups"] == 3
     assert lsvcr["ci95"][0] <= diff <= lsvcr["ci95"][1]
-    assert "sr_no_align" not in out["paired"]["video"]
+    # Every model is also paired with the strongest baseline (here the only one, popularity); none with itself.
+    assert set(out["paired"]["video"]["sr_no_align"]) == {"popularity"}
+    assert set(out["paired"]["video"]["lsvcr"]) == {"sr_no_align", "popularity"}
+    assert out["paired"]["video"]["lsvcr"]["popularity"]["diff"] == pytest.approx(np.mean([1.0, 1.0, 1.0, 0.5]))
     # Slices: the first example is the cold item.
     assert out["slices"]["video"]["cold_item"]["lsvcr"]["ndcg@10"] == pytest.approx(1.0)
     assert out["slices"]["video"]["cold_item"]["lsvcr"]["count"] == 1
     assert out["candidates"]["video"] == {"min": 100, "median": 100.0, "max": 100}
+
+
+def test_the_table_marks_differences_whose_interval_contains_zero():
+    users = ["u1", "u2", "u3", "u4"]
+    r = ranking({"sr_no_align": [20, 20, 20, 20], "same": [20, 20, 20, 20], "better": [0, 0, 0, 0]}, users)
+    out = results_of({"video": r}, reference="sr_no_align", n_boot=200)
+    same, better = (out["paired"]["video"][m]["sr_no_align"] for m in ("same", "better"))
+    assert (same["diff"], same["ci95"], same["significant"]) == (0.0, [0.0, 0.0], False)
+    assert (better["diff"], better["ci95"], better["significant"]) == (1.0, [1.0, 1.0], True)
+    table = format_table(out)
+    lines = table[table.index("NDCG@10 minus sr_no_align's"):].splitlines()
+    assert next(line for line in lines if line.startswith("same ")).endswith("not significant (interval contains 0)")
+    assert next(line for line in lines if line.startswith("better ")).endswith(" significant")
