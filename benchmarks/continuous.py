@@ -13,7 +13,7 @@ The first slice makes the first version (serving starts from it); the figures ar
 version, trained on the second slice while Serve was running.
 
     lsvcr benchmark continuous                        # the default settings (what the target is about)
-    lsvcr benchmark continuous encoder=hash epochs=1  # any ContinuousConfig field, or a field below
+    lsvcr benchmark continuous features.encoder=hash finetune.epochs=1  # any ContinuousConfig key, or a field below
 """
 
 from __future__ import annotations
@@ -108,7 +108,10 @@ class ServeWatch:
 
 def run(overrides: list[str]) -> dict:
     fields = {f.name for f in dataclasses.fields(ContinuousConfig)}
-    mine = [o for o in overrides if o.split("=", 1)[0] not in fields]
+    def theirs(override: str) -> bool:  # a ContinuousConfig key, nested ones (finetune.lr=...) included
+        return override.split("=", 1)[0].split(".", 1)[0] in fields
+
+    mine = [o for o in overrides if not theirs(o)]
     cfg = load_config(ContinuousBenchConfig, None, mine)
     # The Serve replica holds one logical CPU for as long as it runs: offer one more than training needs.
     os.environ.setdefault("LSVCR_RAY_CPUS", "5")
@@ -121,7 +124,7 @@ def run(overrides: list[str]) -> dict:
     cont = load_config(ContinuousConfig, None, [
         f"workdir={work / 'continuous'}", f"registry={work / 'registry'}", f"bootstrap={bootstrap}",
         f"topic_prefix={prefix}", f"group={prefix}ingest", "max_versions=2",
-        *[o for o in overrides if o.split("=", 1)[0] in fields]])
+        *[o for o in overrides if theirs(o)]])
     trainer = ContinuousTrainer(cont)
     url = f"http://127.0.0.1:{cfg.port}"
     watch: dict = {}

@@ -105,6 +105,13 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     if unknown:
         where = prefix or cls.__name__
         raise ConfigError(f"{where}: unknown keys {unknown}; known keys: {sorted(fields)}")
+    values = dict(values)
+    for f in dataclasses.fields(cls):
+        # A partial mapping for a nested config overrides its declared default, not the nested class's own.
+        if isinstance(values.get(f.name), dict) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                values[f.name] = _merge(to_dict(default), values[f.name])
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
     try:
         return cls(**kwargs)

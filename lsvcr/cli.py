@@ -1,4 +1,8 @@
-"""`lsvcr`: one command in front of every job. Each subcommand parses its flags and calls one function."""
+"""`lsvcr`: one command in front of every job. Each subcommand parses its flags and calls one function.
+
+The subcommands import what they run inside their function bodies: `lsvcr --help` and the light commands
+start without importing Ray and PyTorch (the one place project imports are deferred; tests/test_layers.py).
+"""
 
 from __future__ import annotations
 
@@ -172,9 +176,12 @@ def cmd_run(a) -> None:
 
 
 def cmd_demo(a) -> None:
-    from lsvcr.demo import demo
+    from core.config import load_config
+    from lsvcr.demo import DemoConfig, demo
 
-    demo(users=a.users, seed=a.seed, epochs=a.epochs, serve_seconds=a.serve_seconds)
+    flags = {"users": a.users, "seed": a.seed, "epochs": a.epochs, "serve_seconds": a.serve_seconds}
+    demo(load_config(DemoConfig, a.config, {**{k: v for k, v in flags.items() if v is not None},
+                                             **parse_overrides(a.overrides)}))
 
 
 def cmd_report(a) -> None:
@@ -314,10 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="generate data and run everything end to end, then serve two users")
-    p.add_argument("--users", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--serve-seconds", type=float, default=0.0, help="keep serving this long after the demo")
+    p.add_argument("--users", type=int, help="generated users (default 2000)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--serve-seconds", type=float, help="keep serving this long after the demo")
+    _add_overrides(p)  # --config configs/demo.yaml; flags and overrides win over it
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("report", help="Markdown metrics table and PNG training curves of a run's models")
     p.add_argument("run_dir", help="a folder holding the suite's metrics.json (e.g. .run/runs/NAME/models)")

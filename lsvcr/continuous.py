@@ -28,7 +28,7 @@ Stopping: SIGTERM, SIGINT or the stop file (`workdir/STOP`) finish the current s
 Storage: `workdir` and `eventlog` are the driver node's own folders (the consumer commits offsets with fsync +
 rename and keeps a SQLite sequence store; the incremental features build, windows and checkpoints are local
 files the driver reads), so they must be file system paths. What other machines read may be URIs: the
-registry (serving), `storage_path` (Ray Train checkpoints) and `windows_uri`, where each cycle's window folder
+registry (serving), `finetune.storage_path` (Ray Train checkpoints) and `windows_uri`, where each cycle's window folder
 is uploaded for the Ray Train workers on other nodes (deleted again once the cycle is trained).
 """
 
@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -54,7 +54,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from core import contract, storage
-from core.config import ConfigError
+from core.config import ConfigError, require, require_at_least
 from core.contract import SPLITS, TASKS
 from core.runtime import init_ray
 from features.build import build_features, eventlog_files
@@ -65,7 +65,7 @@ from trainers.align import AlignConfig, align
 from trainers.checkpoint import WEIGHTS, read_weights
 from trainers.evaluate import evaluate_fns, scorer_fn
 from trainers.finetune import FinetuneConfig, finetune, model_config
-from trainers.models import ModelSize, build_model
+from trainers.models import build_model
 from trainers.registry import Registry
 from trainers.scoring import Scorer
 
@@ -88,16 +88,14 @@ class ContinuousConfig:
     group: str = "lsvcr-ingest"  # consumer group writing the event log
     eventlog: str = ""  # "" = workdir/eventlog
     consume: bool = True  # run the consumer child process (false: another `lsvcr ingest` writes the log)
-    # Features.
-    encoder: str = "minilm"
-    encoder_dim: int = 64
-    max_history: int = 50
-    num_negatives: int = 99
-    lateness_ms: int = 0
-    # W of the alive_window video negatives. The incremental build needs a fixed one (its automatic W would
-    # change as events arrive, and earlier examples would no longer match later ones): 7 days covers the
-    # generator's timeline and a week of a real catalog.
-    negative_window_ms: int = 7 * 24 * 3_600_000
+    # The incremental features build: its event log, folder and split are the job's (set in __post_init__);
+    # override the rest with dotted keys (features.encoder=hash).
+    features: FeaturesConfig = field(default_factory=lambda: FeaturesConfig(
+        eventlog="<workdir>/eventlog", out="<workdir>/features",
+        # The incremental build needs a fixed alive window (an automatic one would change as events arrive, and
+        # earlier examples would no longer match later ones): 7 days covers the generator's timeline and a
+        # week of a real catalog.
+        negative_window_ms=7 * 24 * 3_600_000))
     # When to train.
     every_examples: int = 2000  # K new examples (both tasks) since the last trained window
     every_minutes: float = 10.0  # T: train anyway after this long if anything is new
@@ -110,14 +108,10 @@ class ContinuousConfig:
     # Publishing.
     margin: float = 0.01  # refuse when candidate NDCG@5 < serving NDCG@5 - margin
     max_eval_examples: int = 5000
-    # Fine-tuning (FinetuneConfig fields).
-    epochs: int = 2
-    patience: int = 1
-    batch_size: int = 256
-    lr: float = 1e-3
-    num_workers: int = 2
-    use_gpu: bool = False
-    storage_path: Optional[str] = None  # Ray Train storage (local path or s3://...)
+    # Each cycle's fine-tuning: its features (the window), out and init are the job's; override the rest with
+    # dotted keys (finetune.lr=3e-4, finetune.size.hidden=128). Stage 1 runs take its model size and workers.
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
+        features="<each cycle's window>", out="<each cycle's checkpoint>", epochs=2, patience=1))
     init: Optional[str] = None  # checkpoint to start from while the registry is empty
     # Stage 1 on a slower schedule: every N trained cycles (0 = never).
     align_every: int = 0
@@ -138,27 +132,32 @@ class ContinuousConfig:
         if self.consume and not self.bootstrap:
             raise ConfigError("ContinuousConfig.bootstrap is required when consume=true "
                               "(or set LSVCR_KAFKA_BOOTSTRAP)")
-        for name in ("every_examples", "window_examples", "valid_examples", "holdout_examples",
-                     "min_train_examples", "epochs", "patience", "batch_size", "num_workers", "max_history",
-                     "negative_window_ms", "max_failed_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ContinuousConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("every_minutes", "poll_s", "margin", "max_eval_examples", "align_every", "max_cycles",
-                     "max_versions", "lateness_ms", "num_negatives", "align_max_examples"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"ContinuousConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"ContinuousConfig.lr must be > 0, got {self.lr}")
+        require_at_least(self, 1, "every_examples", "window_examples", "valid_examples", "holdout_examples",
+                         "min_train_examples", "max_failed_steps")
+        require_at_least(self, 0, "every_minutes", "poll_s", "margin", "max_eval_examples", "align_every",
+                         "max_cycles", "max_versions", "align_max_examples")
+        require(self, self.features.negative_window_ms >= 1, "features.negative_window_ms",
+                "must be >= 1 (the incremental build needs a fixed alive window)")
+        require(self, self.finetune.model == "sr", "finetune.model", "must be 'sr' (the served model)")
+        require(self, self.finetune.size.max_history <= self.features.max_history, "finetune.size.max_history",
+                f"must be <= features.max_history ({self.features.max_history}): longer histories are not built")
         for name in ("workdir", "eventlog"):
             if not storage.is_local(getattr(self, name)):
                 raise ConfigError(f"ContinuousConfig.{name}={getattr(self, name)!r}: must be a file system path on "
                                   "the driver's node: the consumer commits its offsets with fsync + rename and keeps "
                                   "a SQLite sequence store there, which object storage cannot do. What other nodes "
-                                  "read may be URIs: registry, storage_path, windows_uri")
+                                  "read may be URIs: registry, finetune.storage_path, windows_uri")
         if self.windows_uri and storage.is_local(self.windows_uri) and storage.is_local(self.workdir) and \
                 storage.local_path(self.windows_uri).resolve() == (Path(self.workdir) / "windows").resolve():
             raise ConfigError("ContinuousConfig.windows_uri: give another location than workdir/windows "
                               "(the job cuts its windows there), or leave it empty")
+
+        # Every example goes to the train split (the global cut lies beyond any event time): the job cuts its
+        # own windows. workdir is this node's (docs/CLUSTER.md), so the build runs here.
+        self.features = dataclasses.replace(
+            self.features, eventlog=str(self.eventlog_dir), out=str(Path(self.workdir) / "features"),
+            incremental=True, split="global_time", split_valid_ts=NO_SPLIT_TS, split_test_ts=NO_SPLIT_TS,
+            on_driver_node=True)
 
     @property
     def eventlog_dir(self) -> Path:
@@ -326,12 +325,9 @@ def warm_start(source_ckpt: Path, source_features: Path, window: Path, out: Path
     return out
 
 
-def _finetune_config(config: ContinuousConfig, window: str | Path, out: Path, init: Path | None):
-    return FinetuneConfig(features=str(window), out=str(out), model="sr", init=str(init) if init else None,
-                          epochs=config.epochs, patience=config.patience, batch_size=config.batch_size,
-                          lr=config.lr, num_workers=config.num_workers, use_gpu=config.use_gpu,
-                          size=ModelSize(max_history=config.max_history), storage_path=config.storage_path,
-                          max_eval_examples=config.max_eval_examples)
+def _finetune_config(config: ContinuousConfig, window: str | Path, out: Path, init: Path | None) -> FinetuneConfig:
+    return dataclasses.replace(config.finetune, features=str(window), out=str(out),
+                               init=str(init) if init else None, max_eval_examples=config.max_eval_examples)
 
 
 # ------------------------------------------------------------------------------------------- the job
@@ -471,12 +467,7 @@ class ContinuousTrainer:
         if not files or files == self.built_files:
             return 0.0
         started = time.time()
-        c = self.config
-        build_features(FeaturesConfig(
-            eventlog=str(c.eventlog_dir), out=str(self.features), incremental=True, split="global_time",
-            split_valid_ts=NO_SPLIT_TS, split_test_ts=NO_SPLIT_TS, encoder=c.encoder, encoder_dim=c.encoder_dim,
-            max_history=c.max_history, num_negatives=c.num_negatives, lateness_ms=c.lateness_ms,
-            negative_window_ms=c.negative_window_ms, on_driver_node=True))  # workdir is this node's (docs/CLUSTER.md)
+        build_features(self.config.features)
         self.built_files = files
         return time.time() - started
 
@@ -521,9 +512,10 @@ class ContinuousTrainer:
         workers see it), else the serving version."""
         if align_due(n - 1, self.config.align_every):
             out = self.workdir / "align" / window.name
+            tuned = self.config.finetune  # stage 2 loads stage 1's weights strictly: the same model size
             align(AlignConfig(features=shared, out=str(out), llm_mode=self.config.align_llm_mode,
-                              max_examples=self.config.align_max_examples, num_workers=self.config.num_workers,
-                              use_gpu=self.config.use_gpu, size=ModelSize(max_history=self.config.max_history)))
+                              max_examples=self.config.align_max_examples, num_workers=tuned.num_workers,
+                              use_gpu=tuned.use_gpu, size=tuned.size, time_features=tuned.time_features))
             return out, f"align {out}"
         version = self.registry.current()
         if version is not None:

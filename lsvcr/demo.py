@@ -13,10 +13,11 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Optional, TextIO  # Optional: core.config coerces typing.Optional only
 
-from core.config import load_config
+from core.config import load_config, require, require_at_least
 from core.paths import run_dir
 from devtools.generator import GeneratorConfig, generate
 from features.folder import FeaturesFolder
@@ -49,7 +50,21 @@ def console_and_log(log: Path) -> Iterator[TextIO]:
             console.close()
 
 
-def demo(users: int = 2000, seed: int = 0, epochs: int | None = None, serve_seconds: float = 0.0) -> dict:
+@dataclass
+class DemoConfig:
+    users: int = 2000  # generated users (docs/DATA.md section 1)
+    seed: int = 0  # of the generated data
+    epochs: Optional[int] = None  # stage 2 epochs; None: early stopping on valid decides
+    serve_seconds: float = 0.0  # keep serving this long after the sample requests
+
+    def __post_init__(self):
+        require_at_least(self, 1, "users")
+        require_at_least(self, 0, "serve_seconds")
+        require(self, self.epochs is None or self.epochs >= 1, "epochs", "must be >= 1")
+
+
+def demo(config: DemoConfig) -> dict:
+    users, seed, epochs, serve_seconds = config.users, config.seed, config.epochs, config.serve_seconds
     root = run_dir() / "demo"
     log = root / "demo.log"
     print(f"[demo] Ray's reports, warnings and the workers' progress go to {log}", flush=True)

@@ -2,15 +2,17 @@
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import ConfigError
+from core.config import ConfigError, from_dict, load_config, to_dict
 from core.contract import TASKS
 from lsvcr.continuous import (
+    NO_SPLIT_TS,
     ContinuousConfig,
     ContinuousTrainer,
     align_due,
@@ -110,8 +112,27 @@ def test_config_validation(monkeypatch):
     assert ContinuousConfig(workdir="w", registry="r", consume=False,
                             windows_uri="s3://b/windows").windows_uri == "s3://b/windows"
     assert ContinuousConfig(workdir="w", registry="s3://bucket/r", consume=False).registry == "s3://bucket/r"
-    with pytest.raises(ConfigError, match="negative_window_ms"):
-        ContinuousConfig(workdir="w", registry="r", consume=False, negative_window_ms=0)
+    with pytest.raises(ConfigError, match="features.negative_window_ms must be >= 1"):
+        load_config(ContinuousConfig, None, ["workdir=w", "registry=r", "consume=false", "features.negative_window_ms=0"])
+    with pytest.raises(ConfigError, match="finetune.size.max_history must be <= features.max_history"):
+        load_config(ContinuousConfig, None, ["workdir=w", "registry=r", "consume=false", "features.max_history=10",
+                                             "finetune.size.max_history=20"])
+    with pytest.raises(ConfigError, match="unknown keys \\['lr'\\]"):
+        load_config(ContinuousConfig, None, ["workdir=w", "registry=r", "consume=false", "lr=3e-4"])
+
+
+def test_nested_overrides_keep_the_jobs_own_defaults():
+    config = load_config(ContinuousConfig, None, ["workdir=w", "registry=r", "consume=false", "finetune.lr=3e-4",
+                                                  "features.encoder=hash", "finetune.size.hidden=32"])
+    assert config.finetune.lr == 3e-4 and config.finetune.size.hidden == 32
+    # The job's own defaults stay where a key was not given (FinetuneConfig's own are 10 epochs, patience 2).
+    assert (config.finetune.epochs, config.finetune.patience) == (2, 1)
+    assert config.features.encoder == "hash" and config.features.negative_window_ms == 7 * 24 * 3_600_000
+    # The paths and the split are the job's.
+    assert config.features.eventlog == str(Path("w") / "eventlog") and config.features.out == str(Path("w") / "features")
+    assert config.features.incremental and config.features.split_test_ts == NO_SPLIT_TS
+    # What crosses into a Ray job comes back the same.
+    assert from_dict(ContinuousConfig, to_dict(config)) == config
 
 
 def test_a_failed_step_is_retried_and_too_many_in_a_row_stop_the_job(tmp_path, capsys):

@@ -26,9 +26,10 @@ pytestmark = pytest.mark.integration
 GCS_PORT, DASHBOARD_PORT, SERVE_PORT = 6390, 8275, 18542
 HEAD = f"http://127.0.0.1:{DASHBOARD_PORT}"
 FILES = ("videos.jsonl", "comments.jsonl", "video_events.jsonl", "comment_events.jsonl")
-SMALL = ["encoder=hash", "encoder_dim=16", "max_history=10", "num_negatives=20", "every_examples=40",
-         "every_minutes=0", "poll_s=1", "valid_examples=15", "holdout_examples=15", "min_train_examples=20",
-         "epochs=1", "patience=1", "num_workers=1", "batch_size=64", "max_eval_examples=200", "margin=1.0"]
+SMALL = ["features.encoder=hash", "features.encoder_dim=16", "features.max_history=10", "features.num_negatives=20",
+         "every_examples=40", "every_minutes=0", "poll_s=1", "valid_examples=15", "holdout_examples=15",
+         "min_train_examples=20", "finetune.epochs=1", "finetune.patience=1", "finetune.num_workers=1",
+         "finetune.batch_size=64", "finetune.size.max_history=10", "max_eval_examples=200", "margin=1.0"]
 
 
 @pytest.fixture(scope="module")
