@@ -132,12 +132,34 @@ def plot_curve(series: dict[str, list[dict]], key: str, title: str, path: Path) 
     return True
 
 
+def paired_tables(paired: dict) -> str:
+    """Markdown: per task, each model's NDCG@10 difference to each reference with its 95% interval, and
+    whether the interval excludes 0 ("not significant" when it does not)."""
+    parts = []
+    for task, models in paired.items():
+        rows = [(m, ref, d) for m, by_ref in models.items() for ref, d in by_ref.items() if d.get("diff") is not None]
+        if not rows:
+            continue
+        parts += [f"### {task} task: NDCG@10 differences (same test examples, 95% bootstrap interval over users)", "",
+                  "| model | minus | diff | ci95 | verdict |", "|---|---|---:|---:|---|"]
+        for model, ref, d in rows:
+            low, high = d["ci95"]
+            verdict = "significant" if d["significant"] else "not significant (interval contains 0)"
+            parts.append(f"| {model} | {ref} | {d['diff']:+.4f} | [{low:+.4f}, {high:+.4f}] | {verdict} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
 def render(tasks: dict, rest: dict, images: list[tuple[str, str]]) -> str:
     parts = ["# LSVCR run report", ""]
-    if rest:
-        parts += [f"- **{key}**: {_describe(value)}" for key, value in rest.items()] + [""]
+    paired = rest.get("paired") if isinstance(rest.get("paired"), dict) else {}
+    described = {k: v for k, v in rest.items() if k != "paired"}
+    if described:
+        parts += [f"- **{key}**: {_describe(value)}" for key, value in described.items()] + [""]
     for task, models in tasks.items():
         parts += [f"## {task} task", "", metrics_table(models), ""]
+    if paired:
+        parts += ["## Paired differences", "", paired_tables(paired)]
     if images:
         parts += ["## Training curves", ""]
         parts += [f"![{title}]({file})" for file, title in images] + [""]
@@ -163,5 +185,7 @@ def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             images.append((f"{stem}.png", title))
     path = folder / "report.md"
     path.write_text(render(tasks, rest, images))
+    if isinstance(rest.get("paired"), dict):
+        print(paired_tables(rest["paired"]), flush=True)
     print(f"report: wrote {path} and {len(images)} curve(s)", flush=True)
     return path

@@ -72,3 +72,16 @@ def test_report_writes_tables_and_curves(tmp_path):
 def test_report_without_metrics_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         report(tmp_path)
+
+
+def test_paired_differences_are_a_table_with_verdicts(tmp_path, capsys):
+    d = {"diff": 0.01, "ci95": [-0.002, 0.02], "significant": False, "examples": 40, "groups": 12}
+    e = {"diff": 0.05, "ci95": [0.03, 0.07], "significant": True, "examples": 40, "groups": 12}
+    data = {"video": {"lsvcr": {"ndcg@10": 0.4}, "sr_no_align": {"ndcg@10": 0.39}},
+            "paired": {"video": {"lsvcr": {"sr_no_align": d, "recency": e}}}}
+    (tmp_path / "metrics.json").write_text(json.dumps(data))
+    text = report(tmp_path).read_text()
+    assert "| lsvcr | sr_no_align | +0.0100 | [-0.0020, +0.0200] | not significant (interval contains 0) |" in text
+    assert "| lsvcr | recency | +0.0500 | [+0.0300, +0.0700] | significant |" in text
+    assert "**paired**" not in text  # a table, not a JSON dump
+    assert "not significant" in capsys.readouterr().out  # printed too
