@@ -178,10 +178,13 @@ def without_later_positives(rows: dict, positives: dict[tuple[str, int], set[int
             changed = True
     if not changed:
         return rows
-    as_objects = np.empty(len(negatives), dtype=object)
-    rows = dict(rows)
-    as_objects[:] = negatives
-    rows["negatives"] = as_objects.copy()
-    as_objects[:] = likes
-    rows["negative_likes"] = as_objects.copy()
-    return rows
+    return {**rows, "negatives": object_column(negatives), "negative_likes": object_column(likes)}
+
+
+def object_column(values: list) -> np.ndarray:
+    """[N] object array holding one list value per row (np.array would make a 2-D array of equal-length rows,
+    or fail on ragged ones)."""
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out

@@ -30,7 +30,7 @@ from trainers.baselines import (
     top_level_scores,
     video_train_counts,
 )
-from trainers.data import collate, user_video_positives, without_later_positives
+from trainers.data import collate, object_column, user_video_positives, without_later_positives
 from trainers.metrics import METRIC_NAMES, nonfinite_examples, ranks_from_scores
 from trainers.ranking import (
     COLD_USER_EVENTS,
@@ -161,7 +161,7 @@ def rank_task(folder: FeaturesFolder, fns: dict[str, ScoreFn], task: str, split:
     started = time.monotonic()
     for rows in folder.iter_examples(task, split, batch_size, max_examples):
         if full_corpus_window_ms:
-            rows["negatives"] = np.array(alive_pools(rows, video_ts, full_corpus_window_ms) + [None])[:-1]
+            rows["negatives"] = object_column(alive_pools(rows, video_ts, full_corpus_window_ms))
         elif positives is not None:
             rows = without_later_positives(rows, positives)
         elif task == "video" and negatives_column != "negatives":

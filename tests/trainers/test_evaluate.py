@@ -105,3 +105,28 @@ def test_time_baselines_score_a_hand_made_example():
     # Top level first: comment 1 is a reply; among top-level ones the newer (2) first.
     top = top_level_scores(np.array([True, False, True]), item_ts, np.array([[0, 1, 2]])).numpy()[0]
     assert top[2] > top[0] > top[1]
+
+
+def test_full_corpus_ranks_the_target_among_every_video_alive_then(tmp_path, features_writer):
+    from features.folder import FeaturesFolder
+    from trainers.evaluate import rank_task
+
+    write_examples, write_embeddings = features_writer
+    write_embeddings(tmp_path, np.eye(8, 2), np.eye(1, 2))
+    write_catalogs(tmp_path, video_ts=[0, 10, 20, 30, 40, 50, 60, 70], comment_ts=[1])
+    write_examples(tmp_path, "video", "train", [])
+
+    def at(ts, target):
+        return {**video_row(target, [0]), "ts": ts, "event_id": f"e{ts}-{target}"}
+
+    # W = 30: alive at ts 45 are videos published in [15, 45): 2, 3, 4. At ts 55: 3, 4, 5 (equal-sized pools
+    # too, which a plain np.array would turn 2-D). At ts 75: 5, 6, 7.
+    write_examples(tmp_path, "video", "test", [at(45, 4), at(55, 3), at(75, 5)])
+    older_first = lambda task, batch: -torch.cat([batch["target"][:, None], batch["negatives"]], 1).double()  # noqa: E731
+    older_first.max_history = 1
+    ranking = rank_task(FeaturesFolder(tmp_path), {"older_first": older_first}, "video", "test",
+                        full_corpus_window_ms=30)
+    # Candidates: the target and the two others of its pool; older first ranks 4 among {2, 3, 4} last (2),
+    # 3 among {3, 4, 5} first (0), 5 among {5, 6, 7} first (0).
+    assert ranking.candidates.tolist() == [3, 3, 3]
+    assert ranking.ranks["older_first"].tolist() == [2, 0, 0]
