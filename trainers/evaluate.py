@@ -40,6 +40,7 @@ from trainers.ranking import (
     alive_pools,
     cold_slices,
     results_of,
+    task_results,
 )
 from trainers.scoring import Scorer
 
@@ -260,9 +261,9 @@ def evaluate(features: FeaturesFolder | str | Path, checkpoints: dict[str, str |
     results["other_protocols"] = {}
     for other in manifest.get("video_protocols", []):
         if other != results["protocol"]:
-            results["other_protocols"][other] = evaluate_fns(
-                folder, fns["video"], split, batch_size, max_examples, tasks=("video",),
-                negatives_column=f"negatives_{other}")
+            ranking = rank_task(folder, fns["video"], "video", split, batch_size, max_examples,
+                                negatives_column=f"negatives_{other}")
+            results["other_protocols"][other] = {"video": task_results(ranking)}  # seeds merged as above
     return results
 
 
