@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from core.contract import COMMENTS_PER_RECORD, EXAMPLE_SCHEMA, SPLITS
 from features.arrays import sample_excluding, stable_seed
-from features.negatives import add_video_negatives, alive_window_ms
+from features.negatives import add_video_negatives
 from ingestion.schema import POSITIVE_COMMENT_ACTIONS, POSITIVE_VIDEO_ACTIONS
 
 HIST_KEYS = ("hist_video", "hist_video_hot", "hist_video_ts", "hist_cmt_video", "hist_cmt_comments", "hist_cmt_ts")
@@ -249,8 +249,6 @@ def build_pandas(
     video["target"] = video["video_idx"]
     # Video negatives: a per-row draw with no grouping, done by the shared seeded sampler (the definition of
     # "fixed by seed" under each candidate protocol), so both builds spend the same time on it.
-    if window_ms == 0:  # the automatic W of the alive_window protocol, from the used positive video events
-        window_ms = alive_window_ms(videos["ts"].to_numpy(), video["ts"].to_numpy(), num_negatives)
     plain = [n for n in EXAMPLE_SCHEMA["video"].names if n != "negatives" and not n.startswith("negatives_")]
     drawn = add_video_negatives(_arrow(video, pa.schema([EXAMPLE_SCHEMA["video"].field(n) for n in plain])),
                                 videos["ts"].to_numpy(), num_negatives, seed, window_ms, protocol,

@@ -28,7 +28,7 @@ HISTORY_COLUMNS = tuple(name for name, _ in HISTORY_FIELDS)
 # Video-task candidate protocols: where the negatives of an example at ts come from. Only videos published
 # strictly before ts, never the target.
 #   uniform_all: uniform over every such video;
-#   alive_window: uniform over those published in [ts - W, ts);
+#   alive_window: uniform over those alive at ts, published in [ts - W_t, ts) (features/negatives.alive_bounds);
 #   popularity_at_t: in proportion to their positive video interactions strictly before ts.
 VIDEO_PROTOCOLS = ("uniform_all", "alive_window", "popularity_at_t")
 PROTOCOL_COLUMNS = tuple(f"negatives_{p}" for p in VIDEO_PROTOCOLS)

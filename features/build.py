@@ -56,7 +56,7 @@ from features.config import ROW_FIELDS, FeaturesConfig
 from features.embeddings import embed_texts
 from features.incremental import EVENT_TABLES, STATE, load_state, save_state
 from features.interactions import KIND_COMMENT_EVENT, KIND_VIDEO_EVENT, publication_rows
-from features.negatives import alive_window_ms
+from features.negatives import alive_bounds, window_summary
 from features.stage_b import global_cuts
 from ingestion.schema import ARROW_SCHEMA, TABLES
 
@@ -161,10 +161,11 @@ class _Run:
 class _Stages:
     """What stages A and B leave for the manifest (their defaults: no example to build)."""
 
-    window_ms: int  # W of alive_window
+    window_ms: int  # W of alive_window (0: each event's own)
     valid_ts: int  # the global_time cuts
     test_ts: int
     stats: dict[tuple, dict] = field(default_factory=dict)  # (row_kind, split) -> count, ts_min, ts_max
+    windows: dict = field(default_factory=dict)  # negatives.window_summary of the used positive video events
 
 
 def _build(config: FeaturesConfig, out: Path, pin: bool) -> dict:
@@ -336,8 +337,11 @@ def _run_stages(run: _Run, videos: pa.Table, comments: pa.Table, num_partitions:
     pos = pos.filter(pc.and_(pc.and_(pc.equal(pos["kind"], KIND_VIDEO_EVENT), pos["positive"]),
                              pc.less_equal(pos["ts"], cut)))
     pos_ts, pos_video = pos["ts"].to_numpy(), pos["video_idx"].to_numpy()
-    window_ms = config.negative_window_ms or alive_window_ms(videos["ts"].to_numpy(), pos_ts, config.num_negatives)
-    _log(f"video candidates: protocol {config.video_protocol}, alive window {window_ms / 3_600_000:.2f} h")
+    window_ms = config.negative_window_ms  # 0: each event's own window
+    windows = window_summary(videos["ts"].to_numpy(), pos_ts,
+                             *alive_bounds(videos["ts"].to_numpy(), pos_ts, config.num_negatives, window_ms))
+    _log(f"video candidates: protocol {config.video_protocol}, alive window "
+         f"{f'{window_ms / 3_600_000:.2f} h' if window_ms else 'per event'}: {windows}")
     # Stage B, per user: histories, examples, splits, users as of the cut; then video negatives and the
     # written files (partitions.write_parts).
     written = tasks.map_batches(
@@ -350,7 +354,8 @@ def _run_stages(run: _Run, videos: pa.Table, comments: pa.Table, num_partitions:
                                     "window_ms": window_ms, "protocol": config.video_protocol,
                                     "interaction_ts": pos_ts, "interaction_video": pos_video}},
         **run.remote_args)
-    return _Stages(window_ms, valid_ts, test_ts, partitions.merge_counts(written.take_all(), ["row_kind", "split"]))
+    return _Stages(window_ms, valid_ts, test_ts, partitions.merge_counts(written.take_all(), ["row_kind", "split"]),
+                   windows)
 
 
 def _add_earlier_counts(stats: dict[tuple, dict], old_manifest: dict) -> None:
@@ -397,11 +402,13 @@ def _manifest(run: _Run, started: float, cut: int | None, after: int | None, sta
         "negative_window_ms": config.negative_window_ms,
         "video_protocol": config.video_protocol,
         "video_protocols": list(contract.VIDEO_PROTOCOLS),
-        # The W used by alive_window (the automatic one when negative_window_ms is 0), and how it was chosen.
+        # The alive pools: a fixed W (ms), or 0 for each event's own W_t; the W_t of the used positive video
+        # events (min, median, p90, max).
         "alive_window_ms": stages.window_ms,
         "alive_window_rule": ("configured" if config.negative_window_ms else
-                              f"smallest W such that every used positive video event with at least "
-                              f"{config.num_negatives + 1} videos published before it has that many in [ts - W, ts)"),
+                              f"per event: the smallest W_t holding {config.num_negatives + 1} videos published "
+                              "before it (all of them when fewer exist)"),
+        "alive_windows": stages.windows,
         "positive_video_actions": list(config.positive_video_actions),
         "positive_comment_actions": list(config.positive_comment_actions),
         "encoder": config.encoder,

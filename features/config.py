@@ -27,8 +27,8 @@ class FeaturesConfig:
     # Video-task candidate protocol of the `negatives` column (VIDEO_PROTOCOLS); every protocol's list is
     # written too (negatives_<protocol>), so evaluation can report several from one build.
     video_protocol: str = "alive_window"
-    # W of alive_window: negatives published in [ts - W, ts). 0: the smallest window that holds at least
-    # num_negatives + 1 videos for every event that has that many before it (negatives.alive_window_ms).
+    # W of alive_window: negatives published in [ts - W, ts). 0: decided per event, the smallest window that
+    # holds num_negatives + 1 videos published before it (negatives.alive_bounds).
     negative_window_ms: int = 0
     positive_video_actions: tuple[str, ...] = tuple(sorted(POSITIVE_VIDEO_ACTIONS))
     positive_comment_actions: tuple[str, ...] = tuple(sorted(POSITIVE_COMMENT_ACTIONS))
@@ -87,7 +87,7 @@ class FeaturesConfig:
         require(self, not self.incremental or (self.split == "global_time" and self.split_test_ts > 0), "incremental",
                 "needs split=global_time with split_valid_ts and split_test_ts set")
         require(self, self.video_protocol in VIDEO_PROTOCOLS, "video_protocol", f"must be one of {VIDEO_PROTOCOLS}")
-        # The automatic window moves as data arrives, which would change rows already written.
+        # Per-event windows move when late-published videos arrive, which would change rows already written.
         require(self, not self.incremental or self.negative_window_ms > 0, "negative_window_ms",
                 "must be > 0 (a fixed alive window) for incremental=true")
         require(self, self.embed_device == "cpu" or self.embed_device.startswith("cuda"), "embed_device",

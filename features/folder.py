@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from core import contract, storage
 from core.paths import cache_dir
+from features.negatives import alive_bounds
 
 
 def _copy_of(source: str) -> Path:
@@ -86,10 +87,12 @@ class FeaturesFolder:
         file = self.root / contract.MANIFEST
         return json.loads(file.read_text()) if file.is_file() else {}
 
-    @property
-    def alive_window_ms(self) -> int:
-        """W of the alive_window pool: videos published in [ts - W, ts) were alive at ts (0: not recorded)."""
-        return int(self.manifest.get("alive_window_ms") or 0)
+    def alive_bounds(self, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi) per event time: the videos alive then are the item indices lo..hi-1, under the build's rule
+        (its fixed alive_window_ms, else each event's own window for its num_negatives; features/negatives.py)."""
+        manifest = self.manifest
+        return alive_bounds(self.item_times()[0], ts, int(manifest.get("num_negatives", 99)),
+                            int(manifest.get("alive_window_ms") or 0))
 
     # ---- examples --------------------------------------------------------------------------------------
 

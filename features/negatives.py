@@ -12,21 +12,32 @@ from core.contract import VIDEO_PROTOCOLS
 from features.arrays import list_array, sample_excluding, stable_seed
 
 
-def alive_window_ms(video_ts: np.ndarray, event_ts: np.ndarray, num_negatives: int) -> int:
-    """The default W of `alive_window`: the smallest window such that every event with at least
-    num_negatives + 1 videos published strictly before it has at least num_negatives + 1 of them in
-    [ts - W, ts), so num_negatives besides the target. Events with fewer videos before them see all of
-    them anyway and do not count. 1 when no event counts.
+def alive_bounds(video_ts: np.ndarray, ts: np.ndarray, num_negatives: int,
+                 window_ms: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """([E] lo, [E] hi): the videos alive at each event time are video_ts[lo:hi] (video_ts sorted), those
+    published in [ts - W_t, ts). W_t is window_ms when > 0; else it is decided per event: the smallest window
+    holding num_negatives + 1 videos published before ts (all of them when fewer exist; videos published at
+    the same time as the oldest one needed are in too). A feed's pool is what it could show at that moment,
+    so a quiet week elsewhere in the log does not widen it."""
+    video_ts, ts = np.asarray(video_ts), np.asarray(ts, np.int64)
+    hi = np.searchsorted(video_ts, ts, side="left")  # videos published strictly before ts
+    if window_ms > 0:
+        return np.searchsorted(video_ts, ts - window_ms, side="left"), hi
+    if len(video_ts) == 0:
+        return np.zeros_like(hi), hi
+    oldest_needed = np.maximum(hi - num_negatives - 1, 0)
+    return np.minimum(np.searchsorted(video_ts, video_ts[np.minimum(oldest_needed, len(video_ts) - 1)],
+                                      side="left"), hi), hi
 
-    For an event with h videos before it (video_ts sorted), the (num_negatives + 1)-th newest is at
-    index h - num_negatives - 1: W must reach back to its publication time.
-    """
-    hi = np.searchsorted(video_ts, event_ts, side="left")  # [E] videos published strictly before
-    counted = hi >= num_negatives + 1
-    if num_negatives == 0 or not counted.any():
-        return 1
-    oldest_needed = np.asarray(video_ts)[hi[counted] - num_negatives - 1]
-    return int(max(1, (np.asarray(event_ts)[counted] - oldest_needed).max()))
+
+def window_summary(video_ts: np.ndarray, ts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> dict:
+    """min / median / p90 / max of the events' alive windows W_t (ms), over events with a video before them."""
+    has = hi > lo
+    if not has.any():
+        return {"events": 0}
+    w = np.asarray(ts, np.int64)[has] - np.asarray(video_ts)[lo[has]]
+    return {"events": int(has.sum()), "min_ms": int(w.min()), "median_ms": float(np.median(w)),
+            "p90_ms": float(np.percentile(w, 90)), "max_ms": int(w.max())}
 
 
 def _sample_weighted(rng: np.random.Generator, weights: np.ndarray, exclude: int, k: int) -> np.ndarray:
@@ -55,8 +66,8 @@ def add_video_negatives(
     `protocol`.
 
     - uniform_all: uniform over every video published before ts;
-    - alive_window: uniform over those published in [ts - window_ms, ts) (window_ms > 0 needed for it to be
-      the configured protocol; with 0 its column equals uniform_all's);
+    - alive_window: uniform over the videos alive at ts (alive_bounds: published within window_ms before ts,
+      or within the event's own window when window_ms is 0);
     - popularity_at_t: in proportion to the positive interactions (interaction_ts / interaction_video, the
       used positive video events) strictly before ts; videos without any only fill up the list, uniformly.
 
@@ -64,16 +75,13 @@ def add_video_negatives(
     """
     if protocol not in VIDEO_PROTOCOLS:
         raise ValueError(f"unknown video protocol {protocol!r}; expected one of {VIDEO_PROTOCOLS}")
-    if protocol == "alive_window" and window_ms <= 0:
-        raise ValueError("protocol alive_window needs window_ms > 0")
     if interaction_ts is None:
         interaction_ts, interaction_video = np.zeros(0, np.int64), np.zeros(0, np.int64)
     order = np.argsort(interaction_ts, kind="stable")
     inter_ts, inter_video = np.asarray(interaction_ts)[order], np.asarray(interaction_video)[order]
 
     ts = batch["ts"].to_numpy()
-    hi = np.searchsorted(video_ts, ts, side="left")
-    lo = np.searchsorted(video_ts, ts - window_ms, side="left") if window_ms > 0 else np.zeros_like(hi)
+    lo, hi = alive_bounds(video_ts, ts, num_negatives, window_ms)
     targets = batch["target"].to_numpy()
     event_ids = batch["event_id"].to_pylist()
     lists: dict[str, list[np.ndarray]] = {p: [None] * len(batch) for p in VIDEO_PROTOCOLS}

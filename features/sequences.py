@@ -30,7 +30,7 @@ from core.contract import SPLITS, TASKS
 from features.arrays import concat_or_empty, group_slices
 from features.catalog import index_comments, index_videos
 from features.interactions import KIND_VIDEO_EVENT, comment_event_rows, publication_rows, video_event_rows
-from features.negatives import add_video_negatives, alive_window_ms
+from features.negatives import add_video_negatives
 from features.stage_a import ANNOTATED_SCHEMA, annotate_video_group
 from features.stage_b import USER_ROWS_SCHEMA, select_rows, user_rows
 from ingestion.schema import POSITIVE_COMMENT_ACTIONS, POSITIVE_VIDEO_ACTIONS
@@ -58,8 +58,8 @@ def build_local(
     (and the single-process baseline of the features benchmark).
 
     `cut_ts`: only events (and comment publications) at or before it are used, as in a build whose
-    watermark is cut_ts. `window_ms` is W of the alive_window protocol; 0: the automatic one (alive_window_ms
-    over the used positive video events), as in the Ray build. Returns {"videos", "comments", "rows" (stage B
+    watermark is cut_ts. `window_ms` is W of the alive_window protocol; 0: each event's own window
+    (negatives.alive_bounds), as in the Ray build. Returns {"videos", "comments", "rows" (stage B
     output, with negatives), "users", "video/<split>", "comment/<split>"}.
     """
     videos = index_videos(videos)
@@ -78,8 +78,6 @@ def build_local(
                             for g in group_slices(annotated, "user_id")], USER_ROWS_SCHEMA)
     video_rows = rows.filter(pc.equal(rows["row_kind"], "video"))
     positive = annotated.filter(pc.equal(annotated["kind"], KIND_VIDEO_EVENT))
-    if window_ms == 0:  # the automatic W, also for the alive_window column under another protocol
-        window_ms = alive_window_ms(videos["ts"].to_numpy(), positive["ts"].to_numpy(), num_negatives)
     rows = pa.concat_tables([
         add_video_negatives(video_rows, videos["ts"].to_numpy(), num_negatives, seed, window_ms, protocol,
                             positive["ts"].to_numpy(), positive["video_idx"].to_numpy()),

@@ -96,9 +96,9 @@ class ContinuousConfig:
     # override the rest with dotted keys (features.encoder=hash).
     features: FeaturesConfig = field(default_factory=lambda: FeaturesConfig(
         eventlog="<workdir>/eventlog", out="<workdir>/features",
-        # The incremental build needs a fixed alive window (an automatic one would change as events arrive, and
-        # earlier examples would no longer match later ones): 7 days covers the generator's timeline and a
-        # week of a real catalog.
+        # The incremental build needs a fixed alive window (each event's own one would change as late-published
+        # videos arrive, and earlier examples would no longer match later ones): 7 days covers the
+        # generator's timeline and a week of a real catalog.
         negative_window_ms=7 * 24 * 3_600_000))
     # When to train.
     every_examples: int = 2000  # K new examples (both tasks) since the last trained window

@@ -137,17 +137,14 @@ def item_time_tensors(folder: FeaturesFolder) -> tuple[torch.Tensor, torch.Tenso
     return tuple(torch.from_numpy(t) for t in folder.item_times())
 
 
-def fresh_video_negatives(ts: np.ndarray, target: np.ndarray, video_ts: np.ndarray, window_ms: int, k: int,
+def fresh_video_negatives(lo: np.ndarray, hi: np.ndarray, target: np.ndarray, k: int,
                           rng: np.random.Generator) -> torch.Tensor:
-    """[B, k] long: for each example, up to k distinct videos drawn uniformly from its alive pool (published
-    in [ts - window_ms, ts); before ts when window_ms is 0), never the target; -1 pads rows whose pool is
-    smaller. Training draws anew every step, so its negatives change from epoch to epoch and follow the
-    pool's age distribution; evaluation keeps the stored, seeded ones. video_ts is sorted (item index order)."""
-    ts, target = np.asarray(ts, np.int64), np.asarray(target, np.int64)
-    hi = np.searchsorted(video_ts, ts, side="left")
-    lo = np.searchsorted(video_ts, ts - window_ms, side="left") if window_ms > 0 else np.zeros_like(hi)
-    out = np.full((len(ts), k), -1, np.int64)
-    for i, (a, b, t) in enumerate(zip(lo.tolist(), hi.tolist(), target.tolist())):
+    """[B, k] long: for each example, up to k distinct videos drawn uniformly from its alive pool (item indices
+    lo..hi-1: FeaturesFolder.alive_bounds), never the target; -1 pads rows whose pool is smaller. Training
+    draws anew every step, so its negatives change from epoch to epoch and follow the pool's age
+    distribution; evaluation keeps the stored, seeded ones."""
+    out = np.full((len(target), k), -1, np.int64)
+    for i, (a, b, t) in enumerate(zip(np.asarray(lo).tolist(), np.asarray(hi).tolist(), np.asarray(target).tolist())):
         drawn = sample_excluding(rng, a, b, t, k)
         out[i, : len(drawn)] = drawn
     return torch.from_numpy(out)

@@ -144,11 +144,10 @@ def tune_blend(folder: FeaturesFolder, max_examples: int = 0) -> float:
 
 
 def rank_task(folder: FeaturesFolder, fns: dict[str, ScoreFn], task: str, split: str, batch_size: int = 512,
-              max_examples: int = 0, negatives_column: str = "negatives",
-              full_corpus_window_ms: int = 0) -> Ranking:
+              max_examples: int = 0, negatives_column: str = "negatives", full_corpus: bool = False) -> Ranking:
     """Rank every example of one task and split with every score function (max_examples > 0 caps it).
     `negatives_column` picks the video task's candidate list (negatives_<protocol>: another protocol);
-    full_corpus_window_ms > 0 ranks video targets among every video alive then instead (alive_pools)."""
+    full_corpus ranks video targets among every video alive then instead (FeaturesFolder.alive_bounds)."""
     video_ts, comment_ts = folder.item_times()
     item_ts = video_ts if task == "video" else comment_ts
     trained = np.zeros(len(item_ts), bool)
@@ -161,8 +160,8 @@ def rank_task(folder: FeaturesFolder, fns: dict[str, ScoreFn], task: str, split:
     skipped = seen = 0
     started = time.monotonic()
     for rows in folder.iter_examples(task, split, batch_size, max_examples):
-        if full_corpus_window_ms:
-            rows["negatives"] = object_column(alive_pools(rows, video_ts, full_corpus_window_ms))
+        if full_corpus:
+            rows["negatives"] = object_column(alive_pools(*folder.alive_bounds(rows["ts"]), rows["target"]))
         elif positives is not None:
             rows = without_later_positives(rows, positives)
         elif task == "video" and negatives_column != "negatives":
@@ -189,7 +188,7 @@ def rank_task(folder: FeaturesFolder, fns: dict[str, ScoreFn], task: str, split:
             valid = (batch["negatives"] >= 0).numpy()
             ranks[name].append(ranks_from_scores(scores[:, 0], scores[:, 1:], valid))
             nonfinite[name] += nonfinite_examples(scores[:, 0], scores[:, 1:], valid)
-    print(f"evaluate: {task}/{split}{' (full corpus)' if full_corpus_window_ms else ''}: {seen} examples "
+    print(f"evaluate: {task}/{split}{' (full corpus)' if full_corpus else ''}: {seen} examples "
           f"({skipped} without negatives skipped), {len(fns)} models, {time.monotonic() - started:.1f}s", flush=True)
 
     def joined(values: list, dtype) -> np.ndarray:
@@ -235,12 +234,10 @@ def score_fns(folder: FeaturesFolder, checkpoints: dict[str, str | Path], popula
 def rank_all(folder: FeaturesFolder, fns: dict[str, dict[str, ScoreFn]], split: str, batch_size: int = 512,
              max_examples: int = 0) -> dict[str, Ranking]:
     """Rankings of both tasks under the build's candidates, and of the video task against the whole alive
-    pool ("full_corpus/video", when the build has an alive window)."""
+    pool ("full_corpus/video")."""
     out = {task: rank_task(folder, fns[task], task, split, batch_size, max_examples) for task in TASKS}
-    window = folder.alive_window_ms
-    if window:
-        out["full_corpus/video"] = rank_task(folder, fns["video"], "video", split, FULL_CORPUS_BATCH, max_examples,
-                                             full_corpus_window_ms=window)
+    out["full_corpus/video"] = rank_task(folder, fns["video"], "video", split, FULL_CORPUS_BATCH, max_examples,
+                                         full_corpus=True)
     return out
 
 
@@ -256,7 +253,7 @@ def evaluate(features: FeaturesFolder | str | Path, checkpoints: dict[str, str |
     manifest = folder.manifest
     fns, tau = score_fns(folder, checkpoints, popularity, device, max_examples)
     results: dict = {"split": split, "protocol": manifest.get("video_protocol", "uniform_all"),
-                     "recency_pop_blend_tau_h": tau, "full_corpus_window_ms": folder.alive_window_ms,
+                     "recency_pop_blend_tau_h": tau, "alive_window_ms": manifest.get("alive_window_ms", 0),
                      **results_of(rank_all(folder, fns, split, batch_size, max_examples), reference)}
     results["other_protocols"] = {}
     for other in manifest.get("video_protocols", []):
@@ -301,8 +298,9 @@ def _full_corpus_block(results: dict) -> list[str]:
     if not models:
         return []
     width = max([len("model"), *(len(name) for name in models)])
-    hours = results.get("full_corpus_window_ms", 0) / 3.6e6
-    lines = [f"video task, full corpus (every video published in the {hours:.1f} h before the event)",
+    hours = results.get("alive_window_ms", 0) / 3.6e6
+    pool = f"published in the {hours:.1f} h before the event" if hours else "alive in the event's own window"
+    lines = [f"video task, full corpus (every video {pool})",
              "  ".join([f"{'model':<{width}}", f"{'count':>9}", *(f"{m:>9}" for m in FULL_CORPUS_METRICS)])]
     for name, metrics in models.items():
         lines.append("  ".join([f"{name:<{width}}", f"{metrics['count']:>9}",

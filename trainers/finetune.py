@@ -236,7 +236,6 @@ class FinetuneRecipe(Recipe):
         self.model.to(self.device)
         # Training negatives: video ones drawn afresh each step from the alive pool; comment lists without
         # the user's other train positives on the video (the stored lists keep only the earlier ones out).
-        self.video_ts = self.folder.item_times()[0]
         self.comment_positives = user_video_positives(self.folder, ("train",)) if "comment" in self.shards else {}
         self.init_optimizer(self.model)
         state = self.resume()
@@ -284,8 +283,8 @@ class FinetuneRecipe(Recipe):
                 rows = without_later_positives(rows, self.comment_positives)
             batch = collate(rows, c.size.max_history)
             if task == "video" and c.train_negatives > 0:
-                batch["negatives"] = fresh_video_negatives(rows["ts"], rows["target"], self.video_ts,
-                                                           self.folder.alive_window_ms, c.train_negatives, rng)
+                lo, hi = self.folder.alive_bounds(rows["ts"])
+                batch["negatives"] = fresh_video_negatives(lo, hi, rows["target"], c.train_negatives, rng)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             losses[task] = (video_loss(self.model, batch, c.train_negatives) if task == "video"
                             else comment_loss(self.model, batch))

@@ -63,13 +63,10 @@ def cold_slices(rows: dict, task: str, item_ts: np.ndarray, trained: np.ndarray)
     return {"cold_item": cold_item, "cold_user": cold_user, "rest": ~cold_item & ~cold_user}
 
 
-def alive_pools(rows: dict, video_ts: np.ndarray, window_ms: int) -> list[np.ndarray]:
-    """Every video published in [ts - window_ms, ts) other than the target, per example: the full-corpus
-    candidates of the video task (the alive_window pool without sampling)."""
-    ts = np.asarray(rows["ts"], np.int64)
-    hi = np.searchsorted(video_ts, ts, side="left")
-    lo = np.searchsorted(video_ts, ts - window_ms, side="left")
-    return [np.setdiff1d(np.arange(a, b), [t]) for a, b, t in zip(lo, hi, np.asarray(rows["target"]))]
+def alive_pools(lo: np.ndarray, hi: np.ndarray, target: np.ndarray) -> list[np.ndarray]:
+    """Every video alive at each example's time (item indices lo..hi-1) other than its target: the full-corpus
+    candidates of the video task (the alive pool without sampling)."""
+    return [np.setdiff1d(np.arange(a, b), [t]) for a, b, t in zip(lo, hi, np.asarray(target))]
 
 
 def seed_name(model: str, seed: int) -> str:

@@ -206,7 +206,7 @@ def test_future_events_do_not_change_past_examples(tables):
         ],
     )
     names = ("videos", "comments", "video_events", "comment_events")
-    # A fixed alive window: the automatic one is a dataset-wide choice, like the global split cuts.
+    # A fixed alive window: an incremental build cannot use per-event ones.
     past = build_local(*(tables(**LOG)[t] for t in names), num_negatives=2, window_ms=30)["rows"]
     full = build_local(*(tables(**future)[t] for t in names), num_negatives=2, window_ms=30)["rows"]
     keep = [c for c in past.column_names if c != "split"]  # only the split may move: later examples exist now

@@ -9,7 +9,7 @@ from core.contract import TASKS
 from features.arrays import gather_ranges, sample_excluding, stable_seed
 from features.catalog import index_comments, index_videos
 from features.interactions import comment_event_rows, publication_rows, video_event_rows
-from features.negatives import add_video_negatives, alive_window_ms
+from features.negatives import add_video_negatives, alive_bounds, window_summary
 from features.sequences import build_local
 from features.stage_a import ANNOTATED_SCHEMA, annotate_video_group
 from features.stage_b import USER_ROWS_SCHEMA, global_cuts, global_time_splits, leave_last_out_cuts, user_rows
@@ -542,15 +542,26 @@ def test_popularity_at_t_counts_only_interactions_strictly_before_ts():
     assert out["negatives"][0].as_py() == [0, 2, 3]
 
 
-def test_alive_window_ms_is_the_smallest_window_holding_enough_videos():
-    video_ts = np.array([0, 10, 20, 30, 100, 105])
-    # 2 negatives need 3 videos: @31 the 3rd newest is @10 -> 21; @101 it is @20 -> 81; @106 -> 30 -> 76;
-    # @15 has only 2 videos before it and does not count.
-    assert alive_window_ms(video_ts, np.array([15, 31, 101, 106]), num_negatives=2) == 81
-    assert alive_window_ms(video_ts, np.array([15]), num_negatives=2) == 1
-    with pytest.raises(ValueError, match="alive_window"):
-        add_video_negatives(video_rows([("p", 35, 1)]), VIDEO_TS, num_negatives=1, seed=0,
-                                protocol="alive_window")
+def test_each_event_has_its_own_alive_window():
+    # A busy start, a quiet period (nothing from 30 to 100), then a busy end.
+    video_ts = np.array([0, 10, 20, 30, 100, 105, 105, 110])
+    ts = np.array([15, 31, 101, 106, 120])
+    lo, hi = alive_bounds(video_ts, ts, num_negatives=2)
+    # 2 negatives need 3 videos: @15 only 2 exist (all of them); @31 the 3 newest are 10, 20, 30; @101 the quiet
+    # period reaches back to 20; @106 the two at 105 and 100; @120 105, 105, 110 (ties at the oldest one stay in).
+    assert [video_ts[a:b].tolist() for a, b in zip(lo, hi)] == [[0, 10], [10, 20, 30], [20, 30, 100],
+                                                               [100, 105, 105], [105, 105, 110]]
+    # A busy event's pool no longer depends on the quiet period elsewhere: @120 spans 15 ms, not 81.
+    # W_t = t - the oldest pool member: 15, 21, 81, 6, 15 -> sorted 6 15 15 21 81; p90 = 21 + 0.6 x 60.
+    assert window_summary(video_ts, ts, lo, hi) == pytest.approx({"events": 5, "min_ms": 6, "median_ms": 15.0,
+                                                                  "p90_ms": 57.0, "max_ms": 81})
+    # A fixed W instead: the same range for every event.
+    lo, hi = alive_bounds(video_ts, ts, num_negatives=2, window_ms=10)
+    assert [video_ts[a:b].tolist() for a, b in zip(lo, hi)] == [[10], [30], [100], [100, 105, 105], [110]]
+    # The stored alive_window negatives come from each event's own pool.
+    rows = video_rows([("p", 101, 4), ("q", 120, 7)])
+    out = by_event(add_video_negatives(rows, video_ts, num_negatives=2, seed=0, protocol="alive_window"))
+    assert sorted(out["p"]["negatives"]) == [2, 3] and sorted(out["q"]["negatives"]) == [5, 6]
 
 
 @pytest.mark.parametrize("seed", range(6))

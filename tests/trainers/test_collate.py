@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from features.folder import FeaturesFolder
+from features.negatives import alive_bounds
 from trainers.data import (
     collate,
     collate_histories,
@@ -130,18 +131,18 @@ def test_fresh_video_negatives_come_from_the_alive_pool_and_follow_its_ages():
     video_ts = np.arange(0, 1000, 10)  # video i published at 10 i
     ts, target = np.array([505, 505, 15, 1]), np.array([40, 3, 1, 0])
     rng = np.random.default_rng(0)
-    out = fresh_video_negatives(ts, target, video_ts, window_ms=100, k=8, rng=rng).numpy()
     # ts 505, W 100: published in [405, 505) -> videos 41..50 (10 of them); target 40 is outside anyway.
+    out = fresh_video_negatives(*alive_bounds(video_ts, ts, 99, window_ms=100), target, k=8, rng=rng).numpy()
     assert all(41 <= v <= 50 for v in out[0]) and len(set(out[0])) == 8
     assert all(41 <= v <= 50 for v in out[1])
     assert sorted(out[2][out[2] >= 0].tolist()) == [0] and (out[2] == -1).sum() == 7  # pool {0, 1} minus target 1
     assert (out[3] == -1).all()  # nothing published before 1 but the target itself
-    # Without a window the pool is everything published before ts; each call draws anew.
-    again = fresh_video_negatives(ts, target, video_ts, window_ms=0, k=8, rng=rng).numpy()
+    # Each event's own window for 99 negatives: the 100 newest before 505 are all 51 videos; each call draws anew.
+    again = fresh_video_negatives(*alive_bounds(video_ts, ts, 99), target, k=8, rng=rng).numpy()
     assert all(0 <= v <= 50 and v != 40 for v in again[0])
     # Over many draws the negatives' ages match the pool's: the pool [0, 500) for ts 505 has mean age 255.
-    many = fresh_video_negatives(np.full(4000, 505), np.full(4000, 999), video_ts, window_ms=0, k=5,
-                                 rng=np.random.default_rng(1)).numpy()
+    lo, hi = alive_bounds(video_ts, np.full(4000, 505), 99)
+    many = fresh_video_negatives(lo, hi, np.full(4000, 999), k=5, rng=np.random.default_rng(1)).numpy()
     ages = 505 - video_ts[many.ravel()]
     pool_ages = 505 - video_ts[:51]
     assert abs(ages.mean() - pool_ages.mean()) < 3  # 20k draws: standard error ~1

@@ -115,6 +115,7 @@ def test_full_corpus_ranks_the_target_among_every_video_alive_then(tmp_path, fea
     write_embeddings(tmp_path, np.eye(8, 2), np.eye(1, 2))
     write_catalogs(tmp_path, video_ts=[0, 10, 20, 30, 40, 50, 60, 70], comment_ts=[1])
     write_examples(tmp_path, "video", "train", [])
+    (tmp_path / "manifest.json").write_text('{"alive_window_ms": 30, "num_negatives": 2}')
 
     def at(ts, target):
         return {**video_row(target, [0]), "ts": ts, "event_id": f"e{ts}-{target}"}
@@ -125,7 +126,7 @@ def test_full_corpus_ranks_the_target_among_every_video_alive_then(tmp_path, fea
     older_first = lambda task, batch: -torch.cat([batch["target"][:, None], batch["negatives"]], 1).double()  # noqa: E731
     older_first.max_history = 1
     ranking = rank_task(FeaturesFolder(tmp_path), {"older_first": older_first}, "video", "test",
-                        full_corpus_window_ms=30)
+                        full_corpus=True)
     # Candidates: the target and the two others of its pool; older first ranks 4 among {2, 3, 4} last (2),
     # 3 among {3, 4, 5} first (0), 5 among {5, 6, 7} first (0).
     assert ranking.candidates.tolist() == [3, 3, 3]
