@@ -78,10 +78,10 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
     assert [test["ve6"][c] for c in HIST] == [[0, 0, 1, 3], [0, 1, 2, -1], [13, 17, 36, 36], [0], [0, 1, -1], [36]]
     assert (train["ve3"]["target"], test["ve5"]["target"], test["ve6"]["target"]) == (0, 3, 2)
     assert train["ve3"]["negatives"] == []  # only the target was published before 17
-    # Before 36: videos 0, 1, 2 and 3 (v4 at 35); 1 is the target.
-    assert len(test["ve4"]["negatives"]) == 2 and set(test["ve4"]["negatives"]) <= {0, 2, 3}
-    assert len(test["ve5"]["negatives"]) == 2 and set(test["ve5"]["negatives"]) <= {0, 1, 2}
-    assert len(test["ve6"]["negatives"]) == 2 and set(test["ve6"]["negatives"]) <= {0, 1, 3}
+    # Before 36 and 41: videos 0..3 (v4 at 35); each event's pool is its 3 newest, 1..3, minus the target.
+    assert sorted(test["ve4"]["negatives"]) == [2, 3]
+    assert sorted(test["ve5"]["negatives"]) == [1, 2]
+    assert sorted(test["ve6"]["negatives"]) == [1, 3]
 
     # Comment task. ce1 (u9) and ce4 (u3's first) have empty histories; ce6's comment is unknown.
     train, valid, test = (rows_by_event(contract.examples_dir(out, "comment", s)) for s in SPLITS)
@@ -125,9 +125,10 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
     assert (manifest["num_videos"], manifest["num_comments"], manifest["num_users"]) == (4, 3, 4)
     assert (manifest["embedding_dim"], manifest["encoder"], manifest["max_history"], manifest["num_negatives"]) == \
         (32, "hash", 50, 2)
-    # Automatic window with 2 negatives, over the used positive events with 3 videos before them: ve4 and ve5
-    # @36 (3rd newest before: v2 @20 -> 16), ve6 @41 (-> 21), ve8 @50 (-> 30): W = 30.
-    assert (manifest["video_protocol"], manifest["alive_window_ms"]) == ("alive_window", 30)
+    # Each used positive video event's own window for 2 negatives (3 videos, or all there are): ve1 @13 (v1 @10
+    # -> 3), ve3 @17 (-> 7), ve4 and ve5 @36 (3rd newest before: v2 @20 -> 16), ve6 @41 (-> 21), ve8 @50 (-> 30).
+    assert (manifest["video_protocol"], manifest["alive_window_ms"]) == ("alive_window", 0)
+    assert manifest["alive_windows"] == {"events": 6, "min_ms": 3, "median_ms": 16.0, "p90_ms": 25.5, "max_ms": 30}
     test_rows = rows_by_event(contract.examples_dir(out, "video", "test"))
     assert test_rows["ve6"]["negatives"] == test_rows["ve6"]["negatives_alive_window"]
     # popularity_at_t before 41: v1 twice (ve1, ve3), v2 and v4 once (ve4, ve5); v3 is the target.
