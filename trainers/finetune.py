@@ -29,7 +29,6 @@ Stage 1 seam: `init` names an earlier checkpoint whose SR parameters are loaded 
 shapes) before training.
 """
 
-
 from __future__ import annotations
 
 import dataclasses
