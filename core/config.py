@@ -150,7 +150,10 @@ def from_dict(cls: type[T], values: dict) -> T:
 def require(config: Any, condition: bool, key: str, message: str) -> None:
     """Raise ConfigError("<Class>.<key> <message>, got <value>") unless condition holds."""
     if not condition:
-        raise ConfigError(f"{type(config).__name__}.{key} {message}, got {getattr(config, key, None)!r}")
+        value = config
+        for part in key.split("."):  # a dotted key names a field of a nested config
+            value = getattr(value, part, None)
+        raise ConfigError(f"{type(config).__name__}.{key} {message}, got {value!r}")
 
 
 def require_at_least(config: Any, minimum: float, *keys: str) -> None:

@@ -29,7 +29,7 @@ def test_config_validation(monkeypatch):
     assert ContinuousConfig(workdir="w", registry="r", consume=False,
                             windows_uri="s3://b/windows").windows_uri == "s3://b/windows"
     assert ContinuousConfig(workdir="w", registry="s3://bucket/r", consume=False).registry == "s3://bucket/r"
-    with pytest.raises(ConfigError, match="features.negative_window_ms must be >= 1"):
+    with pytest.raises(ConfigError, match="features.negative_window_ms must be >= 1 .*, got 0"):
         load_config(ContinuousConfig, None, ["workdir=w", "registry=r", "consume=false", "features.negative_window_ms=0"])
     with pytest.raises(ConfigError, match="finetune.size.max_history must be <= features.max_history"):
         load_config(ContinuousConfig, None, ["workdir=w", "registry=r", "consume=false", "features.max_history=10",
