@@ -42,9 +42,8 @@ class Ranking:
     nonfinite: dict[str, int]
     skipped: int  # examples without any negative: nothing to rank the target against
 
-    def metrics(self, name: str, mask: np.ndarray | None = None) -> dict:
-        ranks = self.ranks[name] if mask is None else self.ranks[name][mask]
-        return {**ranking_metrics(ranks), "skipped": self.skipped, "nonfinite": self.nonfinite[name]}
+    def metrics(self, name: str) -> dict:
+        return {**ranking_metrics(self.ranks[name]), "skipped": self.skipped, "nonfinite": self.nonfinite[name]}
 
     def candidate_counts(self) -> dict:
         c = self.candidates
@@ -111,23 +110,27 @@ def task_results(ranking: Ranking, metrics: tuple[str, ...] = METRIC_NAMES, mask
     return out
 
 
-def paired(ranking: Ranking, reference: str, metric: str = PAIRED_METRIC, n_boot: int = 1000,
+def paired(ranking: Ranking, references: list[str], metric: str = PAIRED_METRIC, n_boot: int = 1000,
            seed: int = 0) -> dict:
     """{model: {reference: {"diff", "ci95", "significant", ...}}}: each model's seed-averaged per-example
-    `metric` minus the reference's, intervals resampling test users."""
+    `metric` minus each evaluated reference's, intervals resampling test users."""
     groups = _by_model(ranking.ranks)
-    if reference not in groups:
-        return {}
     values = {model: np.mean([metric_values(ranking.ranks[n], metric) for n in names], axis=0)
               for model, names in groups.items()}
-    return {model: {reference: paired_bootstrap(values[model], values[reference], ranking.user_id, n_boot, seed)}
-            for model in groups if model != reference}
+    out: dict = {}
+    for ref in (r for r in references if r in groups):
+        for model in groups:
+            if model != ref:
+                out.setdefault(model, {})[ref] = paired_bootstrap(values[model], values[ref], ranking.user_id,
+                                                                  n_boot, seed)
+    return out
 
 
 def results_of(rankings: dict[str, Ranking], reference: str = "sr_no_align", n_boot: int = 1000) -> dict:
     """{task: {model: metrics}} (task_results), "candidates", "slices": {task: {slice: {model: metrics}}},
     "paired": {task: {model: {reference: {"diff", "ci95", "significant", ...}}}} on NDCG@10 against the
-    reference (when evaluated) and against the task's strongest baseline and, with a "full_corpus/video" ranking, "full_corpus": {"video": {...}}."""
+    reference (when evaluated) and against the task's strongest baseline, and, with a "full_corpus/video"
+    ranking, "full_corpus": {"video": {...}}."""
     tasks = [t for t in rankings if "/" not in t]
     out: dict = {task: task_results(rankings[task]) for task in tasks}
     out["candidates"] = {task: rankings[task].candidate_counts() for task in tasks}
@@ -139,10 +142,7 @@ def results_of(rankings: dict[str, Ranking], reference: str = "sr_no_align", n_b
         scored = {name: out[task][name]["ndcg@10"] for name in BASELINES.get(task, ())
                   if out[task].get(name, {}).get("ndcg@10") is not None}
         against = [reference] + ([max(scored, key=scored.get)] if scored else [])
-        out["paired"][task] = {}
-        for ref in against:
-            for model, by_ref in paired(rankings[task], ref, n_boot=n_boot).items():
-                out["paired"][task].setdefault(model, {}).update(by_ref)
+        out["paired"][task] = paired(rankings[task], against, n_boot=n_boot)
     if "full_corpus/video" in rankings:
         full = rankings["full_corpus/video"]
         out["full_corpus"] = {"video": task_results(full, FULL_CORPUS_METRICS)}
