@@ -90,9 +90,8 @@ class FeaturesFolder:
     def alive_bounds(self, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(lo, hi) per event time: the videos alive then are the item indices lo..hi-1, under the build's rule
         (its fixed alive_window_ms, else each event's own window for its num_negatives; features/negatives.py)."""
-        manifest = self.manifest
-        return alive_bounds(self.item_times()[0], ts, int(manifest.get("num_negatives", 99)),
-                            int(manifest.get("alive_window_ms") or 0))
+        num_negatives, window_ms = _alive_rule(str(self.root))
+        return alive_bounds(self.item_times()[0], ts, num_negatives, window_ms)
 
     # ---- examples --------------------------------------------------------------------------------------
 
@@ -185,6 +184,14 @@ def _text_tables(root: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{root}: video and comment embeddings differ in dimension "
                          f"({tables[0].shape[1]} vs {tables[1].shape[1]})")
     return tables[0], tables[1]
+
+
+@functools.lru_cache(maxsize=4)
+def _alive_rule(root: str) -> tuple[int, int]:
+    """(num_negatives, fixed alive_window_ms or 0) from the manifest, read once per process like the item
+    times it goes with: training asks for alive pools at every step."""
+    manifest = FeaturesFolder(root).manifest
+    return int(manifest.get("num_negatives", 99)), int(manifest.get("alive_window_ms") or 0)
 
 
 @functools.lru_cache(maxsize=4)
