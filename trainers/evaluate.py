@@ -41,6 +41,7 @@ from trainers.ranking import (
     cold_slices,
     results_of,
     task_results,
+    verdict,
 )
 from trainers.scoring import Scorer
 
@@ -323,9 +324,8 @@ def _paired_blocks(results: dict) -> list[str]:
             lines.append("  ".join([f"{'model':<{width}}", f"{'diff':>9}", f"{'ci95':>20}"]))
             for name, d in rows:
                 low, high = d["ci95"]
-                verdict = "significant" if d["significant"] else "not significant (interval contains 0)"
                 lines.append("  ".join([f"{name:<{width}}", f"{d['diff']:>+9.4f}", f"[{low:+.4f}, {high:+.4f}]",
-                                        verdict]))
+                                        verdict(d)]))
             lines.append("")
     return lines
 

@@ -126,6 +126,11 @@ def paired(ranking: Ranking, references: list[str], metric: str = PAIRED_METRIC,
     return out
 
 
+def verdict(interval: dict) -> str:
+    """How tables word a paired difference: significant only when its 95% interval excludes 0."""
+    return "significant" if interval["significant"] else "not significant (interval contains 0)"
+
+
 def results_of(rankings: dict[str, Ranking], reference: str = "sr_no_align", n_boot: int = 1000) -> dict:
     """{task: {model: metrics}} (task_results), "candidates", "slices": {task: {slice: {model: metrics}}},
     "paired": {task: {model: {reference: {"diff", "ci95", "significant", ...}}}} on NDCG@10 against the

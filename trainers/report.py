@@ -21,6 +21,7 @@ from pathlib import Path
 
 from core.contract import TASKS
 from trainers.metrics import METRIC_NAMES
+from trainers.ranking import verdict
 
 SKIP_KEYS = ("metrics", "checkpoints")
 # (file stem, title, stage, history key)
@@ -144,8 +145,7 @@ def paired_tables(paired: dict) -> str:
                   "| model | minus | diff | ci95 | verdict |", "|---|---|---:|---:|---|"]
         for model, ref, d in rows:
             low, high = d["ci95"]
-            verdict = "significant" if d["significant"] else "not significant (interval contains 0)"
-            parts.append(f"| {model} | {ref} | {d['diff']:+.4f} | [{low:+.4f}, {high:+.4f}] | {verdict} |")
+            parts.append(f"| {model} | {ref} | {d['diff']:+.4f} | [{low:+.4f}, {high:+.4f}] | {verdict(d)} |")
         parts.append("")
     return "\n".join(parts)
 
