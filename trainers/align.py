@@ -96,7 +96,8 @@ class AlignConfig:
     rec_weight: float = 1.0
     contrast_weight: float = 0.5
     vc_contrast: bool = True  # False = the lsvcr_no_vc_contrast ablation
-    time_features: bool = True  # item-age and history-gap embeddings (SRConfig.time_features, issue 8)
+    # Item-age and history-gap embeddings and the freshness score (SRConfig.time_features and freshness)
+    time_features: bool = True
     max_prompt_tokens: int = 384
     max_response_tokens: int = 32
     lora_r: int = 8
@@ -136,7 +137,7 @@ class AlignConfig:
 
 def sr_config(config: AlignConfig, text_dim: int) -> SRConfig:
     return SRConfig(text_dim=text_dim, size=config.size, use_id_embedding=False, random_positions=True,
-                    time_features=config.time_features)
+                    time_features=config.time_features, freshness=config.time_features)
 
 
 def llm_config(config: AlignConfig) -> LLMConfig:

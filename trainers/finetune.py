@@ -92,7 +92,9 @@ class FinetuneConfig:
     out: str  # checkpoint folder to write
     model: str = "sr"  # "sr" or "sasrec"
     text_only: bool = False  # SR without ID embeddings (the sr_text_only baseline)
-    time_features: bool = True  # item-age and history-gap embeddings (SRConfig.time_features, issue 8)
+    # Item-age and history-gap embeddings and the freshness score (SRConfig.time_features and freshness;
+    # SASRecConfig.time_features)
+    time_features: bool = True
     init: Optional[str] = None  # checkpoint folder whose SR weights start training (stage 1 output)
     epochs: int = 10
     patience: int = 2  # stop after this many epochs without a better valid NDCG@5
@@ -131,9 +133,11 @@ class FinetuneConfig:
 
 def model_config(config: FinetuneConfig, num_videos: int, num_comments: int, text_dim: int):
     if config.model == "sasrec":
-        return SASRecConfig(num_videos=num_videos, num_comments=num_comments, size=config.size)
+        return SASRecConfig(num_videos=num_videos, num_comments=num_comments, size=config.size,
+                            time_features=config.time_features)
     return SRConfig(num_videos=num_videos, num_comments=num_comments, text_dim=text_dim, size=config.size,
-                    use_id_embedding=not config.text_only, time_features=config.time_features)
+                    use_id_embedding=not config.text_only, time_features=config.time_features,
+                    freshness=config.time_features)
 
 
 # Columns holding video and comment indices, per task (the item indices that get gradients in training).

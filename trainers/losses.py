@@ -127,19 +127,45 @@ def item_vectors(model: Recommender, kind: str, idx: torch.Tensor, ts: torch.Ten
 
 def video_loss(model: Recommender, batch: dict[str, torch.Tensor], train_negatives: int) -> torch.Tensor:
     """InfoNCE of the user vector against its target video: negatives are the other targets of the batch
-    plus up to `train_negatives` of batch["negatives"] (training puts fresh draws from the alive pool there)."""
+    plus up to `train_negatives` of batch["negatives"] (training puts fresh draws from the alive pool there).
+
+    With time features every candidate is scored at the row's own request time: its age term, its freshness
+    score, and an in-batch target published after that time is no candidate of the row (masked out)."""
     target = batch["target"]  # [B]
     user = model.user_video_vector(batch)  # [B, H]
-    # In-batch negatives are aged at their own example's time (one [B, H] key matrix for the batch).
-    logits = in_batch_logits(user, item_vectors(model, "video", target, batch.get("ts")), target,
-                             model.temperature)
+    if has_time_features(model):
+        ts = batch["ts"]
+        # [B, B, H] keys would cost B x the memory: user . (unit + age[bucket]) splits into the unit part and
+        # a [B, num_buckets] table gathered per (row, column).
+        grid = target[None, :].expand(len(target), -1)  # [B, B]: row i's candidates at row i's time
+        logits = user @ model.timeless_item_vectors("video", target).T / model.temperature
+        per_bucket = user @ model.age_table("video").T / model.temperature  # [B, num_buckets]
+        logits = logits + per_bucket.gather(1, model.age_buckets("video", grid, ts[:, None]))
+        logits = logits + model.freshness_scores("video", grid, ts[:, None])
+        future = model.published("video", grid) > ts[:, None]
+        duplicate = (target[:, None] == target[None, :]) | future
+        logits = logits.masked_fill(duplicate & ~torch.eye(len(target), dtype=torch.bool, device=target.device),
+                                    float("-inf"))
+    else:
+        logits = in_batch_logits(user, model.video_item_vectors(target), target, model.temperature)
     if train_negatives > 0:
         negatives = batch["negatives"][:, :train_negatives]  # [B, K]
-        keys = item_vectors(model, "video", negatives, batch.get("ts")[:, None] if "ts" in batch else None)
-        neg_logits = torch.einsum("bh,bkh->bk", user, keys) / model.temperature
+        neg_logits = candidate_logits(model, "video", user, negatives, batch.get("ts"))
         drop = (negatives < 0) | (negatives == target[:, None])
         logits = torch.cat([logits, neg_logits.masked_fill(drop, float("-inf"))], 1)  # [B, B + K]
     return F.cross_entropy(logits, torch.arange(len(target), device=target.device))
+
+
+def candidate_logits(model: Recommender, kind: str, query: torch.Tensor, candidates: torch.Tensor,
+                     ts: torch.Tensor | None) -> torch.Tensor:
+    """Scores of candidate lists [B, N] for query vectors [B, H] at request times ts [B] (with time features:
+    age terms and freshness included), as trainers/scoring.py computes them; padding is not masked here."""
+    if not has_time_features(model):
+        keys = item_vectors(model, kind, candidates, None)
+        return torch.einsum("bh,bnh->bn", query, keys) / model.temperature
+    keys = item_vectors(model, kind, candidates, ts[:, None])
+    logits = torch.einsum("bh,bnh->bn", query, keys) / model.temperature
+    return logits + model.freshness_scores(kind, candidates, ts[:, None])
 
 
 def comment_loss(model: Recommender, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -147,8 +173,7 @@ def comment_loss(model: Recommender, batch: dict[str, torch.Tensor]) -> torch.Te
     negatives contributes 0."""
     context = model.comment_context_vector(batch, batch["query_video"])  # [B, H]
     candidates = torch.cat([batch["target"][:, None], batch["negatives"]], 1)  # [B, 1 + K]
-    keys = item_vectors(model, "comment", candidates, batch.get("ts")[:, None] if "ts" in batch else None)
-    logits = torch.einsum("bh,bkh->bk", context, keys) / model.temperature
+    logits = candidate_logits(model, "comment", context, candidates, batch.get("ts"))
     logits = logits.masked_fill(candidates < 0, float("-inf"))
     return F.cross_entropy(logits, torch.zeros(len(candidates), dtype=torch.long, device=candidates.device))
 

@@ -10,9 +10,14 @@ Item vectors are precomputed once (`refresh_items`), so every caller ranks again
 Time features (trainers/models/sr.py): the request time is `ts` in the history batch: an example's event
 time offline, or, for rows without one (users.parquet, the sequence store), the clock when `histories` is
 called, so serving measures ages at request time. A model's item vector is then normalize(item) +
-age[bucket(ts - published)]. Candidate scores are user . matrix[i] / T + (user @ age_table.T / T)[bucket]:
-the matrix stays precomputed and each request adds one gathered [B, num_buckets] term per item. Full-corpus
-scores use the matrix with the age terms added, rebuilt only when some video changes bucket.
+age[bucket(ts - published)], and with the freshness heads a user-independent score is added
+(trainers/models/item_time.py). Candidate scores are user . matrix[i] / T + (user @ age_table.T / T)[bucket]
++ freshness: the matrix stays precomputed and each request adds one gathered [B, num_buckets] term and the
+freshness score per item. Full-corpus scores use the matrix with the age terms added, rebuilt only when some
+video changes bucket, plus the freshness of every video at the request time.
+
+`age_terms=False` scores without the item-age parts (the age table and the freshness score; the history gap
+embeddings stay): how much of a model's ranking comes from item age (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -30,13 +35,14 @@ from trainers.models.layers import time_bucket_edges
 
 
 class Scorer:
-    def __init__(self, ckpt_dir: str | Path, features: FeaturesFolder | str | Path, device: str = "cpu"):
+    def __init__(self, ckpt_dir: str | Path, features: FeaturesFolder | str | Path, device: str = "cpu",
+                 age_terms: bool = True):
         """Load the checkpoint (CheckpointError if it is missing, corrupt or incompatible) and the
         features folder's text embeddings, and precompute the item matrices."""
         self.kind, model = load_model(ckpt_dir)
         folder = FeaturesFolder.open(features)
         try:
-            self._setup(model, folder, torch.device(device))
+            self._setup(model, folder, torch.device(device), age_terms)
         except ValueError as err:  # e.g. the text embeddings' dimension differs from the model's
             raise CheckpointError(f"{ckpt_dir} does not fit the features in {folder}: {err}") from None
 
@@ -49,8 +55,9 @@ class Scorer:
         scorer._setup(model, folder, next(model.parameters()).device)
         return scorer
 
-    def _setup(self, model: Recommender, folder: FeaturesFolder, device: torch.device) -> None:
+    def _setup(self, model: Recommender, folder: FeaturesFolder, device: torch.device, age_terms: bool = True) -> None:
         self.device = device
+        self.age_terms = age_terms
         self.model = model.to(device).eval()
         self.max_history = model.config.size.max_history
         self.temperature = model.temperature
@@ -102,10 +109,12 @@ class Scorer:
 
     def _age_scores(self, kind: str, user: torch.Tensor, idx: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
         """The age part of the scores of items idx [B, N] (-1 padding) at request times ts [B]: [B, N].
-        user . age[bucket] / T is user @ age_table.T / T [B, num_buckets] gathered at each item's bucket."""
+        user . age[bucket] / T is user @ age_table.T / T [B, num_buckets] gathered at each item's bucket; the
+        freshness score is added (for comments, each row of idx is that request's whole candidate list)."""
+        ts = ts.to(self.device)[:, None]
         per_bucket = user @ self.model.age_table(kind).T / self.temperature  # [B, num_buckets]
-        buckets = self.model.age_buckets(kind, idx, ts.to(self.device)[:, None])  # [B, N]
-        return per_bucket.gather(1, buckets)
+        buckets = self.model.age_buckets(kind, idx, ts)  # [B, N]
+        return per_bucket.gather(1, buckets) + self.model.freshness_scores(kind, idx, ts)
 
     def _to_device(self, hist: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in hist.items()}
@@ -121,13 +130,15 @@ class Scorer:
         """Cosine / temperature of each user against every video: [B, V] (CPU)."""
         hist = self._to_device(hist)
         user = self.model.user_video_vector(hist)  # [B, H]
-        if not self.time_features:
+        if not (self.time_features and self.age_terms):
             return (user @ self.video_matrix.T / self.temperature).cpu()  # [B, V]
         ts = hist["ts"].to(self.device)
         scores = torch.empty(len(user), self.num_videos, device=self.device)
+        every = torch.arange(self.num_videos, device=self.device)
         for t in ts.unique().tolist():  # one in a serving batch: the rows share one clock reading
             rows = (ts == t).nonzero().squeeze(1)
-            scores[rows] = user[rows] @ self._aged_video_matrix(t).T / self.temperature
+            fresh = self.model.freshness_scores("video", every, t)  # [V]
+            scores[rows] = user[rows] @ self._aged_video_matrix(t).T / self.temperature + fresh
         return scores.cpu()
 
     def _aged_video_matrix(self, t: int) -> torch.Tensor:
@@ -153,7 +164,7 @@ class Scorer:
         user = self.model.user_video_vector(hist)  # [B, H]
         items, valid = self._gather(self.video_matrix, candidate_idx, "video")
         scores = torch.einsum("bh,bnh->bn", user, items) / self.temperature
-        if self.time_features:
+        if self.time_features and self.age_terms:
             idx = torch.as_tensor(candidate_idx, dtype=torch.long, device=self.device)
             scores = scores + self._age_scores("video", user, idx, hist["ts"])
         return scores.masked_fill(~valid, float("-inf")).cpu()
@@ -168,7 +179,7 @@ class Scorer:
         context = self.model.comment_context_vector(hist, query)  # [B, H]
         items, valid = self._gather(self.comment_matrix, candidate_idx, "comment")
         scores = torch.einsum("bh,bnh->bn", context, items) / self.temperature
-        if self.time_features:
+        if self.time_features and self.age_terms:
             idx = torch.as_tensor(candidate_idx, dtype=torch.long, device=self.device)
             scores = scores + self._age_scores("comment", context, idx, hist["ts"])
         return scores.masked_fill(~valid, float("-inf")).cpu()

@@ -7,6 +7,7 @@ import torch
 from features.folder import FeaturesFolder
 from trainers.checkpoint import CheckpointError, save_checkpoint
 from trainers.data import text_tensors
+from trainers.losses import candidate_logits
 from trainers.models import ModelSize, Recommender, SASRec, SASRecConfig, SRConfig, SRModel, TextRecommender
 from trainers.scoring import Scorer
 
@@ -76,10 +77,13 @@ def test_checkpoint_for_other_features_is_refused(fake_features, tmp_path):
 @pytest.fixture(scope="module")
 def timed_checkpoint(fake_features, tmp_path_factory):
     torch.manual_seed(0)
-    model = SRModel(SRConfig(num_videos=48, num_comments=192, text_dim=32, size=SIZE, time_features=True))
-    with torch.no_grad():  # untrained age tables are zero: give them values so the age term matters
+    model = SRModel(SRConfig(num_videos=48, num_comments=192, text_dim=32, size=SIZE, time_features=True,
+                             freshness=True))
+    with torch.no_grad():  # untrained age tables and freshness outputs are zero: give them values so they matter
         model.video_age.weight.normal_()
         model.comment_age.weight.normal_()
+        for head in (model.video_fresh, model.comment_fresh):
+            head.out.weight.normal_()
     path = tmp_path_factory.mktemp("timed")
     save_checkpoint(path, "sr", model.config, model.state_dict())
     return path
@@ -96,10 +100,12 @@ def test_time_features_score_alike_in_every_path(fake_features, timed_checkpoint
     # Item i is published at ts i (conftest), so at the request every video is 40 min + 1e6 - i ms old:
     # 1e6 ms = 16.7 min, 56.7 min -> 2 log2(56.7) = 11.6 -> bucket 12 for all 48 videos.
     assert (model.age_buckets("video", torch.arange(48), hist["ts"][0]) == 12).all()
-    scores = scorer.video_scores(hist)  # [3, 48]: precomputed matrix + per-request age term
+    scores = scorer.video_scores(hist)  # [3, 48]: precomputed matrix + per-request age and freshness terms
     with torch.no_grad():
         direct = model.user_video_vector(hist) @ model.video_item_vectors(torch.arange(48), hist["ts"][0]).T / 0.07
-    assert torch.allclose(scores, direct, atol=1e-5)
+        fresh = model.freshness_scores("video", torch.arange(48), hist["ts"][0])
+    assert fresh.abs().min() > 0 and fresh.std() > 0  # the freshness term is there and differs by video
+    assert torch.allclose(scores, direct + fresh, atol=1e-5)
     cands = torch.tensor([[3, 7, -1]] * 3)
     picked = scorer.video_candidate_scores(hist, cands)
     assert torch.allclose(picked[:, :2], scores[:, [3, 7]], atol=1e-5) and (picked[:, 2] == float("-inf")).all()
@@ -115,8 +121,26 @@ def test_time_features_score_alike_in_every_path(fake_features, timed_checkpoint
     with torch.no_grad():
         context = model.comment_context_vector(hist, query)
         items = model.comment_item_vectors(cands, hist["ts"][:, None])
-        expect = torch.einsum("bh,bkh->bk", context, items) / 0.07
+        expect = torch.einsum("bh,bkh->bk", context, items) / 0.07 + model.freshness_scores("comment", cands, hist["ts"])
+        # The training losses' scores (trainers/losses.py) are the serving scores.
+        trained = candidate_logits(model, "comment", context, cands, hist["ts"])
+        trained_videos = candidate_logits(model, "video", model.user_video_vector(hist), torch.tensor([[3, 7]] * 3),
+                                          hist["ts"])
     assert torch.allclose(got[:, :2], expect[:, :2], atol=1e-5) and got[1, 2] == float("-inf")
+    assert torch.allclose(got[:, :2], trained[:, :2], atol=1e-5)
+    assert torch.allclose(trained_videos, scores[:, [3, 7]], atol=1e-5)
+
+
+def test_scores_without_the_age_terms(fake_features, timed_checkpoint):
+    scorer = Scorer(timed_checkpoint, fake_features, age_terms=False)
+    hist = scorer.histories(pq.read_table(fake_features / "users.parquet").slice(0, 3).to_pydict(), now_ms=10**9)
+    model = scorer.model
+    with torch.no_grad():
+        direct = model.user_video_vector(hist) @ model.timeless_item_vectors("video", torch.arange(48)).T / 0.07
+    assert torch.allclose(scorer.video_scores(hist), direct, atol=1e-5)
+    assert not torch.allclose(Scorer(timed_checkpoint, fake_features).video_scores(hist), direct, atol=1e-3)
+    picked = scorer.video_candidate_scores(hist, torch.tensor([[3, 7]] * 3))
+    assert torch.allclose(picked, direct[:, [3, 7]], atol=1e-5)
 
 
 def test_grown_tables_take_new_items_as_published_now(fake_features, timed_checkpoint):
@@ -142,7 +166,8 @@ def test_full_corpus_scores_follow_bucket_changes_through_the_cache(fake_feature
     def direct(t):
         hist = scorer.histories(users, now_ms=t)
         with torch.no_grad():
-            return model.user_video_vector(hist) @ model.video_item_vectors(torch.arange(48), t).T / 0.07
+            return (model.user_video_vector(hist) @ model.video_item_vectors(torch.arange(48), t).T / 0.07
+                    + model.freshness_scores("video", torch.arange(48), t))
 
     for t in (now, now + crossing - 1, now + crossing, now + 10**9):
         assert torch.allclose(scorer.video_scores(scorer.histories(users, now_ms=t)), direct(t), atol=1e-5), t

@@ -22,10 +22,11 @@ offline, the wall clock in serving) and the history times. Both are bucketized b
 `layers.time_buckets`:
 - each history element gets a gap embedding, bucket(ts - element time), added like the position embedding;
 - each scored item gets an age term, bucket(ts - publication time) looked up in a [num_buckets, H] table and
-  added to the *normalised* item vector: item = normalize(text (+ ID)) + age[bucket]. So a score is
-  user . normalize(item) / T + user . age[bucket] / T, and a whole-corpus ranking stays one precomputed
-  matrix product plus a [B, num_buckets] table gathered per item (trainers/scoring.py), exactly. The age
-  tables start at zero, so a fresh model scores as if it had no age term until training moves them.
+  added to the *normalised* item vector: item = normalize(text (+ ID)) + age[bucket]. So a whole-corpus
+  ranking stays one precomputed matrix product plus a [B, num_buckets] table gathered per item
+  (trainers/scoring.py), exactly. The age tables start at zero;
+- with `freshness`, a user-independent score over continuous log-age and the item's freshness relative to
+  its pool is added (trainers/models/item_time.py, shared with SASRec).
 Publication times are attached with `set_item_times` (like the text tables, not part of the checkpoint).
 A config saved before these features existed lacks the field and loads with them off.
 """
@@ -40,6 +41,7 @@ from torch import nn
 
 from core.config import require, require_at_least
 from trainers.models.base import ModelSize
+from trainers.models.item_time import ItemTimes
 from trainers.models.layers import CausalEncoder, NullAttention, position_ids, safe_lookup, time_buckets
 
 
@@ -56,6 +58,9 @@ class SRConfig:
     # checkpoint from before them) loads as the model it was; the training configs turn them on.
     time_features: bool = False
     num_time_buckets: int = 48  # log-time buckets of layers.time_buckets (48 reach about 16 years)
+    # The user-independent freshness score (trainers/models/item_time.py); needs time_features. False by
+    # default for the same reason as time_features.
+    freshness: bool = False
 
     def __post_init__(self):
         if self.max_position == 0:
@@ -66,6 +71,7 @@ class SRConfig:
             require(self, getattr(self, name) >= 1 or not self.use_id_embedding, name,
                     "must be >= 1 with use_id_embedding")
         require_at_least(self, 2, "num_time_buckets")
+        require(self, self.time_features or not self.freshness, "freshness", "needs time_features=True")
         require(self, self.max_position >= self.size.max_history, "max_position",
                 f"must be >= size.max_history {self.size.max_history}")
 
@@ -74,7 +80,7 @@ class SRConfig:
         return not self.use_id_embedding
 
 
-class SRModel(nn.Module):
+class SRModel(ItemTimes, nn.Module):
     def __init__(self, config: SRConfig):
         super().__init__()
         self.config = config
@@ -126,12 +132,7 @@ class SRModel(nn.Module):
             self.comment_gap = nn.Embedding(n, h)
             nn.init.normal_(self.video_gap.weight, std=0.02)
             nn.init.normal_(self.comment_gap.weight, std=0.02)
-            self.video_age = nn.Embedding(n, h)
-            self.comment_age = nn.Embedding(n, h)
-            nn.init.zeros_(self.video_age.weight)
-            nn.init.zeros_(self.comment_age.weight)
-            self.register_buffer("video_pub_ts", torch.zeros(0, dtype=torch.long), persistent=False)
-            self.register_buffer("comment_pub_ts", torch.zeros(0, dtype=torch.long), persistent=False)
+            self.init_item_times(h)
 
     # ---- data the model does not own -------------------------------------------------------------------
 
@@ -144,17 +145,6 @@ class SRModel(nn.Module):
         device = self.video_adapter.weight.device
         self.video_text = video_text.to(device=device, dtype=torch.float32)
         self.comment_text = comment_text.to(device=device, dtype=torch.float32)
-
-    def set_item_times(self, video_ts: torch.Tensor, comment_ts: torch.Tensor) -> None:
-        """Attach the publication times (ms) [V] and [C] (rows = item index); a no-op without time features."""
-        if not self.config.time_features:
-            return
-        for name, times in (("video", video_ts), ("comment", comment_ts)):
-            if torch.as_tensor(times).ndim != 1:
-                raise ValueError(f"{name} publication times must be 1-D, got shape {tuple(torch.as_tensor(times).shape)}")
-        device = self.video_adapter.weight.device
-        self.video_pub_ts = torch.as_tensor(video_ts, dtype=torch.long).to(device)
-        self.comment_pub_ts = torch.as_tensor(comment_ts, dtype=torch.long).to(device)
 
     def set_seen(self, video_seen: torch.Tensor, comment_seen: torch.Tensor) -> None:
         """Mark which item indices have a trained ID embedding (bool [num_videos], [num_comments])."""
@@ -192,35 +182,6 @@ class SRModel(nn.Module):
             raise ValueError("time_features needs the request time: the batch has no 'ts' [B] (collate adds it "
                              "from the example rows; Scorer.histories from the clock)")
         return batch["ts"]
-
-    def age_buckets(self, kind: str, idx: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-        """Age bucket of items idx [...] at request times ts (broadcastable to idx, e.g. [B] for [B] or [B, 1]
-        for [B, K]) -> [...] long. Padding (idx < 0) gets bucket 0; its vectors are masked by the callers."""
-        if not self.config.time_features:
-            raise RuntimeError("age_buckets needs time_features=True")
-        if kind not in ("video", "comment"):
-            raise ValueError(f"kind must be 'video' or 'comment', got {kind!r}")
-        pub = self.video_pub_ts if kind == "video" else self.comment_pub_ts
-        if pub.shape[0] == 0:
-            raise RuntimeError(f"no {kind} publication times attached: call set_item_times first")
-        if idx.numel() and int(idx.max()) >= pub.shape[0]:
-            raise ValueError(f"{kind} index {int(idx.max())} has no publication time ({pub.shape[0]} known)")
-        age = torch.as_tensor(ts, device=idx.device) - pub[idx.clamp(min=0)]
-        return time_buckets(age, self.config.num_time_buckets) * (idx >= 0)
-
-    def age_table(self, kind: str) -> torch.Tensor:
-        """The [num_time_buckets, H] age terms added to normalised item vectors of `kind`."""
-        if not self.config.time_features:
-            raise RuntimeError("age_table needs time_features=True")
-        return (self.video_age if kind == "video" else self.comment_age).weight
-
-    def _with_age(self, kind: str, unit: torch.Tensor, idx: torch.Tensor, ts: torch.Tensor | None) -> torch.Tensor:
-        if not self.config.time_features:
-            return unit
-        if ts is None:
-            raise ValueError(f"{kind}_item_vectors: this model has time features and needs the request time ts")
-        buckets = self.age_buckets(kind, idx, ts)
-        return unit + self.age_table(kind)[buckets] * (idx >= 0).unsqueeze(-1)
 
     def id_text_vectors(self, kind: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ID embedding, adapted text embedding) of the same items, both L2-normalised [N, H] (for the
@@ -291,7 +252,7 @@ class SRModel(nn.Module):
     def video_item_vectors(self, idx: torch.Tensor, ts: torch.Tensor | None = None) -> torch.Tensor:
         """[...] -> [..., H]: the normalised video vector, plus its age term at request times ts (needed, and
         only used, with time features; broadcastable to idx)."""
-        return self._with_age("video", F.normalize(self.video_vec(idx), dim=-1), idx, ts)
+        return self.with_age("video", F.normalize(self.video_vec(idx), dim=-1), idx, ts)
 
     def comment_context_vector(self, batch: dict[str, torch.Tensor], query_video: torch.Tensor) -> torch.Tensor:
         v_fused, c_fused = self._fused_states(batch)
@@ -303,7 +264,7 @@ class SRModel(nn.Module):
 
     def comment_item_vectors(self, idx: torch.Tensor, ts: torch.Tensor | None = None) -> torch.Tensor:
         """Like video_item_vectors, for comments: [...] -> [..., H]."""
-        return self._with_age("comment", F.normalize(self.comment_vec(idx), dim=-1), idx, ts)
+        return self.with_age("comment", F.normalize(self.comment_vec(idx), dim=-1), idx, ts)
 
     def timeless_item_vectors(self, kind: str, idx: torch.Tensor) -> torch.Tensor:
         """The normalised item vectors without the age term, [...] -> [..., H] (the precomputed corpus
