@@ -33,11 +33,13 @@ from trainers.baselines import (
 from trainers.data import collate, object_column, user_video_positives, without_later_positives
 from trainers.metrics import METRIC_NAMES, nonfinite_examples, ranks_from_scores
 from trainers.ranking import (
+    BASELINE_NAMES,
     COLD_USER_EVENTS,
     FULL_CORPUS_METRICS,
     SLICES,
     Ranking,
     alive_pools,
+    beats_every_baseline,
     cold_slices,
     results_of,
     task_results,
@@ -265,6 +267,25 @@ def evaluate(features: FeaturesFolder | str | Path, checkpoints: dict[str, str |
     return results
 
 
+def without_age_terms(features: FeaturesFolder | str | Path, checkpoints: dict[str, str | Path],
+                      split: str = "test", batch_size: int = 512, max_examples: int = 0,
+                      device: str = "cpu") -> dict[str, dict[str, float | None]]:
+    """{task: {model: NDCG@10 (mean over seeds)}} of the checkpoints with time features, scored with their
+    item-age terms zeroed (Scorer age_terms=False) on the build's candidates: set beside the full scores, how
+    much of each model's ranking its age terms carry. Models without time features are left out."""
+    folder = FeaturesFolder.open(features)
+    fns = {}
+    for name, ckpt in checkpoints.items():
+        scorer = Scorer(ckpt, folder, device=device, age_terms=False)
+        if scorer.time_features:
+            fns[name] = scorer_fn(scorer)
+    if not fns:
+        return {}
+    return {task: {model: m["ndcg@10"] for model, m in
+                   task_results(rank_task(folder, fns, task, split, batch_size, max_examples)).items()}
+            for task in TASKS}
+
+
 def _cell(value, width: int = 9) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}.4f}"
 
@@ -310,10 +331,11 @@ def _full_corpus_block(results: dict) -> list[str]:
 
 
 def _paired_blocks(results: dict) -> list[str]:
+    """The reference and the strongest baseline in full, then which models lie above every baseline."""
     lines = []
     for task, models in results.get("paired", {}).items():
         references = list(dict.fromkeys(ref for by_ref in models.values() for ref in by_ref))
-        for ref in references:
+        for ref in references[:2]:
             rows = [(name, by_ref[ref]) for name, by_ref in models.items()
                     if ref in by_ref and by_ref[ref]["diff"] is not None]
             if not rows:
@@ -326,6 +348,12 @@ def _paired_blocks(results: dict) -> list[str]:
                 low, high = d["ci95"]
                 lines.append("  ".join([f"{name:<{width}}", f"{d['diff']:>+9.4f}", f"[{low:+.4f}, {high:+.4f}]",
                                         verdict(d)]))
+            lines.append("")
+        above = {name: beats_every_baseline(models, name) for name in models if name not in BASELINE_NAMES}
+        above = {name: value for name, value in above.items() if value is not None}
+        if above:
+            lines.append(f"{task} task: above every baseline (each paired interval > 0): "
+                         + ", ".join(f"{name} {'yes' if value else 'no'}" for name, value in above.items()))
             lines.append("")
     return lines
 

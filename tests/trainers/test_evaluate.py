@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainers.checkpoint import save_checkpoint
-from trainers.evaluate import evaluate, format_table
+from trainers.evaluate import evaluate, format_table, without_age_terms
 from trainers.models import ModelSize, SASRec, SASRecConfig
 
 EMPTY = {"hist_video": [], "hist_video_hot": [], "hist_video_ts": [], "hist_cmt_video": [],
@@ -87,6 +87,25 @@ def test_models_and_popularity_in_one_run(fake_features, tmp_path):
     with pytest.raises(ValueError, match="twice"):
         evaluate(fake_features, {"popularity": tmp_path})
     assert format_table({"video": {"m": {"count": 0, "recall@1": None}}}).count(" -") >= 1
+
+
+def test_scores_without_age_terms_only_for_models_with_time_features(fake_features, tmp_path):
+    torch.manual_seed(0)
+    size = ModelSize(hidden=16, inner=32, max_history=8)
+    timed = SASRec(SASRecConfig(num_videos=48, num_comments=192, size=size, time_features=True))
+    with torch.no_grad():  # a freshness term strong enough to decide: the more newer videos, the better
+        timed.video_fresh.hidden.weight.zero_()
+        timed.video_fresh.hidden.weight[0, 2] = 5.0
+        timed.video_fresh.out.weight[0, 0] = 10.0
+    save_checkpoint(tmp_path / "timed", "sasrec", timed.config, timed.state_dict())
+    plain = SASRec(SASRecConfig(num_videos=48, num_comments=192, size=size))
+    save_checkpoint(tmp_path / "plain", "sasrec", plain.config, plain.state_dict())
+    checkpoints = {"timed": tmp_path / "timed", "plain": tmp_path / "plain"}
+    got = without_age_terms(fake_features, checkpoints, batch_size=16)
+    assert set(got) == {"video", "comment"} and set(got["video"]) == {"timed"}
+    full = evaluate(fake_features, {"timed": tmp_path / "timed"}, batch_size=16)
+    assert got["video"]["timed"] != pytest.approx(full["video"]["timed"]["ndcg@10"])
+    assert without_age_terms(fake_features, {"plain": tmp_path / "plain"}) == {}
 
 
 def test_time_baselines_score_a_hand_made_example():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from trainers.evaluate import format_table
-from trainers.ranking import Ranking, model_of, results_of, seed_name
+from trainers.ranking import Ranking, beats_every_baseline, model_of, results_of, seed_name
 
 
 def ranking(ranks: dict[str, list[int]], users: list[str]) -> Ranking:
@@ -39,7 +39,7 @@ def test_means_stds_and_paired_difference_by_hand():
     lsvcr = out["paired"]["video"]["lsvcr"]["sr_no_align"]
     assert lsvcr["diff"] == pytest.approx(diff) and lsvcr["groups"] == 3
     assert lsvcr["ci95"][0] <= diff <= lsvcr["ci95"][1]
-    # Every model is also paired with the strongest baseline (here the only one, popularity); none with itself.
+    # Every model is also paired with every baseline (here the only one, popularity); none with itself.
     assert set(out["paired"]["video"]["sr_no_align"]) == {"popularity"}
     assert set(out["paired"]["video"]["lsvcr"]) == {"sr_no_align", "popularity"}
     assert out["paired"]["video"]["lsvcr"]["popularity"]["diff"] == pytest.approx(np.mean([1.0, 1.0, 1.0, 0.5]))
@@ -60,3 +60,20 @@ def test_the_table_marks_differences_whose_interval_contains_zero():
     lines = table[table.index("NDCG@10 minus sr_no_align's"):].splitlines()
     assert next(line for line in lines if line.startswith("same ")).endswith("not significant (interval contains 0)")
     assert next(line for line in lines if line.startswith("better ")).endswith(" significant")
+
+
+def test_every_baseline_is_a_paired_reference_and_the_table_says_who_clears_them_all():
+    users = ["u1", "u2", "u3", "u4"]
+    r = ranking({"sr_no_align": [0, 0, 0, 0], "lsvcr": [0, 0, 0, 30], "recency": [5, 5, 5, 5],
+                 "popularity": [30, 30, 30, 30], "recency_pop_blend": [0, 0, 0, 0]}, users)
+    out = results_of({"video": r}, reference="sr_no_align", n_boot=200)
+    # The reference first, then every baseline, strongest first.
+    assert list(out["paired"]["video"]["lsvcr"]) == ["sr_no_align", "recency_pop_blend", "recency", "popularity"]
+    assert beats_every_baseline(out["paired"]["video"], "sr_no_align") is False  # ties recency_pop_blend
+    assert beats_every_baseline(out["paired"]["video"], "lsvcr") is False
+    better = ranking({"sr_no_align": [0, 0, 0, 0], "recency": [5, 5, 5, 5], "popularity": [30, 30, 30, 30]}, users)
+    paired = results_of({"video": better}, reference="sr_no_align", n_boot=200)["paired"]["video"]
+    assert beats_every_baseline(paired, "sr_no_align") is True
+    assert beats_every_baseline(paired, "missing") is None
+    assert "above every baseline (each paired interval > 0): sr_no_align yes" in format_table(
+        results_of({"video": better}, reference="sr_no_align", n_boot=200))
