@@ -137,7 +137,7 @@ def model_config(config: FinetuneConfig, num_videos: int, num_comments: int, tex
                             time_features=config.time_features)
     return SRConfig(num_videos=num_videos, num_comments=num_comments, text_dim=text_dim, size=config.size,
                     use_id_embedding=not config.text_only, time_features=config.time_features,
-                    freshness=config.time_features)
+                    freshness=config.time_features, id_shrinkage=not config.text_only)
 
 
 # Columns holding video and comment indices, per task (the item indices that get gradients in training).
@@ -148,9 +148,10 @@ COMMENT_COLUMNS = {"video": ("hist_video_hot", "hist_cmt_comments"),
 
 
 def seen_items(folder: FeaturesFolder, num_videos: int, num_comments: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bool masks [V], [C] of the items that appear anywhere in the train examples (and so get a trained
-    ID embedding); all other items are scored without their ID embedding."""
-    seen = {"video": np.zeros(num_videos, dtype=bool), "comment": np.zeros(num_comments, dtype=bool)}
+    """Int64 counts [V], [C] of each item's appearances anywhere in the train examples (target, negatives,
+    histories): the training signal its ID embedding got. Items at 0 are scored without their ID embedding;
+    with SRConfig.id_shrinkage the others get count / (count + k) of it."""
+    seen = {"video": np.zeros(num_videos, dtype=np.int64), "comment": np.zeros(num_comments, dtype=np.int64)}
     for task in TASKS:
         dataset = pads.dataset(folder.examples_dir(task, "train"), format="parquet")
         for batch in dataset.to_batches(columns=list(set(VIDEO_COLUMNS[task] + COMMENT_COLUMNS[task]))):
@@ -163,7 +164,7 @@ def seen_items(folder: FeaturesFolder, num_videos: int, num_comments: int) -> tu
                     if len(idx) and idx.max() >= len(seen[kind]):
                         raise ValueError(f"{task}/train column {name} has {kind} index {idx.max()} beyond "
                                          f"the {len(seen[kind])} embedded {kind}s")
-                    seen[kind][idx] = True
+                    seen[kind] += np.bincount(idx, minlength=len(seen[kind]))
     return seen["video"], seen["comment"]
 
 
@@ -226,7 +227,7 @@ class FinetuneRecipe(Recipe):
         torch.manual_seed(c.seed)
         self.model = MODELS[c.model][0](self.model_config)
         if self.seen is not None:
-            self.model.set_seen(*(torch.tensor(mask) for mask in self.seen))
+            self.model.set_seen(*(torch.tensor(counts) for counts in self.seen))
         if c.init:
             fresh = load_init_weights(self.model, c.init)
             if "video_id.weight" in fresh:

@@ -44,11 +44,12 @@ def test_seen_items_by_hand(tmp_path, features_writer):
         "hist_video_hot": [3], "hist_cmt_video": [], "hist_cmt_comments": [], **empty}])
     write_examples(tmp_path, "comment", "train", [{
         "user_id": "u", "event_id": "e2", "ts": 6, "query_video": 4, "target": 5, "negatives": [6],
-        "hist_video": [], "hist_video_hot": [], "hist_cmt_video": [3], "hist_cmt_comments": [7, -1, -1],
+        "hist_video": [1], "hist_video_hot": [-1], "hist_cmt_video": [3], "hist_cmt_comments": [7, -1, -1],
         "target_likes": 0, "negative_likes": [0], **empty}])
     videos, comments = seen_items(FeaturesFolder(tmp_path), 6, 8)
-    assert np.flatnonzero(videos).tolist() == [0, 1, 2, 3, 4]
-    assert np.flatnonzero(comments).tolist() == [3, 5, 6, 7]
+    # Video 1: the target of one example and in the other's history; -1 ("no hot comment") counts nothing.
+    assert videos.tolist() == [1, 2, 1, 1, 1, 0]
+    assert np.flatnonzero(comments).tolist() == [3, 5, 6, 7] and comments.max() == 1
 
 
 def test_finetune_smoke(ray_session, fake_features, tmp_path):

@@ -10,7 +10,8 @@ Every vector the task methods return is L2-normalised; score = dot / temperature
 Choices beyond DESIGN.md:
 - items and history elements share one item vector per kind: adapted text (Linear D -> H) plus, with ID
   embeddings, sigmoid(gate) * ID embedding, the ID part zero for items not seen in training (`set_seen`)
-  or newer than the ID table;
+  or newer than the ID table; with `id_shrinkage` it is also scaled by n / (n + k), n the item's train
+  appearances and k learned per kind, so the barely trained ID row of a cold item cannot pull its score far;
 - the cross "mix" attention and both poolings have a learned null slot, so an empty history (or an empty
   other history) is well defined: a user without video history gets one learned cold-start vector;
 - comment task: the query video's vector attends over the fused comment-history states; the result, the
@@ -33,6 +34,7 @@ A config saved before these features existed lacks the field and loads with them
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +45,8 @@ from core.config import require, require_at_least
 from trainers.models.base import ModelSize
 from trainers.models.item_time import ItemTimes
 from trainers.models.layers import CausalEncoder, NullAttention, position_ids, safe_lookup, time_buckets
+
+ID_SHRINK_K = 5.0  # initial k of id_shrinkage: an item with 5 train appearances starts with half its ID part
 
 
 @dataclass
@@ -61,6 +65,7 @@ class SRConfig:
     # The user-independent freshness score (trainers/models/item_time.py); needs time_features. False by
     # default for the same reason as time_features.
     freshness: bool = False
+    id_shrinkage: bool = False  # ID part x n / (n + k) (module docstring); False for configs saved before it
 
     def __post_init__(self):
         if self.max_position == 0:
@@ -72,6 +77,7 @@ class SRConfig:
                     "must be >= 1 with use_id_embedding")
         require_at_least(self, 2, "num_time_buckets")
         require(self, self.time_features or not self.freshness, "freshness", "needs time_features=True")
+        require(self, self.use_id_embedding or not self.id_shrinkage, "id_shrinkage", "needs use_id_embedding=True")
         require(self, self.max_position >= self.size.max_history, "max_position",
                 f"must be >= size.max_history {self.size.max_history}")
 
@@ -133,6 +139,11 @@ class SRModel(ItemTimes, nn.Module):
             nn.init.normal_(self.video_gap.weight, std=0.02)
             nn.init.normal_(self.comment_gap.weight, std=0.02)
             self.init_item_times(h)
+        if config.id_shrinkage:
+            # Created last for the same reason. Counts are part of the checkpoint, like the seen masks.
+            self.register_buffer("video_count", torch.zeros(config.num_videos))
+            self.register_buffer("comment_count", torch.zeros(config.num_comments))
+            self.id_log_k = nn.Parameter(torch.full((2,), math.log(ID_SHRINK_K)))
 
     # ---- data the model does not own -------------------------------------------------------------------
 
@@ -147,11 +158,27 @@ class SRModel(ItemTimes, nn.Module):
         self.comment_text = comment_text.to(device=device, dtype=torch.float32)
 
     def set_seen(self, video_seen: torch.Tensor, comment_seen: torch.Tensor) -> None:
-        """Mark which item indices have a trained ID embedding (bool [num_videos], [num_comments])."""
+        """Mark which item indices have a trained ID embedding: bool masks, or train appearance counts
+        [num_videos], [num_comments] (seen = count > 0; with id_shrinkage the counts scale the ID part)."""
         if not self.config.use_id_embedding:
             return
-        self.video_seen.copy_(torch.as_tensor(video_seen, dtype=torch.bool))
-        self.comment_seen.copy_(torch.as_tensor(comment_seen, dtype=torch.bool))
+        video_seen, comment_seen = torch.as_tensor(video_seen), torch.as_tensor(comment_seen)
+        self.video_seen.copy_(video_seen > 0)
+        self.comment_seen.copy_(comment_seen > 0)
+        if self.config.id_shrinkage:
+            self.video_count.copy_(video_seen.float())
+            self.comment_count.copy_(comment_seen.float())
+
+    def _id_part(self, kind: str, idx: torch.Tensor) -> torch.Tensor:
+        """sigmoid(gate) * ID embedding (x n / (n + k) with id_shrinkage): [...] -> [..., H]."""
+        video = kind == "video"
+        table, seen = (self.video_id, self.video_seen) if video else (self.comment_id, self.comment_seen)
+        part = torch.sigmoid(self.video_gate if video else self.comment_gate) * safe_lookup(table, idx, seen)
+        if not self.config.id_shrinkage:
+            return part
+        counts = self.video_count if video else self.comment_count
+        n = counts[idx.clamp(min=0, max=len(counts) - 1)]  # beyond the table: safe_lookup gave zeros already
+        return part * (n / (n + self.id_log_k[0 if video else 1].exp())).unsqueeze(-1)
 
     # ---- item vectors (before normalisation) -----------------------------------------------------------
 
@@ -164,14 +191,14 @@ class SRModel(ItemTimes, nn.Module):
         """Adapted title text (+ gated ID) per video index: [...] -> [..., H]; zeros where idx < 0."""
         x = self.video_adapter(self._text(self.video_text, idx, "video"))
         if self.config.use_id_embedding:
-            x = x + torch.sigmoid(self.video_gate) * safe_lookup(self.video_id, idx, self.video_seen)
+            x = x + self._id_part("video", idx)
         return x * (idx >= 0).unsqueeze(-1)
 
     def comment_vec(self, idx: torch.Tensor) -> torch.Tensor:
         """Adapted comment text (+ gated ID) per comment index: [...] -> [..., H]; zeros where idx < 0."""
         x = self.comment_adapter(self._text(self.comment_text, idx, "comment"))
         if self.config.use_id_embedding:
-            x = x + torch.sigmoid(self.comment_gate) * safe_lookup(self.comment_id, idx, self.comment_seen)
+            x = x + self._id_part("comment", idx)
         return x * (idx >= 0).unsqueeze(-1)
 
     # ---- time --------------------------------------------------------------------------------------------

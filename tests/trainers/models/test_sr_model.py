@@ -75,6 +75,27 @@ def test_unseen_and_new_items_have_no_id_signal():
     assert torch.allclose(before[2], after[2])  # newer than the model
 
 
+def test_id_shrinkage_scales_the_id_part_by_train_appearances():
+    model = make_model(id_shrinkage=True)
+    model.set_seen(torch.tensor([0, 1, 5, 0, 20, 1, 1, 1, 1, 1]), torch.ones(C, dtype=torch.long))
+    assert model.video_seen.tolist()[:5] == [False, True, True, False, True]
+    idx = torch.tensor([0, 1, 2, 4, V + 1])
+    with torch.no_grad():
+        text_only = model.video_adapter(model.video_text[idx])
+        id_part = torch.sigmoid(model.video_gate) * model.video_id.weight[idx.clamp(max=V - 1)]
+        got = model.video_vec(idx) - text_only
+    # k starts at 5: n / (n + 5) of the ID part; never-seen and newer-than-the-model items get none.
+    for row, n in enumerate((0, 1, 5, 20)):
+        assert torch.allclose(got[row], id_part[row] * n / (n + 5), atol=1e-6), n
+    assert torch.allclose(got[4], torch.zeros(16))
+    # k is learned.
+    model.train()
+    model.video_item_vectors(torch.tensor([1, 2])).sum().backward()
+    assert model.id_log_k.grad[0] != 0
+    # The counts travel with the checkpoint (a persistent buffer), like the seen masks.
+    assert model.state_dict()["video_count"].tolist()[:5] == [0.0, 1.0, 5.0, 0.0, 20.0]
+
+
 def test_text_only_model_has_no_id_tables(history_batch):
     model = make_model(use_id_embedding=False)
     assert model.config.text_only
