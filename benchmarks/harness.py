@@ -100,7 +100,9 @@ def run(name: str, overrides: list[str]) -> Path:
     except ModuleNotFoundError as err:
         raise SystemExit(f"benchmark {name!r} is not implemented yet ({err})") from None
     figures = module.run(overrides)
-    path = write_results(name, figures)
+    # A benchmark with variants names its results file per variant (quality set=freshness: quality_freshness).
+    results_name = getattr(module, "results_name", None)
+    path = write_results(results_name(overrides) if results_name else name, figures)
     print(json.dumps(json.loads(path.read_text()), indent=2))
     print(f"[benchmark] wrote {path} and BENCHMARKS.md")
     return path

@@ -9,8 +9,13 @@ Overrides (key=value): users=5000 seed=0 (the generated data) seeds=3 (every tra
 trained with seeds 0..N-1 on the same features: means, standard deviations, paired 95% intervals over test users
 against sr_no_align and the strongest baseline) epochs=1 (stage 2 epochs, the best on valid NDCG@5 kept; 0: up
 to the trainer's 10 with early stopping) align_examples=2000 (train examples per task that get an LLM vector;
-0 = all) align_epochs=3 max_prompt_tokens=256 workdir=.run/quality models=all. The split is the features
-default, global_time: one time cut for all users and both tasks. Results keep the DESIGN.md section 10 shape.
+0 = all) align_epochs=3 max_prompt_tokens=256 workdir=.run/quality models=all set=default. The split is the
+features default, global_time: one time cut for all users and both tasks. Results keep the DESIGN.md section 10
+shape.
+
+set=freshness generates the data with configs/generate-freshness.yaml, a freshness-dominated feed where sorting
+by date is a strong ranker, as on real forums (data-fresh-u{users}-s{seed}, work-fresh-..., quality_freshness.json
+next to quality.json; `lsvcr benchmark` writes benchmarks/results/quality_freshness.json, same keys).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks.harness import parse_overrides
+from benchmarks.harness import ROOT, parse_overrides
 from core.config import load_config
 from core.paths import run_dir
 from devtools.generator import GeneratorConfig, generate
@@ -28,28 +33,52 @@ from lsvcr.suite import MODEL_NAMES
 from trainers.evaluate import format_table
 
 DEFAULTS = {"users": 5_000, "seed": 0, "seeds": 3, "epochs": 1, "align_examples": 2000, "align_epochs": 3,
-            "max_prompt_tokens": 256, "workdir": "", "models": "all"}
+            "max_prompt_tokens": 256, "workdir": "", "models": "all", "set": "default"}
+# Set name -> (generator preset, None for the defaults; folder tag). The default set keeps the original folder
+# names, so its cached data and work are reused; each other set has its own data, work and results file.
+SETS = {"default": (None, ""), "freshness": (ROOT / "configs" / "generate-freshness.yaml", "fresh-")}
+
+
+def _options(overrides: list[str]) -> dict:
+    opts = parse_overrides("quality", DEFAULTS, overrides)
+    if opts["set"] not in SETS:
+        raise SystemExit(f"quality benchmark: set={opts['set']!r}; known: {sorted(SETS)}")
+    return opts
+
+
+def _suffix(set_name: str) -> str:
+    return "" if set_name == "default" else f"_{set_name}"
+
+
+def results_name(overrides: list[str]) -> str:
+    """The results file's name for the harness: quality, or quality_<set> for another set."""
+    return "quality" + _suffix(_options(overrides)["set"])
 
 
 def run(overrides: list[str]) -> dict:
-    opts = parse_overrides("quality", DEFAULTS, overrides)
+    opts = _options(overrides)
     root = Path(opts["workdir"] or run_dir() / "quality")
-    data = root / f"data-u{opts['users']}-s{opts['seed']}"
+    preset, tag = SETS[opts["set"]]
+    suffix = _suffix(opts["set"])
+    name = f"u{opts['users']}-s{opts['seed']}"
+    data = root / f"data-{tag}{name}"
     if not (data / "comment_events.jsonl").exists():
-        print(f"[quality] generating {opts['users']} users into {data}", flush=True)
-        generate(str(data), load_config(GeneratorConfig, None, {"users": opts["users"], "seed": opts["seed"]}))
+        print(f"[quality] generating {opts['users']} users (set={opts['set']}) into {data}", flush=True)
+        generate(str(data), load_config(GeneratorConfig, preset,
+                                        {"users": opts["users"], "seed": opts["seed"]}))
     models = MODEL_NAMES if opts["models"] == "all" else tuple(opts["models"].split(","))
     align = (f"max_examples={opts['align_examples']}", f"epochs={opts['align_epochs']}",
              f"max_prompt_tokens={opts['max_prompt_tokens']}", "llm_mode=frozen")
     started = time.monotonic()
-    out = run_pipeline(PipelineConfig(data=str(data), work=str(root / f"work-u{opts['users']}-s{opts['seed']}"),
-                                      results=str(root / "results.json"), epochs=opts["epochs"] or None,
+    out = run_pipeline(PipelineConfig(data=str(data), work=str(root / f"work-{tag}{name}"),
+                                      results=str(root / f"results{suffix}.json"), epochs=opts["epochs"] or None,
                                       models=models, align=align, seeds=opts["seeds"]))
     metrics = out["results"]
     manifest = out["manifest"]
     figures = {
         **metrics,
         "users": opts["users"],
+        "set": opts["set"],
         "train_video_examples": manifest["tasks"]["video"]["train"]["count"],
         "train_comment_examples": manifest["tasks"]["comment"]["train"]["count"],
         "stage1": f"frozen SmolLM2-135M-Instruct, {opts['align_examples'] or 'all'} train examples per task, "
@@ -60,5 +89,5 @@ def run(overrides: list[str]) -> dict:
     figures["notes"] = ("Test split (global_time). Video: the target among the sampled candidates of the protocol named in "
                         "the table; comment: among the other comments under the same video that existed then.\n\n"
                         "```\n" + format_table(metrics) + "\n```")
-    (root / "quality.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (root / f"quality{suffix}.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures

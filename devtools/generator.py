@@ -13,6 +13,10 @@ The data is built so that text, sequence and the cross signal between videos and
   ranker, while a model that reads the text of a user's video and comment histories is a strong one.
 - Users also have a personal taste for fresh videos (mean strength `freshness_taste`): some choices go to the
   videos of the chosen topic published in the last day. Recency then matters, as in a real feed, but less than taste.
+- A freshness-dominated feed, as on real forums where sorting by date is a strong ranker, is off by default and
+  named in configs/generate-freshness.yaml: fresh choices watched when a notification came, soon after the
+  video's publication (`notify_minutes`), publication in bursts with quiet days (`quiet_days`), and likes and
+  replies that go mostly to recent comments (`comment_recency_hours`).
 - Videos are published before and during the stream (cold-start items); background comments keep appearing
   after each video's publication; users open a comment section right after watching the video, like or reply
   to comments already published there (background or other users'), and write comments of their own.
@@ -91,6 +95,16 @@ class GeneratorConfig:
     # (the newest one of the topic when there is none).
     freshness_taste: float = 0.3
     fresh_hours: float = 24.0
+    # Users who follow their topics (0: off): a fresh choice (picked as above) is watched about this many
+    # minutes (exponential mean) after the video's publication, when a notification would bring the user, not
+    # at the session's time. The newest video is then very often the one watched, as on a forum sorted by date.
+    notify_minutes: float = 0.0
+    # Bursty publication (0: uniform over time): this share of the days is quiet, with a tenth of a busy day's
+    # publication rate (_QUIET_RATE), the quiet days drawn at random.
+    quiet_days: float = 0.0
+    # Engagement with recent comments (0: off): the pick of a comment to like or reply to is also weighted by
+    # exp(-age / comment_recency_hours), its age when the section is opened.
+    comment_recency_hours: float = 0.0
     comment_delay_days: float = 2.0  # mean delay between a video's publication and a background comment
     stickiness: float = 0.4  # probability that a video has the topic of the user's previous positive one
     explore: float = 0.08  # probability of a video from a random topic
@@ -119,12 +133,14 @@ class GeneratorConfig:
         for name in ("prelaunch_days", "alive_days", "freshness_days", "comment_delay_days"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("prelaunch_fraction", "style_topic_weight", "subject_focus", "stickiness", "explore",
-                     "comment_visit_prob", "reply_prob", "write_prob", "freshness_taste"):
+                     "comment_visit_prob", "reply_prob", "write_prob", "freshness_taste", "quiet_days"):
             check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
         check(self.style_weight >= 0 and self.quality_weight >= 0, "style_weight and quality_weight must be >= 0")
         check(self.subject_boost >= 1, f"subject_boost must be >= 1, got {self.subject_boost}")
         check(self.chunk_users >= 1, f"chunk_users must be >= 1, got {self.chunk_users}")
         check(self.fresh_hours > 0, f"fresh_hours must be > 0, got {self.fresh_hours}")
+        for name in ("notify_minutes", "comment_recency_hours"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
         first = self.start_ms - int(self.prelaunch_days * DAY_MS)
         last = self.start_ms + int(self.days * DAY_MS)
         check(MIN_TS_MS <= first and last < MAX_TS_MS,
@@ -227,6 +243,7 @@ class _Catalog:
     video_subject: np.ndarray  # [V] int, noun index of the title's subject in its topic
     video_quality: np.ndarray  # [V] float, lognormal
     video_duration: np.ndarray  # [V] int64 ms
+    video_pub: np.ndarray  # [V] int64 ms, publication time
     topic_pools: list[_Pool]  # per topic
     subject_pools: dict[tuple[int, int], _Pool]  # per (topic, subject)
 
@@ -274,6 +291,21 @@ def _prefixed(ts: int, row_id: str, record: dict) -> str:
     return f"{ts:015d}\t{row_id}\t{to_json_line(record)}\n"
 
 
+_QUIET_RATE = 0.1  # a quiet day's publication rate relative to a busy day's
+
+
+def _bursty(u: np.ndarray, days: float, quiet_days: float, rng: np.random.Generator) -> np.ndarray:
+    """Uniform draws in [0, 1) -> positions in [0, 1) of a span of `days` days, where a random `quiet_days`
+    share of the days gets _QUIET_RATE of a busy day's density (inverse CDF of the piecewise-constant density)."""
+    n_days = max(1, math.ceil(days))
+    length = np.minimum(1.0, days - np.arange(n_days))  # [D] the last day may be partial
+    mass = np.where(rng.random(n_days) < quiet_days, _QUIET_RATE, 1.0) * length
+    cum = np.concatenate([[0.0], np.cumsum(mass)]) / mass.sum()  # [D + 1]
+    day = np.clip(np.searchsorted(cum, u, side="right") - 1, 0, n_days - 1)
+    inside = (u - cum[day]) / (cum[day + 1] - cum[day])
+    return np.minimum((day + inside * length[day]) / days, np.nextafter(1.0, 0.0))
+
+
 def _build_catalog(config: GeneratorConfig) -> tuple[_Catalog, _Comments, list[str], list[str], dict]:
     """Draw videos and background comments; return them with their prefixed lines and their truth."""
     rng = np.random.default_rng([config.seed, 1])
@@ -283,10 +315,16 @@ def _build_catalog(config: GeneratorConfig) -> tuple[_Catalog, _Comments, list[s
     topic[:k] = np.arange(k)
     prelaunch = rng.random(n) < config.prelaunch_fraction
     prelaunch[:k] = True  # every topic has a video before the first event, so a choice never comes up empty
+    before, during = rng.random(n), rng.random(n)  # positions in the prelaunch window and in the stream
+    if config.quiet_days > 0:
+        # Its own RNG: the default dataset (quiet_days 0) keeps every draw it had.
+        burst_rng = np.random.default_rng([config.seed, 4])
+        before = _bursty(before, config.prelaunch_days, config.quiet_days, burst_rng)
+        during = _bursty(during, config.days, config.quiet_days, burst_rng)
     pub = np.where(
         prelaunch,
-        start - 1 - (rng.random(n) * config.prelaunch_days * DAY_MS).astype(np.int64),
-        start + (rng.random(n) * config.days * DAY_MS).astype(np.int64),
+        start - 1 - (before * config.prelaunch_days * DAY_MS).astype(np.int64),
+        start + (during * config.days * DAY_MS).astype(np.int64),
     )
     quality = rng.lognormal(0.0, 1.0, size=n)
     duration = np.clip(rng.lognormal(math.log(25_000), 0.6, size=n), 5_000, 180_000).astype(np.int64)
@@ -327,7 +365,7 @@ def _build_catalog(config: GeneratorConfig) -> tuple[_Catalog, _Comments, list[s
             if len(members):
                 subject_pools[(t, s)] = pool(members)
     catalog = _Catalog(video_ids=video_ids, video_topic=topic, video_subject=subject, video_quality=quality,
-                       video_duration=duration, topic_pools=topic_pools, subject_pools=subject_pools)
+                       video_duration=duration, video_pub=pub, topic_pools=topic_pools, subject_pools=subject_pools)
 
     # Background comments: more on better videos, published after the video, until the stream ends.
     commenter_base = config.users + k * per_topic
@@ -524,6 +562,16 @@ def _plan_user(index: int, catalog: _Catalog, config: GeneratorConfig) -> _Plan:
             if video not in seen:
                 break
         seen.add(video)
+        session_clock = clock
+        notified = False
+        if fresh and config.notify_minutes > 0:
+            # Watched when the notification came, soon after publication, if that is inside the stream and
+            # before the session's time; the session then goes on where it was (below). Not drawn when off: the
+            # default dataset keeps every draw it had.
+            notified_at = int(catalog.video_pub[video]) + max(
+                SECOND_MS, int(rng.exponential(config.notify_minutes * 60_000)))
+            if start <= notified_at < t:
+                t, notified = notified_at, True
         favourite = catalog.video_subject[video] in subjects[topic]
         p_positive = (0.05 + 0.6 * taste[topic] / taste.max() + 0.1 * favourite
                       + 0.08 * math.log(float(catalog.video_quality[video])))
@@ -558,6 +606,8 @@ def _plan_user(index: int, catalog: _Catalog, config: GeneratorConfig) -> _Plan:
                 clock += int(rng.integers(5, 60)) * SECOND_MS
                 visit.write = _write_comment(rng, video_topic, style, subjects, clock)
             plan.visits.append(visit)
+        if notified:
+            clock = session_clock
     return plan
 
 
@@ -619,6 +669,9 @@ class _Writer:
                    * np.where(np.isin(sec.subject[a:visible], plan.subjects[topic]), self.config.subject_boost, 1.0)
                    * sec.quality_pow[a:visible]
                    * (sec.author[a:visible] != plan.index))  # never one's own comment
+        if self.config.comment_recency_hours > 0:
+            age_h = (visit.opened - sec.ts[a:visible]) / 3_600_000
+            weights = weights * np.exp(-age_h / self.config.comment_recency_hours)
         wanted = min(len(visit.slots), int(np.count_nonzero(weights)))
         if wanted == 0:
             return []

@@ -7,16 +7,19 @@ import pytest
 import yaml
 
 from core.config import ConfigError, load_config
+from devtools.generator import GeneratorConfig
 from lsvcr.continuous import ContinuousConfig
 from lsvcr.demo import DemoConfig
 from trainers.align import AlignConfig
 from trainers.finetune import FinetuneConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-CLASSES = {cls.__name__: cls for cls in (AlignConfig, FinetuneConfig, ContinuousConfig, DemoConfig)}
+CLASSES = {cls.__name__: cls for cls in (AlignConfig, FinetuneConfig, ContinuousConfig, DemoConfig,
+                                          GeneratorConfig)}
 # What each command line adds (the paths are never in a shipped file).
 PATHS = {"AlignConfig": ["features=f", "out=o"], "FinetuneConfig": ["features=f", "out=o"],
-         "ContinuousConfig": ["workdir=w", "registry=r", "consume=false"], "DemoConfig": []}
+         "ContinuousConfig": ["workdir=w", "registry=r", "consume=false"], "DemoConfig": [],
+         "GeneratorConfig": []}
 FILES = sorted(CONFIGS.glob("*.yaml"))
 
 
@@ -30,7 +33,7 @@ def leaves(mapping: dict, prefix: str = ""):
 
 def test_the_common_runs_are_shipped():
     assert {f.name for f in FILES} == {"align-cpu-frozen.yaml", "align-gpu-lora.yaml", "finetune.yaml",
-                                       "continuous.yaml", "demo.yaml"}
+                                       "continuous.yaml", "demo.yaml", "generate-freshness.yaml"}
     listed = (CONFIGS / "README.md").read_text()
     assert all(f"`{f.name}`" in listed for f in FILES)
 

@@ -2,15 +2,17 @@ import collections
 import json
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from core.config import load_config
-from devtools.generator import STYLES, TOPICS, GeneratorConfig, generate
+from devtools.generator import DAY_MS, STYLES, TOPICS, GeneratorConfig, generate
 from ingestion import schema
 
 FILES = ("videos", "comments", "video_events", "comment_events")
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def read(folder, name):
@@ -290,3 +292,90 @@ def test_freshness_taste_makes_watched_videos_younger(tmp_path):
     assert in_taste[0.9] > in_taste[0.0] - 0.05  # freshness narrows the choice inside the topic, not across
     with pytest.raises(ValueError, match="freshness_taste"):
         GeneratorConfig(freshness_taste=1.5)
+
+
+FRESHNESS = CONFIGS / "generate-freshness.yaml"
+
+
+@pytest.fixture(scope="module")
+def freshness(tmp_path_factory):
+    """The same 300 users under the defaults, the freshness preset, and the preset without comment recency."""
+    out = {}
+    for name, path, extra in (("default", None, {}), ("preset", FRESHNESS, {}),
+                              ("no_comment_recency", FRESHNESS, {"comment_recency_hours": 0})):
+        folder = tmp_path_factory.mktemp(name)
+        generate(folder, load_config(GeneratorConfig, path, {"users": 300, "seed": 3, **extra}))
+        out[name] = {table: read(folder, table) for table in FILES}
+    return out
+
+
+def daily_cv(videos, config):
+    """Coefficient of variation of the number of videos published per whole day of the stream."""
+    days = int(config.days)
+    day = [(v["ts"] - config.start_ms) // DAY_MS for v in videos]
+    counts = np.bincount([d for d in day if 0 <= d < days], minlength=days)
+    return counts.std() / counts.mean()
+
+
+def test_the_freshness_preset_loads_and_its_new_fields_are_off_by_default():
+    preset = load_config(GeneratorConfig, FRESHNESS, {"users": 10})
+    default = GeneratorConfig()
+    for name in ("notify_minutes", "quiet_days", "comment_recency_hours"):
+        assert getattr(default, name) == 0 and getattr(preset, name) > 0, name
+    assert preset.freshness_taste > default.freshness_taste
+    for bad in ({"quiet_days": 1.5}, {"notify_minutes": -1}, {"comment_recency_hours": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            GeneratorConfig(**bad)
+
+
+def test_freshness_preset_publishes_in_bursts(freshness):
+    config = load_config(GeneratorConfig, FRESHNESS, {"users": 300, "seed": 3})
+    default_cv = daily_cv(freshness["default"]["videos"], config)
+    preset_cv = daily_cv(freshness["preset"]["videos"], config)
+    assert preset_cv > 1.5 * default_cv
+    # Quiet days, not just a different catalog: same number of videos, spread unevenly.
+    assert len(freshness["preset"]["videos"]) == len(freshness["default"]["videos"])
+
+
+def newest_share(tables):
+    """Share of positive video events whose video is the newest published before the event (what a sort by
+    date ranks first)."""
+    published = np.array([v["ts"] for v in tables["videos"]])  # in time order
+    order = {v["video_id"]: i for i, v in enumerate(tables["videos"])}
+    positive = [e for e in tables["video_events"] if e["action"] != "view"]
+    newest = [order[e["video_id"]] == int(published.searchsorted(e["ts"], side="left")) - 1 for e in positive]
+    return float(np.mean(newest))
+
+
+def test_freshness_preset_makes_the_newest_video_the_usual_choice(freshness):
+    assert newest_share(freshness["preset"]) > 0.5
+    assert newest_share(freshness["preset"]) > 3 * newest_share(freshness["default"])
+
+
+def engagement_shares(tables, hours):
+    """(share of likes and replies that go to comments younger than `hours`, share that go to one of the three
+    newest comments visible under the video at the time)."""
+    published = {c["comment_id"]: c["ts"] for c in tables["comments"]}
+    by_video = collections.defaultdict(list)
+    for c in tables["comments"]:
+        by_video[c["video_id"]].append(c["ts"])
+    young, newest = [], []
+    for e in tables["comment_events"]:
+        if e["action"] in ("like", "reply"):
+            ts = np.array(by_video[e["video_id"]])
+            young.append(e["ts"] - published[e["comment_id"]] < hours * 3_600_000)
+            newer = np.count_nonzero((ts > published[e["comment_id"]]) & (ts < e["ts"]))
+            newest.append(newer < 3)
+    return float(np.mean(young)), float(np.mean(newest))
+
+
+def test_freshness_preset_sends_most_likes_and_replies_to_recent_comments(freshness):
+    hours = load_config(GeneratorConfig, FRESHNESS).comment_recency_hours
+    young, newest = {}, {}
+    for name, tables in freshness.items():
+        young[name], newest[name] = engagement_shares(tables, hours)
+    assert young["preset"] > 0.5
+    assert young["preset"] > young["default"] + 0.2
+    # The recency weight itself, not only the younger comment sections, moves engagement to the newest comments.
+    assert newest["preset"] > newest["no_comment_recency"] + 0.08
+    assert newest["preset"] > newest["default"] + 0.2
