@@ -30,7 +30,7 @@ from core.paths import run_dir
 from devtools.generator import GeneratorConfig, generate
 from lsvcr.pipeline import PipelineConfig, run_pipeline
 from lsvcr.suite import MODEL_NAMES
-from trainers.evaluate import format_table
+from trainers.evaluate import format_table, without_age_terms
 
 DEFAULTS = {"users": 5_000, "seed": 0, "seeds": 3, "epochs": 1, "align_examples": 2000, "align_epochs": 3,
             "max_prompt_tokens": 256, "workdir": "", "models": "all", "set": "default"}
@@ -86,8 +86,25 @@ def run(overrides: list[str]) -> dict:
         "stage2_epochs": opts["epochs"] or "up to 10, early stopping on valid NDCG@5",
         "pipeline_s": round(time.monotonic() - started, 1),
     }
+    # How much of each score the item-age terms carry: the same checkpoints with them zeroed.
+    figures["without_age_terms"] = without_age_terms(out["features"], out["checkpoints"])
     figures["notes"] = ("Test split (global_time). Video: the target among the sampled candidates of the protocol named in "
                         "the table; comment: among the other comments under the same video that existed then.\n\n"
-                        "```\n" + format_table(metrics) + "\n```")
+                        "```\n" + format_table(metrics) + "\n" + age_table(metrics, figures["without_age_terms"])
+                        + "```")
     (root / f"quality{suffix}.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
+
+
+def age_table(metrics: dict, zeroed: dict) -> str:
+    """NDCG@10 with and without the item-age terms (age table and freshness score), per task and model."""
+    lines = []
+    for task, models in zeroed.items():
+        lines.append(f"{task} task: NDCG@10 with and without the item-age terms")
+        width = max([len("model"), *(len(m) for m in models)])
+        lines.append(f"{'model':<{width}}  {'full':>7}  {'no age':>7}")
+        for model, value in models.items():
+            full = metrics[task][model]["ndcg@10"]
+            lines.append(f"{model:<{width}}  {full:>7.4f}  {value:>7.4f}")
+        lines.append("")
+    return "\n".join(lines)
