@@ -79,7 +79,7 @@ from trainers.loop import (
 )
 from trainers.losses import comment_loss, id_text_loss, video_loss
 from trainers.models import MODELS, SASRecConfig, SRConfig, TextRecommender
-from trainers.models.base import ModelSize
+from trainers.models.base import ModelSize, has_time_features
 from trainers.scoring import Scorer
 
 RESUME = "resume"  # checkpoint subfolder: current weights, optimizer state, state.json
@@ -236,7 +236,8 @@ class FinetuneRecipe(Recipe):
                 print(f"finetune: loaded {c.init}; freshly initialised: {fresh}", flush=True)
         if isinstance(self.model, TextRecommender):
             self.model.set_text_tables(*text_tensors(self.folder))
-            self.model.set_item_times(*item_time_tensors(self.folder))  # a no-op without time features
+        if has_time_features(self.model):
+            self.model.set_item_times(*item_time_tensors(self.folder))
         self.model.to(self.device)
         # Training negatives: video ones drawn afresh each step from the alive pool; comment lists without
         # the user's other train positives on the video (the stored lists keep only the earlier ones out).

@@ -5,11 +5,13 @@ A score is  (user . item + user . age[bucket] + freshness(item, pool, t)) / temp
 
 - `user . age[bucket]`: a [num_buckets, H] table per kind over log-time buckets (layers.time_buckets), added to
   the normalised item vector, so how much age matters can differ from user to user;
-- `freshness`: a small MLP per kind over three continuous features, the same for every user, so "newer is
+- `freshness`: a small MLP per kind over five continuous features, the same for every user, so "newer is
   better" is learned once instead of in every user vector's direction:
     1. log-age at the request time,
     2. log of the time since the newest candidate of the item's pool was published,
-    3. log of the number of pool items newer than it (its position by age).
+    3. log of the number of pool items newer than it (its position by age),
+    4. 1 / (1 + that number) and 5. 1 / (1 + hours since the newest): sharp near the top of the pool, where
+       the log features barely move (the newest item is often the answer on real feeds).
   The video pool is every video published before the request (an alive window only removes older ones,
   which changes neither 2 nor 3), so the features come from the sorted publication times alone and a
   sampled candidate list, the whole corpus and a serving request all see the same values. The comment pool is
@@ -28,8 +30,9 @@ from torch import nn
 from trainers.models.layers import MINUTE_MS, time_buckets
 
 KINDS = ("video", "comment")
-FRESHNESS_FEATURES = 3
+FRESHNESS_FEATURES = 5
 LOG_SCALE = 8.0  # log1p(minutes) reaches about 13 at one year: divided by this, features stay near [0, 2]
+HOUR_MS = 3_600_000
 
 
 def _log_minutes(ms: torch.Tensor) -> torch.Tensor:
@@ -37,15 +40,17 @@ def _log_minutes(ms: torch.Tensor) -> torch.Tensor:
 
 
 def freshness_features(age_ms: torch.Tensor, since_newest_ms: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
-    """[...] int64 each -> [..., 3] float32 (computed in float64 from integers, so every caller that
+    """[...] int64 each -> [..., 5] float32 (computed in float64 from integers, so every caller that
     passes the same integers gets the same bits)."""
-    count = torch.log1p(newer.clamp(min=0).double()) / LOG_SCALE
-    return torch.stack([_log_minutes(age_ms), _log_minutes(since_newest_ms), count], -1).float()
+    newer = newer.clamp(min=0).double()
+    hours = since_newest_ms.clamp(min=0).double() / HOUR_MS
+    return torch.stack([_log_minutes(age_ms), _log_minutes(since_newest_ms), torch.log1p(newer) / LOG_SCALE,
+                        1 / (1 + newer), 1 / (1 + hours)], -1).float()
 
 
 def video_pool_features(pub_sorted: torch.Tensor, item_pub: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
     """Freshness features of videos published at item_pub [...] at request times ts (broadcastable), against
-    every video published before ts (pub_sorted [V], ascending) -> [..., 3]."""
+    every video published before ts (pub_sorted [V], ascending) -> [..., 5]."""
     ts = torch.as_tensor(ts, device=item_pub.device).expand_as(item_pub).contiguous()
     before = torch.searchsorted(pub_sorted, ts)  # videos published strictly before the request
     newest = pub_sorted[(before - 1).clamp(min=0)]
@@ -56,7 +61,7 @@ def video_pool_features(pub_sorted: torch.Tensor, item_pub: torch.Tensor, ts: to
 
 def list_features(item_pub: torch.Tensor, valid: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
     """Freshness features of candidate lists [B, N] (valid False on padding) at request times ts [B] or
-    [B, 1], each list being its own pool -> [B, N, 3]."""
+    [B, 1], each list being its own pool -> [B, N, 5]."""
     ts = torch.as_tensor(ts, device=item_pub.device).reshape(-1, 1)
     floor = torch.iinfo(torch.long).min
     pub = torch.where(valid, item_pub, torch.full_like(item_pub, floor))
@@ -68,9 +73,9 @@ def list_features(item_pub: torch.Tensor, valid: torch.Tensor, ts: torch.Tensor)
 
 
 class FreshnessHead(nn.Module):
-    """features [..., 3] -> score [...] (cosine units: the caller divides by the temperature)."""
+    """features [..., 5] -> score [...] (cosine units: the caller divides by the temperature)."""
 
-    def __init__(self, width: int = 16):
+    def __init__(self, width: int = 32):
         super().__init__()
         self.hidden = nn.Linear(FRESHNESS_FEATURES, width)
         self.out = nn.Linear(width, 1)

@@ -23,9 +23,9 @@ def test_video_pool_features_by_hand():
     pub_sorted = torch.tensor([0, 10, 20, 30]) * MINUTE
     # At minute 25 the pool is videos 0, 10 and 20 (30 is not out yet); the newest is minute 20.
     got = video_pool_features(pub_sorted, torch.tensor([10 * MINUTE, 20 * MINUTE, 0]), torch.tensor(25 * MINUTE))
-    expect = torch.tensor([[log_minutes(15), log_minutes(10), math.log1p(1) / LOG_SCALE],
-                           [log_minutes(5), log_minutes(0), 0.0],
-                           [log_minutes(25), log_minutes(20), math.log1p(2) / LOG_SCALE]])
+    expect = torch.tensor([[log_minutes(15), log_minutes(10), math.log1p(1) / LOG_SCALE, 1 / 2, 1 / (1 + 10 / 60)],
+                           [log_minutes(5), log_minutes(0), 0.0, 1.0, 1.0],
+                           [log_minutes(25), log_minutes(20), math.log1p(2) / LOG_SCALE, 1 / 3, 1 / (1 + 20 / 60)]])
     assert torch.allclose(got, expect, atol=1e-6)
     # Per row request times: the same video at minute 35 has three newer videos, the newest at minute 30.
     got = video_pool_features(pub_sorted, torch.tensor([[0], [0]]), torch.tensor([[25 * MINUTE], [35 * MINUTE]]))
@@ -42,6 +42,7 @@ def test_list_features_treat_each_list_as_its_pool():
     assert got[0, :3, 1].tolist() == pytest.approx([log_minutes(0), log_minutes(4), log_minutes(2)])
     assert got[0, :3, 0].tolist() == pytest.approx([log_minutes(5), log_minutes(9), log_minutes(7)])
     assert got[1, :2, 2].tolist() == [0.0, 0.0] and got[1, :2, 1].tolist() == [0.0, 0.0]
+    assert got[0, :3, 3].tolist() == pytest.approx([1.0, 1 / 3, 1 / 2]) and got[1, :2, 3].tolist() == [1.0, 1.0]
 
 
 def sr_model(freshness: bool = True) -> SRModel:
