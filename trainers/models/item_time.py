@@ -73,17 +73,23 @@ def list_features(item_pub: torch.Tensor, valid: torch.Tensor, ts: torch.Tensor)
 
 
 class FreshnessHead(nn.Module):
-    """features [..., 5] -> score [...] (cosine units: the caller divides by the temperature)."""
+    """features [..., 5] -> score [...] (cosine units: the caller divides by the temperature).
 
-    def __init__(self, width: int = 32):
+    The output is multiplied by a fixed `gain`: AdamW moves every weight by about the learning rate per step
+    whatever its gradient, so the gain makes this head's output move `gain` times faster than a plain layer.
+    It starts at zero and must reach several logits within the few hundred steps of a stage 2 run, where
+    freshness decides most of the ranking (measured on the freshness set: BENCHMARKS.md)."""
+
+    def __init__(self, width: int = 32, gain: float = 10.0):
         super().__init__()
+        self.gain = gain
         self.hidden = nn.Linear(FRESHNESS_FEATURES, width)
         self.out = nn.Linear(width, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.hidden(features))).squeeze(-1)
+        return self.out(torch.tanh(self.hidden(features))).squeeze(-1) * self.gain
 
 
 class ItemTimes:
