@@ -137,7 +137,7 @@ class AlignConfig:
 
 def sr_config(config: AlignConfig, text_dim: int) -> SRConfig:
     return SRConfig(text_dim=text_dim, size=config.size, use_id_embedding=False, random_positions=True,
-                    time_features=config.time_features, freshness=config.time_features)
+                    time_features=config.time_features, freshness=config.time_features, history_match=True)
 
 
 def llm_config(config: AlignConfig) -> LLMConfig:

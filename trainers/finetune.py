@@ -137,7 +137,7 @@ def model_config(config: FinetuneConfig, num_videos: int, num_comments: int, tex
                             time_features=config.time_features)
     return SRConfig(num_videos=num_videos, num_comments=num_comments, text_dim=text_dim, size=config.size,
                     use_id_embedding=not config.text_only, time_features=config.time_features,
-                    freshness=config.time_features, id_shrinkage=not config.text_only)
+                    freshness=config.time_features, id_shrinkage=not config.text_only, history_match=True)
 
 
 # Columns holding video and comment indices, per task (the item indices that get gradients in training).

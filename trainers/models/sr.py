@@ -17,6 +17,10 @@ Choices beyond DESIGN.md:
 - comment task: the query video's vector attends over the fused comment-history states; the result, the
   video-task user vector (before normalisation) and the query video vector go through a small MLP to give
   the user-in-context vector. So a user without comment history still gets a context from their videos.
+  With `history_match` the mean of the user's history comments' item vectors is added to it (weight learned,
+  starting at 1): the comments a user engaged with are in the candidates' own space, so the plain "like what
+  they liked before" match is there from the first step instead of having to be learned through the encoders
+  (measured: that match alone beat every trained model on the default set's comment task, 0.48 vs 0.27).
 
 Time features (`time_features`, issue 8): the batch carries the request time `ts` [B] (an example's event time
 offline, the wall clock in serving) and the history times. Both are bucketized by the one function
@@ -66,6 +70,7 @@ class SRConfig:
     # default for the same reason as time_features.
     freshness: bool = False
     id_shrinkage: bool = False  # ID part x n / (n + k) (module docstring); False for configs saved before it
+    history_match: bool = False  # comment context + w x mean history comment vector (module docstring); likewise
 
     def __post_init__(self):
         if self.max_position == 0:
@@ -139,6 +144,8 @@ class SRModel(ItemTimes, nn.Module):
             nn.init.normal_(self.video_gap.weight, std=0.02)
             nn.init.normal_(self.comment_gap.weight, std=0.02)
             self.init_item_times(h)
+        if config.history_match:
+            self.history_weight = nn.Parameter(torch.ones(()))
         if config.id_shrinkage:
             # Created last for the same reason. Counts are part of the checkpoint, like the seen masks.
             self.register_buffer("video_count", torch.zeros(config.num_videos))
@@ -284,10 +291,26 @@ class SRModel(ItemTimes, nn.Module):
     def comment_context_vector(self, batch: dict[str, torch.Tensor], query_video: torch.Tensor) -> torch.Tensor:
         v_fused, c_fused = self._fused_states(batch)
         user = self._pool_video(v_fused, batch["hist_video_mask"])  # [B, H]
+        return F.normalize(self._context(batch, c_fused, user, query_video), dim=-1)  # [B, H]
+
+    def _context(self, batch: dict[str, torch.Tensor], c_fused: torch.Tensor, user: torch.Tensor,
+                 query_video: torch.Tensor) -> torch.Tensor:
+        """The user-in-context vector before normalisation, [B, H]."""
         query = self.video_vec(query_video)  # [B, H]
         attended = self.comment_attn(self.query_proj(query).unsqueeze(1), c_fused, batch["hist_cmt_mask"])
         context = self.context_mlp(torch.cat([attended.squeeze(1), user, query], -1))
-        return F.normalize(context, dim=-1)  # [B, H]
+        if self.config.history_match:
+            context = context + self.history_weight * self.history_comments(batch)
+        return context
+
+    def history_comments(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean of the normalised item vectors of every comment in the comment history, [B, H] (zero for an
+        empty one): in the candidates' own space, so context . candidate starts as "like what they engaged
+        with before" (history_match)."""
+        cmts = batch["hist_cmt_comments"]  # [B, Lc, 3]
+        valid = (cmts >= 0) & batch["hist_cmt_mask"].unsqueeze(-1)
+        vectors = F.normalize(self.comment_vec(cmts), dim=-1) * valid.unsqueeze(-1)
+        return vectors.sum((1, 2)) / valid.sum((1, 2)).clamp(min=1).unsqueeze(-1)
 
     def comment_item_vectors(self, idx: torch.Tensor, ts: torch.Tensor | None = None) -> torch.Tensor:
         """Like video_item_vectors, for comments: [...] -> [..., H]."""
@@ -314,12 +337,7 @@ class SRModel(ItemTimes, nn.Module):
         pooled = self._pool_video(v_fused, batch["hist_video_mask"])  # [B, H]
         c_mask = batch["hist_cmt_mask"].unsqueeze(-1)  # [B, Lc, 1]
         comment_history = (c_fused * c_mask).sum(1) / c_mask.sum(1).clamp(min=1)  # [B, H]
-        if query_video is None:
-            user = pooled
-        else:
-            query = self.video_vec(query_video)  # [B, H]
-            attended = self.comment_attn(self.query_proj(query).unsqueeze(1), c_fused, batch["hist_cmt_mask"])
-            user = self.context_mlp(torch.cat([attended.squeeze(1), pooled, query], -1))
+        user = pooled if query_video is None else self._context(batch, c_fused, pooled, query_video)
         return {"user": F.normalize(user, dim=-1), "video_history": F.normalize(pooled, dim=-1),
                 "comment_history": F.normalize(comment_history, dim=-1)}
 

@@ -132,3 +132,21 @@ def test_init_from_a_text_only_checkpoint(tmp_path):
     bigger = SRModel(SRConfig(num_videos=V, num_comments=C, text_dim=D, size=ModelSize(hidden=32, max_history=4)))
     with pytest.raises(CheckpointError, match="shape"):
         load_init_weights(bigger, tmp_path / "stage1")
+
+
+def test_history_match_adds_the_mean_history_comment_vector(history_batch):
+    model = make_model(history_match=True)
+    batch = history_batch()
+    # Row 0 engaged with comments 1, 2 and 3 (-1 slots are "no comment"); row 1 has no comment history.
+    with torch.no_grad():
+        expect = torch.nn.functional.normalize(model.comment_vec(torch.tensor([1, 2, 3])), dim=-1).mean(0)
+        got = model.history_comments(batch)
+    assert torch.allclose(got[0], expect, atol=1e-6) and torch.equal(got[1], torch.zeros(16))
+    # With the learned part silenced, the context is that mean's direction.
+    with torch.no_grad():
+        model.context_mlp[-1].weight.zero_()
+        model.context_mlp[-1].bias.zero_()
+        context = model.comment_context_vector(batch, torch.tensor([1, 2]))
+    assert torch.allclose(context[0], torch.nn.functional.normalize(expect, dim=-1), atol=1e-6)
+    # Off by default: a config saved before it loads without the weight.
+    assert not hasattr(make_model(), "history_weight")
