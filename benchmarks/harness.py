@@ -53,9 +53,11 @@ def git_commit(root: Path = ROOT) -> str:
         return "unknown"
 
 
-def write_results(name: str, figures: dict, root: Path = ROOT) -> Path:
-    """Write the results file and replace this benchmark's section of BENCHMARKS.md."""
-    result = {**figures, "machine": machine(), "git_commit": git_commit(root),
+def write_results(name: str, figures: dict, root: Path = ROOT, command: str | None = None) -> Path:
+    """Write the results file and replace this benchmark's section of BENCHMARKS.md. `command` is the command
+    line that made the figures (default: `lsvcr benchmark NAME`)."""
+    result = {**figures, "command": command or f"lsvcr benchmark {name}", "machine": machine(),
+              "git_commit": git_commit(root),
               "when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     path = root / "benchmarks" / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +71,7 @@ def _refresh_markdown(md: Path, name: str, result: dict) -> None:
     # Nested tables (quality's per-model metrics) are for the results file; their notes render them.
     rows = "\n".join(f"| `{k}` | {_fmt(v)} |" for k, v in result.items() if k != "notes" and not _is_table(v))
     notes = f"\n\n{result['notes']}" if result.get("notes") else ""
-    section = (f"{start}\n## {name}\n\n`lsvcr benchmark {name}` on {result['when']} at {result['git_commit']} "
+    section = (f"{start}\n## {name}\n\n`{result['command']}` on {result['when']} at {result['git_commit']} "
                f"({result['machine']['cores']} cores, {result['machine']['ram_gb']} GB)\n\n| key | value |\n|---|---|\n"
                f"{rows}{notes}\n{end}")
     text = md.read_text() if md.exists() else "# Benchmarks\n\nEvery figure is measured by `lsvcr benchmark NAME`; raw files in benchmarks/results/.\n"
@@ -102,7 +104,8 @@ def run(name: str, overrides: list[str]) -> Path:
     figures = module.run(overrides)
     # A benchmark with variants names its results file per variant (quality set=freshness: quality_freshness).
     results_name = getattr(module, "results_name", None)
-    path = write_results(results_name(overrides) if results_name else name, figures)
+    path = write_results(results_name(overrides) if results_name else name, figures,
+                         command=" ".join(["lsvcr benchmark", name, *overrides]))
     print(json.dumps(json.loads(path.read_text()), indent=2))
     print(f"[benchmark] wrote {path} and BENCHMARKS.md")
     return path

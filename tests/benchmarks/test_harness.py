@@ -15,6 +15,10 @@ def test_results_file_and_markdown_section_are_written_and_replaced(tmp_path):
     md = (tmp_path / "BENCHMARKS.md").read_text()
     assert md.count("## ingest") == 1 and md.count("## serve") == 1
     assert "| `events_per_s` | 999 |" in md and "first" not in md
+    # The command that made the figures is recorded and heads the section.
+    write_results("quality_freshness", {"users": 5}, root=tmp_path, command="lsvcr benchmark quality set=freshness")
+    md = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "`lsvcr benchmark quality set=freshness` on " in md and "`lsvcr benchmark ingest` on " in md
 
 
 def test_nested_metric_tables_stay_in_the_results_file_and_out_of_the_markdown_rows(tmp_path):
