@@ -92,13 +92,13 @@ def run(overrides: list[str]) -> dict:
     figures["without_age_terms"] = without_age_terms(out["features"], out["checkpoints"])
     figures["notes"] = ("Test split (global_time). Video: the target among the sampled candidates of the protocol named in "
                         "the table; comment: among the other comments under the same video that existed then.\n\n"
-                        "```\n" + format_table(metrics) + "\n" + age_table(metrics, figures["without_age_terms"])
+                        "```\n" + format_table(metrics) + "\n" + age_terms_table(metrics, figures["without_age_terms"])
                         + "```")
     (root / f"quality{suffix}.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
 
 
-def age_table(metrics: dict, zeroed: dict) -> str:
+def age_terms_table(metrics: dict, zeroed: dict) -> str:
     """NDCG@10 with and without the item-age terms (age table and freshness score), per task and model."""
     lines = []
     for task, models in zeroed.items():

@@ -135,13 +135,9 @@ def video_loss(model: Recommender, batch: dict[str, torch.Tensor], train_negativ
     user = model.user_video_vector(batch)  # [B, H]
     if has_time_features(model):
         ts = batch["ts"]
-        # [B, B, H] keys would cost B x the memory: user . (unit + age[bucket]) splits into the unit part and
-        # a [B, num_buckets] table gathered per (row, column).
         grid = target[None, :].expand(len(target), -1)  # [B, B]: row i's candidates at row i's time
-        logits = user @ model.timeless_item_vectors("video", target).T / model.temperature
-        per_bucket = user @ model.age_table("video").T / model.temperature  # [B, num_buckets]
-        logits = logits + per_bucket.gather(1, model.age_buckets("video", grid, ts[:, None]))
-        logits = logits + model.freshness_scores("video", grid, ts[:, None])
+        logits = (user @ model.timeless_item_vectors("video", target).T / model.temperature
+                  + model.age_scores("video", user, grid, ts[:, None]))
         future = model.published("video", grid) > ts[:, None]
         duplicate = (target[:, None] == target[None, :]) | future
         logits = logits.masked_fill(duplicate & ~torch.eye(len(target), dtype=torch.bool, device=target.device),
@@ -163,9 +159,9 @@ def candidate_logits(model: Recommender, kind: str, query: torch.Tensor, candida
     if not has_time_features(model):
         keys = item_vectors(model, kind, candidates, None)
         return torch.einsum("bh,bnh->bn", query, keys) / model.temperature
-    keys = item_vectors(model, kind, candidates, ts[:, None])
-    logits = torch.einsum("bh,bnh->bn", query, keys) / model.temperature
-    return logits + model.freshness_scores(kind, candidates, ts[:, None])
+    keys = model.timeless_item_vectors(kind, candidates)
+    return (torch.einsum("bh,bnh->bn", query, keys) / model.temperature
+            + model.age_scores(kind, query, candidates, ts[:, None]))
 
 
 def comment_loss(model: Recommender, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -107,15 +107,6 @@ class Scorer:
             hist["ts"] = torch.full((hist["hist_video"].shape[0],), now, dtype=torch.long)
         return hist
 
-    def _age_scores(self, kind: str, user: torch.Tensor, idx: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-        """The age part of the scores of items idx [B, N] (-1 padding) at request times ts [B]: [B, N].
-        user . age[bucket] / T is user @ age_table.T / T [B, num_buckets] gathered at each item's bucket; the
-        freshness score is added (for comments, each row of idx is that request's whole candidate list)."""
-        ts = ts.to(self.device)[:, None]
-        per_bucket = user @ self.model.age_table(kind).T / self.temperature  # [B, num_buckets]
-        buckets = self.model.age_buckets(kind, idx, ts)  # [B, N]
-        return per_bucket.gather(1, buckets) + self.model.freshness_scores(kind, idx, ts)
-
     def _to_device(self, hist: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in hist.items()}
 
@@ -166,7 +157,7 @@ class Scorer:
         scores = torch.einsum("bh,bnh->bn", user, items) / self.temperature
         if self.time_features and self.age_terms:
             idx = torch.as_tensor(candidate_idx, dtype=torch.long, device=self.device)
-            scores = scores + self._age_scores("video", user, idx, hist["ts"])
+            scores = scores + self.model.age_scores("video", user, idx, hist["ts"].to(self.device)[:, None])
         return scores.masked_fill(~valid, float("-inf")).cpu()
 
     @torch.no_grad()
@@ -181,7 +172,8 @@ class Scorer:
         scores = torch.einsum("bh,bnh->bn", context, items) / self.temperature
         if self.time_features and self.age_terms:
             idx = torch.as_tensor(candidate_idx, dtype=torch.long, device=self.device)
-            scores = scores + self._age_scores("comment", context, idx, hist["ts"])
+            # Each row of idx is that request's whole candidate list: the comment freshness pool.
+            scores = scores + self.model.age_scores("comment", context, idx, hist["ts"].to(self.device)[:, None])
         return scores.masked_fill(~valid, float("-inf")).cpu()
 
 

@@ -157,6 +157,13 @@ class ItemTimes:
         buckets = self.age_buckets(kind, idx, ts)
         return unit + self.age_table(kind)[buckets] * (idx >= 0).unsqueeze(-1)
 
+    def age_scores(self, kind: str, query: torch.Tensor, idx: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """The item-age part of the scores of items idx [B, N] for query vectors [B, H] at request times ts
+        [B, 1]: query . age[bucket] / T, as the [B, num_buckets] table query @ age_table.T / T gathered at each
+        item's bucket (no [B, N, H] keys), plus the freshness score -> [B, N]. Padding is not masked here."""
+        per_bucket = query @ self.age_table(kind).T / self.temperature  # [B, num_buckets]
+        return per_bucket.gather(1, self.age_buckets(kind, idx, ts)) + self.freshness_scores(kind, idx, ts)
+
     def freshness_scores(self, kind: str, idx: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
         """The user-independent part of the scores (already divided by the temperature), 0 on padding.
         Videos: idx [...] with ts broadcastable to it. Comments: candidate lists idx [B, N] (the pool) with ts
