@@ -10,6 +10,7 @@
 | sasrec | stage 2 only, IDs only |
 | sr_no_align | the SR model, stage 2 only |
 | sr_text_only | the SR model without ID embeddings, stage 2 only |
+| sr_rec_pretrain | stage 1 with the rec losses only (no LLM), then stage 2: the control for lsvcr |
 | lsvcr_no_vc_contrast | stage 1 without the video-comment contrast, then stage 2 |
 | lsvcr_no_time | full LSVCR without the item-age and history-gap embeddings (issue 8's ablation) |
 | lsvcr | stage 1 (all losses), then stage 2 |
@@ -38,11 +39,13 @@ from trainers.finetune import FinetuneConfig
 from trainers.finetune import finetune as run_finetune
 from trainers.ranking import seed_name
 
-MODEL_NAMES = ("popularity", "sasrec", "sr_no_align", "sr_text_only", "lsvcr_no_vc_contrast", "lsvcr_no_time",
-               "lsvcr")
+MODEL_NAMES = ("popularity", "sasrec", "sr_no_align", "sr_text_only", "sr_rec_pretrain", "lsvcr_no_vc_contrast",
+               "lsvcr_no_time", "lsvcr")
 STAGE2 = {"sasrec": {"model": "sasrec"}, "sr_no_align": {}, "sr_text_only": {"text_only": True},
-          "lsvcr_no_vc_contrast": {}, "lsvcr_no_time": {"time_features": False}, "lsvcr": {}}
-STAGE1 = {"lsvcr_no_vc_contrast": {"vc_contrast": False}, "lsvcr_no_time": {"time_features": False}, "lsvcr": {}}
+          "sr_rec_pretrain": {}, "lsvcr_no_vc_contrast": {}, "lsvcr_no_time": {"time_features": False}, "lsvcr": {}}
+# sr_rec_pretrain differs from lsvcr only in the LLM: same stage 1 steps, rec losses, sample and stage 2.
+STAGE1 = {"sr_rec_pretrain": {"llm_mode": "none"}, "lsvcr_no_vc_contrast": {"vc_contrast": False},
+          "lsvcr_no_time": {"time_features": False}, "lsvcr": {}}
 # Stage 2 loads stage 1's weights strictly, so these must agree between the two stages: the nested model size
 # (every `size.*` override) and the time embeddings.
 SIZE_KEYS = ("size", "time_features")

@@ -6,17 +6,22 @@
 Each worker streams its shard of examples/video/train and examples/comment/train (Ray Data, not materialised
 on the driver); every step takes one batch of each task, so the LLM sees video and comment instructions
 mixed in one forward pass. Loss = LM (response tokens only; LoRA mode) + rec_weight x (video + comment
-InfoNCE of the SR user vector against the target's text vector) + contrast_weight x (sequential-
-supplemental contrast both ways + video-comment preference contrast). Every InfoNCE gathers its negatives
-from all workers (trainers/losses.py). The SR model is text-only here and uses randomized sorted position
-ids; stage 2 (trainers/finetune.py, `init=ALIGNED`) adds the gated ID embeddings. `AlignRecipe` is the stage on
+InfoNCE of the task head's user vector against the target's text vector) + contrast_weight x (sequential-
+supplemental contrast both ways + video-comment preference contrast on both heads' vectors). Every InfoNCE
+gathers its negatives from all workers (trainers/losses.py). The examples are shuffled globally (the files are
+grouped by user) and another example of the same user is no negative of the sequential-supplemental contrast.
+The LLM side is centred per task (frozen: each task's mean state, kept in llm/state_means.safetensors; lora: the
+batch's), so the instruction line alone cannot solve the video-comment contrast. The SR model is text-only here;
+stage 2 (trainers/finetune.py, `init=ALIGNED`) adds the gated ID embeddings. `AlignRecipe` is the stage on
 the shared Ray Train mechanics of trainers/loop.py.
 
 llm_mode:
 - `lora`: the LLM (+ LoRA r 8, alpha 32, dropout 0.1 on the attention projections) runs in every step;
-- `frozen`: the base LLM's last-prompt-token states are precomputed once with Ray Data batch inference
-  (under CACHE/llm_states/, keyed by the LLM, prompts and train files) and only the preference adapter is trained on
+- `frozen`: the base LLM's last-prompt-token states are precomputed once with Ray Data batch inference for a
+  seeded random sample of `max_examples` train examples per task (under CACHE/llm_states/, keyed by the LLM,
+  dtype, prompts and train files; bfloat16 where the CPU has it) and only the preference adapter is trained on
   the LLM side: the cheap option on CPU;
+- `none`: no LLM, the rec losses alone (the `sr_rec_pretrain` control of lsvcr/suite.py);
 - `auto` (default): lora with use_gpu, frozen without.
 
 Checkpoints (every `checkpoint_every` steps and at the end): the SR model as model.safetensors + config.json
@@ -31,10 +36,12 @@ injects one such failure (tests only).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -74,9 +81,10 @@ from trainers.models.llm import (
 )
 from trainers.models.sr import SRConfig, SRModel
 
-LLM_MODES = ("auto", "lora", "frozen")
+LLM_MODES = ("auto", "lora", "frozen", "none")
 STATE_COLUMN = "llm_state"
 LLM_DIR, TRAINABLE = "llm", "trainable.safetensors"  # everything trained on the LLM side, for resuming
+STATE_MEANS = "state_means.safetensors"  # frozen mode: each task's mean LLM state, subtracted before the adapter
 LOSS_NAMES = ("total", "lm", "rec_video", "rec_comment", "seq_sup", "vc")
 
 
@@ -88,7 +96,7 @@ class AlignConfig:
     llm_mode: str = "auto"
     epochs: int = 1
     max_steps: int = 0  # stop after this many steps in total (0 = run all epochs)
-    max_examples: int = 0  # train examples per task used (0 = all); the LLM is the cost on CPU
+    max_examples: int = 0  # a seeded random sample of train examples per task (0 = all); the LLM is the cost on CPU
     batch_size: int = 16  # per worker and task
     lr: float = 3e-4
     weight_decay: float = 0.01
@@ -112,8 +120,11 @@ class AlignConfig:
     max_failures: int = 1  # worker failures Ray Train recovers from
     fail_once_at_step: int = 0  # tests only: rank 0 raises once after this step (0 = never)
     storage_path: Optional[str] = None
-    inference_batch_size: int = 16  # frozen mode: examples per LLM forward in the precompute
-    llm_dtype: str = "auto"  # frozen precompute: auto (bfloat16 on GPU or AMX CPUs), float32 or bfloat16
+    inference_batch_size: int = 256  # frozen mode: examples per Ray batch of the precompute (forwards: FORWARD_ROWS)
+    llm_dtype: str = "auto"  # frozen precompute: auto (bfloat16 on GPU or bf16-capable CPUs), float32 or bfloat16
+    # Randomized sorted position ids: the official code aligns on shorter histories (20) than it fine-tunes on
+    # (50); here both stages read size.max_history, so positions stay as stage 2 sees them unless asked.
+    random_positions: bool = False
     size: ModelSize = field(default_factory=ModelSize)  # the SR model's; stage 2 must use the same
 
     def __post_init__(self):
@@ -136,7 +147,8 @@ class AlignConfig:
 
 
 def sr_config(config: AlignConfig, text_dim: int) -> SRConfig:
-    return SRConfig(text_dim=text_dim, size=config.size, use_id_embedding=False, random_positions=True,
+    return SRConfig(text_dim=text_dim, size=config.size, use_id_embedding=False,
+                    random_positions=config.random_positions,
                     time_features=config.time_features, freshness=config.time_features, history_match=True)
 
 
@@ -149,14 +161,20 @@ def llm_config(config: AlignConfig) -> LLMConfig:
 # ---- one step (pure torch: used by the Ray Train loop and by the tests) ---------------------------------
 
 
+def user_keys(user_ids) -> torch.Tensor:
+    """[n] int64 keys of user ids (strings), equal on every worker (crc32, not Python's salted hash)."""
+    return torch.tensor([zlib.crc32(str(u).encode()) for u in user_ids], dtype=torch.long)
+
+
 def stage1_losses(sr: SRModel, llm, batches: dict[str, dict | None], config: AlignConfig, texts: ItemTexts,
                   device: torch.device) -> dict[str, torch.Tensor]:
     """Losses of one step. batches maps task -> example rows (numpy batch; frozen mode: with the
-    llm_state column) or None. `llm` is an LLMRecommender (lora) or the preference adapter nn.Linear
-    (frozen). Every worker calls the same collectives whatever its batches hold (empty tensors stand in)."""
+    llm_state column, already centred per task) or None. `llm` is an LLMRecommender (lora), the preference
+    adapter nn.Linear (frozen) or None (llm_mode none: the rec losses alone). Every worker calls the same
+    collectives whatever its batches hold (empty tensors stand in)."""
     h, temperature = config.size.hidden, config.size.temperature
-    users, prefs, video_h, comment_h, is_video, losses = [], [], [], [], [], {}
-    prompts, responses, states = [], [], []
+    users, heads, is_video, keys, losses = [], {"video_head": [], "comment_head": []}, [], [], {}
+    prompts, responses, states, prefs = [], [], [], []
     for task in TASKS:
         rows = batches.get(task)
         if rows is None or len(rows["target"]) == 0:
@@ -166,53 +184,63 @@ def stage1_losses(sr: SRModel, llm, batches: dict[str, dict | None], config: Ali
             continue
         batch = {k: v.to(device) for k, v in collate(rows, config.size.max_history).items()}
         out = sr.stage1_vectors(batch, batch["query_video"] if task == "comment" else None)
+        user = out[f"{task}_head"]
         items = item_vectors(sr, task, batch["target"], batch.get("ts"))
-        losses[f"rec_{task}"] = info_nce(out["user"], items, temperature, batch["target"])
-        users.append(out["user"])
-        video_h.append(out["video_history"])
-        comment_h.append(out["comment_history"])
+        losses[f"rec_{task}"] = info_nce(user, items, temperature, batch["target"])
+        users.append(user)
+        for name in heads:
+            heads[name].append(out[name])
         is_video.append(torch.full((len(items),), task == "video", device=device))
+        keys.append(user_keys(rows["user_id"]).to(device))
         if config.mode == "frozen":
             states.append(torch.from_numpy(np.stack(list(rows[STATE_COLUMN])).astype(np.float32)))
-        else:
+        elif config.mode == "lora":
             p, r = render_examples(rows, task, texts, llm.count_tokens, config.max_prompt_tokens)
-            prompts += p
+            prompts.append(p)
             responses += r
-    if config.mode == "frozen":
-        if states:
-            prefs = torch.nn.functional.normalize(llm(torch.cat(states).to(device)), dim=-1)
+    if llm is None:
+        return losses
+    if config.mode == "frozen" and states:
+        prefs = [llm(torch.cat(states).to(device))]
     elif prompts:
-        enc = {k: v.to(device) for k, v in llm.encode(prompts, responses).items()}
+        enc = {k: v.to(device) for k, v in llm.encode(sum(prompts, []), responses).items()}
         out = llm(enc)  # video and comment instructions in one forward
-        prefs = torch.nn.functional.normalize(out["preference"], dim=-1)
         if out["lm_loss"] is not None:
             losses["lm"] = out["lm_loss"]
         losses["tokens"] = enc["attention_mask"].sum().detach().float()
-    if len(users):
-        user, video_h, comment_h, is_video = (torch.cat(x) for x in (users, video_h, comment_h, is_video))
+        # Centred per task, as the frozen states are (precompute_states): the instruction line alone must
+        # not tell the tasks apart. The adapter is linear, so centring its output centres the LLM states.
+        prefs = [part - part.mean(0, keepdim=True) for part in out["preference"].split([len(p) for p in prompts])]
+    if users:
+        user, is_video, keys = torch.cat(users), torch.cat(is_video), torch.cat(keys)
+        video_head, comment_head = torch.cat(heads["video_head"]), torch.cat(heads["comment_head"])
+        prefs = torch.nn.functional.normalize(torch.cat(prefs), dim=-1)
     else:
-        user = video_h = comment_h = torch.zeros(0, h, device=device)
-        prefs = torch.zeros(0, h, device=device)
+        user = video_head = comment_head = prefs = torch.zeros(0, h, device=device)
         is_video = torch.zeros(0, dtype=torch.bool, device=device)
-    losses["seq_sup"] = seq_sup_contrast(user, prefs, temperature)
+        keys = torch.zeros(0, dtype=torch.long, device=device)
+    losses["seq_sup"] = seq_sup_contrast(user, prefs, temperature, keys)
     if config.vc_contrast:
-        losses["vc"] = vc_contrast(prefs, video_h, comment_h, is_video, temperature)
+        losses["vc"] = vc_contrast(prefs, video_head, comment_head, is_video, temperature)
     return losses
 
 
 def total_loss(losses: dict[str, torch.Tensor], config: AlignConfig) -> torch.Tensor:
-    """LM + rec_weight x rec + contrast_weight x contrast."""
+    """LM + rec_weight x rec + contrast_weight x contrast (the terms that are there)."""
     rec = losses["rec_video"] + losses["rec_comment"]
-    contrast = losses["seq_sup"] + losses.get("vc", 0.0)
+    contrast = losses.get("seq_sup", 0.0) + losses.get("vc", 0.0)
     return losses.get("lm", 0.0) + config.rec_weight * rec + config.contrast_weight * contrast
 
 
 # ---- frozen mode: the LLM states, precomputed once with Ray Data batch inference ---------------------------
 
+FORWARD_ROWS = 32  # prompts per LLM forward in the precompute, grouped by length (bfloat16 GEMMs want width)
+
 
 class _LLMStates:
     """Ray Data batch inference (frozen mode): example rows -> + llm_state (the base LLM's final hidden
-    state at the last prompt token)."""
+    state at the last prompt token) and llm_tokens. Prompts are sorted by length and run FORWARD_ROWS at a time,
+    so each forward pads to a near-equal length; rows keep their order."""
 
     def __init__(self, llm_path: str, task: str, folder: FeaturesFolder, max_prompt_tokens: int,
                  dtype: str = "auto"):
@@ -226,61 +254,131 @@ class _LLMStates:
     @torch.no_grad()
     def __call__(self, rows: dict) -> dict:
         prompts, _ = render_examples(rows, self.task, self.texts, self.llm.count_tokens, self.max_prompt_tokens)
-        last, _ = self.llm.hidden(self.llm.encode(prompts))  # [n, llm_hidden]
-        states = last.float().numpy()
-        rows[STATE_COLUMN] = states  # [n, llm_hidden]
-        rows["llm_tokens"] = np.array([self.llm.count_tokens(p) for p in prompts], dtype=np.int64)
+        rows[STATE_COLUMN], rows["llm_tokens"] = last_prompt_states(self.llm, prompts)
         return rows
 
 
-def states_key(config: AlignConfig, folder: FeaturesFolder, llm_path: str, task: str) -> dict:
-    """What the LLM states of a task depend on: the LLM, the prompt budget and dtype, the example cap and the
-    train files themselves (names and sizes, so a rebuilt features folder at the same path is not reused)."""
-    source = folder.examples_dir(task, "train")
-    files = sorted((p.name, p.stat().st_size) for p in source.glob("*.parquet"))
-    return {"llm": str(llm_path), "max_prompt_tokens": config.max_prompt_tokens, "dtype": config.llm_dtype,
-            "max_examples": config.max_examples, "source": str(source), "files": files}
+def last_prompt_states(llm: LLMRecommender, prompts: list[str], forward_rows: int = FORWARD_ROWS
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(final hidden state at each prompt's last token, float32 [n, llm_hidden]; prompt tokens [n]), in the
+    order of `prompts`, from forwards of up to forward_rows prompts of similar length."""
+    tokens = np.array([min(llm.count_tokens(p), llm.config.max_prompt_tokens) for p in prompts], dtype=np.int64)
+    states = np.zeros((len(prompts), llm.llm_hidden), np.float32)
+    order = np.argsort(tokens, kind="stable")
+    for start in range(0, len(order), forward_rows):
+        rows = order[start: start + forward_rows]
+        last, _ = llm.hidden(llm.encode([prompts[i] for i in rows]))  # [b, llm_hidden]
+        states[rows] = last.float().numpy()
+    return states, tokens
+
+
+PROMPT_COLUMNS = ("event_id", "target", "query_video", "hist_video", "hist_video_hot", "hist_cmt_video",
+                  "hist_cmt_comments")  # what a prompt is rendered from (with the item texts)
+
+
+def content_digest(folder: FeaturesFolder, task: str, split: str) -> str:
+    """sha256 of what the prompts of a task and split are rendered from: the examples' prompt columns (sorted
+    by event id, so a rebuild that writes other files in another order gives the same digest) and the item
+    texts."""
+    import pyarrow as pa
+
+    table = folder.examples_table(task, split)
+    table = table.select([c for c in PROMPT_COLUMNS if c in table.column_names]).sort_by("event_id")
+    digest = hashlib.sha256()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table.combine_chunks())
+    digest.update(sink.getvalue().to_pybytes())
+    texts = ItemTexts.from_folder(folder)
+    for values in (texts.videos, texts.comments):
+        digest.update("\x1f".join(str(v) for v in values).encode())
+    return digest.hexdigest()
+
+
+def states_key(config: AlignConfig, folder: FeaturesFolder, llm_path: str, task: str, split: str = "train") -> dict:
+    """What the LLM states of a task and split depend on: the LLM, the prompt budget, the dtype actually used,
+    the sample and the content the prompts come from (content_digest: a rebuilt features folder with the same
+    examples reuses them, a changed one does not). The stage 1 seed is not part of it: every seed reads the
+    same sample."""
+    return {"llm": str(llm_path), "max_prompt_tokens": config.max_prompt_tokens,
+            "dtype": str(inference_dtype(config.llm_dtype)), "max_examples": config.max_examples,
+            "sample_seed": SAMPLE_SEED, "task": task, "split": split,
+            "content": content_digest(folder, task, split)}
+
+
+SAMPLE_SEED = 0  # the random sample of examples that get LLM states (shared by every stage 1 seed)
+MEAN_FILE = "mean.npy"  # next to the states: their mean, the task's centre
+
+
+def sample_event_ids(folder: FeaturesFolder, task: str, split: str, n: int) -> set[str] | None:
+    """A seeded random sample of n example event ids of a task and split (None: n is 0 or covers them all).
+    A random sample, not the first rows: the files are grouped by user."""
+    event_ids = folder.examples_table(task, split, ["event_id"])["event_id"].to_numpy(zero_copy_only=False)
+    if not n or n >= len(event_ids):
+        return None
+    rng = np.random.default_rng(SAMPLE_SEED)
+    return set(event_ids[rng.choice(len(event_ids), n, replace=False)].tolist())
+
+
+def _keep_events(rows: dict, event_ids: set[str]) -> dict:
+    keep = np.array([e in event_ids for e in rows["event_id"]], dtype=bool)
+    return {k: v[keep] for k, v in rows.items()}
+
+
+def _centre(rows: dict, mean: np.ndarray) -> dict:
+    rows[STATE_COLUMN] = np.stack(list(rows[STATE_COLUMN])).astype(np.float32) - mean
+    return rows
 
 
 def precompute_states(config: AlignConfig, folder: FeaturesFolder, llm_path: str, tasks: list[str], root: Path,
-                      fresh: bool = False) -> dict[str, str]:
-    """Frozen mode: write examples + llm_state per task under root/llm_states/<hash of states_key>/<task>,
-    reused by every later run with the same key (the suite's three stage 1 runs share one precompute).
+                      fresh: bool = False, split: str = "train") -> dict[str, str]:
+    """Frozen mode: write examples + llm_state per task under root/llm_states/<hash of states_key>/<task>
+    (and their mean, MEAN_FILE), for a seeded random sample of config.max_examples examples of the split (all
+    when 0), reused by every later run with the same key (the seeds of a suite share one precompute).
     fresh=True computes them again even when they are there (the train benchmark times this)."""
-    import hashlib
-
     import ray.data
 
     folders = {}
     for task in tasks:
-        key = json.loads(json.dumps(states_key(config, folder, llm_path, task)))  # tuples -> lists, as read back
+        key = json.loads(json.dumps(states_key(config, folder, llm_path, task, split)))  # tuples -> lists
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         states = root / "llm_states" / digest / task
         marker = states / "_done.json"
         if fresh or not (marker.is_file() and json.loads(marker.read_text()) == key):
             shutil.rmtree(states, ignore_errors=True)
             started = time.monotonic()
-            path, filesystem = folder.examples_source(task, "train")
+            path, filesystem = folder.examples_source(task, split)
             dataset = ray.data.read_parquet(path, filesystem=filesystem)
-            if config.max_examples:
-                dataset = dataset.limit(config.max_examples)
+            sample = sample_event_ids(folder, task, split, config.max_examples)
+            if sample is not None:
+                dataset = dataset.map_batches(_keep_events, fn_kwargs={"event_ids": sample}, batch_format="numpy")
             dataset = dataset.map_batches(
                 _LLMStates, fn_constructor_kwargs={"llm_path": str(llm_path), "task": task, "folder": folder,
                                                    "max_prompt_tokens": config.max_prompt_tokens,
                                                    "dtype": config.llm_dtype},
                 batch_size=config.inference_batch_size, batch_format="numpy", concurrency=1)
             dataset.write_parquet(str(states))
-            rows = ray.data.read_parquet(str(states)).count()
+            written = ray.data.read_parquet(str(states), columns=[STATE_COLUMN, "llm_tokens"]).to_pandas()
+            np.save(states / MEAN_FILE, np.stack(written[STATE_COLUMN].to_list()).mean(0).astype(np.float32))
             marker.write_text(json.dumps(key))
-            print(f"align: LLM states for {rows} {task} examples in {time.monotonic() - started:.1f}s", flush=True)
+            elapsed = time.monotonic() - started
+            print(f"align: LLM states for {len(written)} {task}/{split} examples in {elapsed:.1f}s "
+                  f"({int(written['llm_tokens'].sum()) / max(elapsed, 1e-9):.0f} prompt tokens/s)", flush=True)
         folders[task] = str(states)
     return folders
+
+
+def state_means(folders: dict[str, str]) -> dict[str, np.ndarray]:
+    """Each task's mean LLM state (written by precompute_states) by task."""
+    return {task: np.load(Path(path) / MEAN_FILE) for task, path in folders.items()}
 
 
 # ---- the recipe -------------------------------------------------------------------------------------
 
 
 def _build_llm_side(config: AlignConfig, llm_path: str | None, llm_hidden: int, device: torch.device):
+    if config.mode == "none":
+        return None
     if config.mode == "frozen":
         return torch.nn.Linear(llm_hidden, config.size.hidden).to(device)
 
@@ -294,13 +392,18 @@ def _llm_state_dict(llm, mode: str) -> dict[str, torch.Tensor]:
     return llm.trainable_state()
 
 
-def save_aligned(out_dir: str | Path, sr: SRModel, llm, config: AlignConfig, info: dict) -> None:
-    """The SR checkpoint (docs/DATA.md section 4) and llm/: the PEFT adapter or the preference adapter, and
-    everything trainable on the LLM side in one file for resuming."""
+def save_aligned(out_dir: str | Path, sr: SRModel, llm, config: AlignConfig, info: dict,
+                 means: dict[str, np.ndarray] | None = None) -> None:
+    """The SR checkpoint (docs/DATA.md section 4) and llm/ (none for llm_mode none): the PEFT adapter or the
+    preference adapter, everything trainable on the LLM side in one file for resuming, and (frozen) the
+    per-task means the LLM states were centred with (STATE_MEANS, read by trainers/teacher.py)."""
     out = Path(out_dir)
     save_checkpoint(out, "sr", sr.config, sr.state_dict(), info)
+    if llm is None:
+        return
     if config.mode == "frozen":
         write_tensors(out / LLM_DIR / "preference_adapter.safetensors", llm.state_dict())
+        write_tensors(out / LLM_DIR / STATE_MEANS, {t: torch.from_numpy(m) for t, m in (means or {}).items()})
     else:
         llm.save_adapter(out / LLM_DIR)
     write_tensors(out / LLM_DIR / TRAINABLE, _llm_state_dict(llm, config.mode))
@@ -322,29 +425,39 @@ class AlignRecipe(Recipe):
         config = dataclasses.replace(config, features=folder.source, out=os.path.abspath(config.out))
         counts = train_counts(folder)
         tasks = [task for task in TASKS if counts[task] > 0]
-        llm_path = str(resolve_llm_path(config.llm))  # converts the packaged GGUF once, here on the driver
-        llm_hidden = AutoConfig.from_pretrained(llm_path).hidden_size
+        llm_path, llm_hidden = None, 0
+        if config.mode != "none":
+            llm_path = str(resolve_llm_path(config.llm))  # converts the packaged GGUF once, here on the driver
+            llm_hidden = AutoConfig.from_pretrained(llm_path).hidden_size
         print(f"align: mode {config.mode}, LLM {llm_path}, train examples {counts}, {config.num_workers} workers",
               flush=True)
         init_ray()
+        means = {}
         if config.mode == "frozen":
-            sources = {task: (path, None) for task, path in
-                       precompute_states(config, folder, llm_path, tasks, cache_dir()).items()}
+            folders = precompute_states(config, folder, llm_path, tasks, cache_dir())
+            sources, means = {task: (path, None) for task, path in folders.items()}, state_means(folders)
         else:
             sources = {task: folder.examples_source(task, "train") for task in tasks}
         datasets = {}
         for task in tasks:
             path, filesystem = sources[task]
             dataset = ray.data.read_parquet(path, filesystem=filesystem)  # streamed into the shards each epoch
-            if config.max_examples and config.mode != "frozen":
-                dataset = dataset.limit(config.max_examples)
-            datasets[task] = dataset
-        return config, datasets, {"folder": folder, "llm_path": llm_path, "llm_hidden": llm_hidden}
+            if config.mode == "frozen":
+                dataset = dataset.map_batches(_centre, fn_kwargs={"mean": means[task]}, batch_format="numpy")
+            else:
+                sample = sample_event_ids(folder, task, "train", config.max_examples)
+                if sample is not None:
+                    dataset = dataset.map_batches(_keep_events, fn_kwargs={"event_ids": sample},
+                                                  batch_format="numpy")
+            # A global shuffle: the files are grouped by user, and a batch of one user's examples would make
+            # near-identical histories each other's negatives.
+            datasets[task] = dataset.random_shuffle(seed=config.seed)
+        return config, datasets, {"folder": folder, "llm_path": llm_path, "llm_hidden": llm_hidden, "means": means}
 
-    def __init__(self, config: AlignConfig, folder: FeaturesFolder, tasks: list[str], llm_path: str,
-                 llm_hidden: int):
+    def __init__(self, config: AlignConfig, folder: FeaturesFolder, tasks: list[str], llm_path: str | None,
+                 llm_hidden: int, means: dict[str, np.ndarray]):
         super().__init__(config, folder, tasks)
-        self.llm_path, self.llm_hidden = llm_path, llm_hidden
+        self.llm_path, self.llm_hidden, self.means = llm_path, llm_hidden, means
 
     def setup(self) -> None:
         c = self.config
@@ -355,7 +468,7 @@ class AlignRecipe(Recipe):
         self.sr.to(self.device)
         self.llm = _build_llm_side(c, self.llm_path, self.llm_hidden, self.device)
         self.texts = ItemTexts.from_folder(self.folder) if c.mode == "lora" else None
-        self.init_optimizer(self.sr, self.llm)
+        self.init_optimizer(*(m for m in (self.sr, self.llm) if m is not None))
         state = self.resume()
         self.step, self.epoch = state["step"], state["epoch"]
         self.history, self.resumed_from = state["history"], state["resumed_from"]
@@ -367,11 +480,11 @@ class AlignRecipe(Recipe):
             if folder is None:
                 return {"step": 0, "epoch": 0, "history": [], "resumed_from": []}
             load_state(self.sr, read_weights(folder / WEIGHTS), "resume SR weights")
-            saved = read_weights(folder / LLM_DIR / TRAINABLE)
             if self.config.mode == "frozen":
+                saved = read_weights(folder / LLM_DIR / TRAINABLE)
                 self.llm.load_state_dict({k[len("adapter."):]: v for k, v in saved.items()})
-            else:
-                self.llm.load_state_dict(saved, strict=False)
+            elif self.config.mode == "lora":
+                self.llm.load_state_dict(read_weights(folder / LLM_DIR / TRAINABLE), strict=False)
             state = read_training_state(folder, self.optimizer)
         print(f"align: resumed from step {state['step']} (epoch {state['epoch']})", flush=True)
         return {"history": [], **state, "resumed_from": state.get("resumed_from", []) + [state["step"]]}
@@ -395,7 +508,8 @@ class AlignRecipe(Recipe):
         the epoch's start time); a checkpoint every checkpoint_every steps."""
         c, n = self.config, len(LOSS_NAMES)
         self.sr.train()
-        self.llm.train()
+        if self.llm is not None:
+            self.llm.train()
         sums = torch.zeros(n + 3, dtype=torch.float64)  # losses, steps, examples, tokens
         epoch_start = time.monotonic()
         for video_rows, comment_rows in self.batches(epoch):
@@ -445,7 +559,7 @@ class AlignRecipe(Recipe):
         def write(folder: Path) -> None:
             info = {"align_config": dataclasses.asdict(c), "llm_path": self.llm_path, "mode": c.mode, **metrics,
                     "workers": self.world, "history": self.history, "resumed_from": self.resumed_from}
-            save_aligned(folder, self.sr, self.llm, c, info)
+            save_aligned(folder, self.sr, self.llm, c, info, self.means)
             write_training_state(folder, self.optimizer, state)
 
         self.report(metrics, write)

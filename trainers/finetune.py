@@ -100,6 +100,9 @@ class FinetuneConfig:
     patience: int = 2  # stop after this many epochs without a better valid NDCG@5
     batch_size: int = 256  # per worker and task
     lr: float = 1e-3
+    # The learning rate of the parameters loaded from `init` is lr x init_lr_scale, so that stage 2 keeps
+    # more of what stage 1 learned (chosen on the valid split: BENCHMARKS.md, quality).
+    init_lr_scale: float = 1.0
     weight_decay: float = 0.01
     max_grad_norm: float = 5.0  # 0 = no clipping
     id_text_weight: float = 0.1  # weight of the ID-text contrast (SR with ID embeddings)
@@ -129,6 +132,7 @@ class FinetuneConfig:
                          "shuffle_buffer", "max_eval_examples", "max_failures", "fail_once_at_step",
                          "materialize_max_mb")
         require(self, self.lr > 0, "lr", "must be > 0")
+        require(self, 0 < self.init_lr_scale <= 1, "init_lr_scale", "must be in (0, 1]")
 
 
 def model_config(config: FinetuneConfig, num_videos: int, num_comments: int, text_dim: int):
@@ -228,8 +232,10 @@ class FinetuneRecipe(Recipe):
         self.model = MODELS[c.model][0](self.model_config)
         if self.seen is not None:
             self.model.set_seen(*(torch.tensor(counts) for counts in self.seen))
+        transferred: dict = {}
         if c.init:
             fresh = load_init_weights(self.model, c.init)
+            transferred = {p: c.init_lr_scale for n, p in self.model.named_parameters() if n not in fresh}
             if "video_id.weight" in fresh:
                 self.model.zero_id_embeddings()  # start exactly at the stage 1 function (see SRModel)
             if self.rank == 0:
@@ -242,7 +248,7 @@ class FinetuneRecipe(Recipe):
         # Training negatives: video ones drawn afresh each step from the alive pool; comment lists without
         # the user's other train positives on the video (the stored lists keep only the earlier ones out).
         self.comment_positives = user_video_positives(self.folder, ("train",)) if "comment" in self.shards else {}
-        self.init_optimizer(self.model)
+        self.init_optimizer(self.model, lr_scale=transferred)
         state = self.resume()
         self.step, self.epoch, self.stale, self.best = state["step"], state["epoch"], state["stale"], state["best"]
         self.stopped, self.history, self.resumed_from = state["stopped"], state["history"], state["resumed_from"]

@@ -276,9 +276,15 @@ class Recipe:
     def train(self) -> None:
         raise NotImplementedError
 
-    def init_optimizer(self, *modules: torch.nn.Module) -> None:
+    def init_optimizer(self, *modules: torch.nn.Module, lr_scale: dict | None = None) -> None:
+        """AdamW over the trainable parameters of modules; lr_scale (parameter -> factor) gives some of them
+        config.lr x factor."""
         self.params = trainable(*modules)
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        groups: dict[float, list] = {}
+        for p in self.params:
+            groups.setdefault((lr_scale or {}).get(p, 1.0), []).append(p)
+        self.optimizer = torch.optim.AdamW([{"params": ps, "lr": self.config.lr * f} for f, ps in groups.items()],
+                                           lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def start(self) -> None:
         """After set-up and resume: rank 0's weights everywhere, then a random stream per worker and per resume

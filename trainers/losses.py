@@ -90,18 +90,22 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float,
     return global_mean(F.cross_entropy(logits, labels, reduction="none"))
 
 
-def seq_sup_contrast(sr: torch.Tensor, llm: torch.Tensor, temperature: float) -> torch.Tensor:
+def seq_sup_contrast(sr: torch.Tensor, llm: torch.Tensor, temperature: float,
+                     users: torch.Tensor | None = None) -> torch.Tensor:
     """Sequential-supplemental contrast, both directions: SR user vectors [n, H] vs LLM preference vectors
-    [n, H] of the same examples (L2-normalised), negatives from every worker."""
-    return (info_nce(sr, llm, temperature) + info_nce(llm, sr, temperature)) / 2
+    [n, H] of the same examples (L2-normalised), negatives from every worker. users [n] (optional) are user
+    keys: another example of the same user is no negative (its near-identical history would be one that
+    cannot be told apart), so it is masked out of the denominators."""
+    return (info_nce(sr, llm, temperature, users) + info_nce(llm, sr, temperature, users)) / 2
 
 
-def vc_contrast(llm: torch.Tensor, video_hist: torch.Tensor, comment_hist: torch.Tensor, is_video: torch.Tensor,
+def vc_contrast(llm: torch.Tensor, video_head: torch.Tensor, comment_head: torch.Tensor, is_video: torch.Tensor,
                 temperature: float) -> torch.Tensor:
-    """Video-comment preference contrast: a 2-way softmax per example over [LLM . SR video-history vector,
-    LLM . SR comment-history vector] (all [n, H], L2-normalised) whose answer is the video-history side for a
-    video-task example (is_video [n] True) and the comment-history side for a comment-task example."""
-    logits = torch.stack([(llm * video_hist).sum(-1), (llm * comment_hist).sum(-1)], -1) / temperature  # [n, 2]
+    """Video-comment preference contrast: a 2-way softmax per example over [LLM . SR video-head vector,
+    LLM . SR comment-head vector] (all [n, H], L2-normalised; the heads' own user vectors, the comment head
+    query-conditioned: SRModel.stage1_vectors) whose answer is the video head for a video-task example
+    (is_video [n] True) and the comment head for a comment-task example."""
+    logits = torch.stack([(llm * video_head).sum(-1), (llm * comment_head).sum(-1)], -1) / temperature  # [n, 2]
     labels = (~is_video).long()
     return global_mean(F.cross_entropy(logits, labels, reduction="none"))
 

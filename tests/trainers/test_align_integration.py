@@ -19,7 +19,7 @@ def test_align_then_finetune_on_two_workers(ray_session, tiny_llm, tmp_path):
                                 llm_mode="lora", max_steps=4, batch_size=8, checkpoint_every=2,
                                 max_prompt_tokens=96, num_workers=2, log_every=2, size=SIZE))
     kind, model = load_model(aligned)
-    assert kind == "sr" and model.config.random_positions and not model.config.use_id_embedding
+    assert kind == "sr" and not model.config.random_positions and not model.config.use_id_embedding
     info = json.loads((tmp_path / "aligned" / "train.json").read_text())
     assert info["step"] == 4 and info["workers"] == 2 and info["examples_per_s"] > 0 and info["tokens_per_s"] > 0
     assert info["lm_loss"] > 0 and info["seq_sup_loss"] > 0 and info["vc_loss"] > 0

@@ -329,17 +329,17 @@ class SRModel(ItemTimes, nn.Module):
 
     def stage1_vectors(self, batch: dict[str, torch.Tensor], query_video: torch.Tensor | None = None
                        ) -> dict[str, torch.Tensor]:
-        """One pass over the histories for the stage 1 losses, all L2-normalised [B, H]:
-        "user" (the video-task user vector, or with query_video the comment-task user-in-context vector),
-        "video_history" (the pooled video-history states) and "comment_history" (mean of the fused
-        comment-history states; zero for an empty comment history) for the video-comment contrast."""
+        """Both task heads' user vectors from one pass over the histories, L2-normalised [B, H]: "video_head"
+        (the video task's user vector) and "comment_head" (the comment task's user-in-context vector under
+        query_video; for a video-task row, under the newest video of its history, the one just watched, or
+        video 0 for an empty history). Stage 1's losses use the head of the row's task, and the video-comment
+        contrast both (trainers/losses.vc_contrast)."""
         v_fused, c_fused = self._fused_states(batch)
         pooled = self._pool_video(v_fused, batch["hist_video_mask"])  # [B, H]
-        c_mask = batch["hist_cmt_mask"].unsqueeze(-1)  # [B, Lc, 1]
-        comment_history = (c_fused * c_mask).sum(1) / c_mask.sum(1).clamp(min=1)  # [B, H]
-        user = pooled if query_video is None else self._context(batch, c_fused, pooled, query_video)
-        return {"user": F.normalize(user, dim=-1), "video_history": F.normalize(pooled, dim=-1),
-                "comment_history": F.normalize(comment_history, dim=-1)}
+        if query_video is None:
+            query_video = batch["hist_video"][:, -1].clamp(min=0)  # right-aligned: the last column is the newest
+        comment = self._context(batch, c_fused, pooled, query_video)
+        return {"video_head": F.normalize(pooled, dim=-1), "comment_head": F.normalize(comment, dim=-1)}
 
     def zero_id_embeddings(self) -> None:
         """Start the ID tables at zero, so a stage 2 model initialised from a text-only stage 1 checkpoint
