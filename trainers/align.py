@@ -358,7 +358,7 @@ def precompute_states(config: AlignConfig, folder: FeaturesFolder, llm_path: str
                                                    "dtype": config.llm_dtype},
                 batch_size=config.inference_batch_size, batch_format="numpy", concurrency=1)
             dataset.write_parquet(str(states))
-            written = ray.data.read_parquet(str(states), columns=[STATE_COLUMN, "llm_tokens"]).to_pandas()
+            written = ray.data.read_parquet(str(states)).select_columns([STATE_COLUMN, "llm_tokens"]).to_pandas()
             np.save(states / MEAN_FILE, np.stack(written[STATE_COLUMN].to_list()).mean(0).astype(np.float32))
             marker.write_text(json.dumps(key))
             elapsed = time.monotonic() - started

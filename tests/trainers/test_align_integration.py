@@ -1,10 +1,13 @@
 import json
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tests.trainers.conftest import make_features
 from trainers.align import AlignConfig, align
-from trainers.checkpoint import load_model
+from trainers.checkpoint import load_model, read_weights
 from trainers.finetune import FinetuneConfig, finetune
 from trainers.models import ModelSize
 
@@ -28,3 +31,39 @@ def test_align_then_finetune_on_two_workers(ray_session, tiny_llm, tmp_path):
                                   num_workers=2, batch_size=64, max_eval_examples=100, size=SIZE))
     train = json.loads((tmp_path / "lsvcr" / "train.json").read_text())
     assert load_model(out)[0] == "sr" and train["finetune_config"]["init"] == aligned
+
+
+def test_frozen_mode_samples_centres_and_reuses_the_llm_states(ray_session, tiny_llm, tmp_path, monkeypatch):
+    """Frozen stage 1 end to end: a seeded random sample of max_examples rows per task gets LLM states, their
+    mean is saved as the task's centre, and a second run (another seed) reuses them."""
+    monkeypatch.setenv("LSVCR_CACHE_DIR", str(tmp_path / "cache"))
+    features = make_features(tmp_path / "features", num_users=60)
+    config = dict(features=str(features), llm=str(tiny_llm), llm_mode="frozen", max_examples=40, epochs=1,
+                  batch_size=8, max_prompt_tokens=96, num_workers=2, size=SIZE)
+    align(AlignConfig(out=str(tmp_path / "a0"), seed=0, **config))
+    state_folders = sorted((tmp_path / "cache" / "llm_states").glob("*/*"))
+    assert [p.name for p in state_folders] == ["comment", "video"]
+    for folder in state_folders:
+        states = pa.concat_tables(pq.read_table(p, columns=["event_id", "llm_state"])
+                                  for p in folder.glob("*.parquet")).to_pydict()
+        assert len(states["event_id"]) == 40 == len(set(states["event_id"]))
+        mean = np.load(folder / "mean.npy")
+        assert np.allclose(mean, np.mean(states["llm_state"], axis=0), atol=1e-5)
+        stamp = folder.stat().st_mtime_ns
+    means = read_weights(tmp_path / "a0" / "llm" / "state_means.safetensors")
+    assert sorted(means) == ["comment", "video"]
+    info = json.loads((tmp_path / "a0" / "train.json").read_text())
+    assert info["seq_sup_loss"] > 0 and info["vc_loss"] > 0 and info["examples"] == 80
+    align(AlignConfig(out=str(tmp_path / "a1"), seed=1, **config))
+    assert sorted((tmp_path / "cache" / "llm_states").glob("*/*")) == state_folders
+    assert state_folders[-1].stat().st_mtime_ns == stamp  # not computed again
+
+
+def test_llm_mode_none_is_rec_pretraining_without_an_llm(ray_session, tmp_path):
+    features = make_features(tmp_path / "features", num_users=60)
+    out = align(AlignConfig(features=str(features), out=str(tmp_path / "rec"), llm_mode="none", max_examples=40,
+                            epochs=1, batch_size=8, num_workers=2, size=SIZE))
+    info = json.loads((tmp_path / "rec" / "train.json").read_text())
+    assert info["rec_video_loss"] > 0 and info["rec_comment_loss"] > 0 and info["examples"] == 80
+    assert info["seq_sup_loss"] == info["vc_loss"] == info["lm_loss"] == 0.0
+    assert not (tmp_path / "rec" / "llm").exists() and load_model(out)[0] == "sr"
