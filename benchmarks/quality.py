@@ -8,8 +8,9 @@ split. Nothing is tuned on test: early stopping and every tuned baseline look at
 Overrides (key=value): users=2000 seed=0 (the generated data) seeds=3 (every trained model, stage 1 included,
 trained with seeds 0..N-1 on the same features: means, standard deviations, paired 95% intervals over test users
 against sr_no_align and every baseline) epochs=0 (stage 2 epochs, the best on valid NDCG@5 kept; 0: up to the
-trainer's 10 with early stopping) align_examples=500 (train examples per task that get an LLM vector; 0 = all)
-align_epochs=3 max_prompt_tokens=256 workdir=.run/quality models=all set=default. The split is the features
+trainer's 10 with early stopping) align_examples=10000 (a seeded random sample of train examples per task that
+get an LLM vector, computed once and shared by the seeds; 0 = all) align_epochs=1 align_batch_size=64 (per worker
+and task) max_prompt_tokens=256 workdir=.run/quality models=all set=default. The split is the features
 default, global_time: one time cut for all users and both tasks. Results keep the DESIGN.md section 10 shape,
 plus "without_age_terms" (NDCG@10 of each time-aware checkpoint with its item-age terms zeroed).
 
@@ -34,8 +35,8 @@ from trainers.evaluate import format_table, without_age_terms
 
 # One stage 2 epoch is 14 steps at 2,000 users: far too few (on the freshness set it lost to recency, 0.466 vs
 # 0.605; BENCHMARKS.md), so early stopping decides by default.
-DEFAULTS = {"users": 2_000, "seed": 0, "seeds": 3, "epochs": 0, "align_examples": 500, "align_epochs": 3,
-            "max_prompt_tokens": 256, "workdir": "", "models": "all", "set": "default"}
+DEFAULTS = {"users": 2_000, "seed": 0, "seeds": 3, "epochs": 0, "align_examples": 10_000, "align_epochs": 1,
+            "align_batch_size": 64, "max_prompt_tokens": 256, "workdir": "", "models": "all", "set": "default"}
 # Set name -> (generator preset, None for the defaults; folder tag). The default set keeps the original folder
 # names, so its cached data and work are reused; each other set has its own data, work and results file.
 SETS = {"default": (None, ""), "freshness": (ROOT / "configs" / "generate-freshness.yaml", "fresh-")}
@@ -70,7 +71,8 @@ def run(overrides: list[str]) -> dict:
                                         {"users": opts["users"], "seed": opts["seed"]}))
     models = MODEL_NAMES if opts["models"] == "all" else tuple(opts["models"].split(","))
     align = (f"max_examples={opts['align_examples']}", f"epochs={opts['align_epochs']}",
-             f"max_prompt_tokens={opts['max_prompt_tokens']}", "llm_mode=frozen")
+             f"batch_size={opts['align_batch_size']}", f"max_prompt_tokens={opts['max_prompt_tokens']}",
+             "llm_mode=frozen")
     started = time.monotonic()
     out = run_pipeline(PipelineConfig(data=str(data), work=str(root / f"work-{tag}{name}"),
                                       results=str(root / f"results{suffix}.json"), epochs=opts["epochs"] or None,
@@ -83,8 +85,7 @@ def run(overrides: list[str]) -> dict:
         "set": opts["set"],
         "train_video_examples": manifest["tasks"]["video"]["train"]["count"],
         "train_comment_examples": manifest["tasks"]["comment"]["train"]["count"],
-        "stage1": f"frozen SmolLM2-135M-Instruct, {opts['align_examples'] or 'all'} train examples per task, "
-                  f"{opts['align_epochs']} epoch(s), prompts <= {opts['max_prompt_tokens']} tokens",
+        "stage1": stage1_record(opts, manifest, out["checkpoints"]),
         "stage2_epochs": opts["epochs"] or "up to 10, early stopping on valid NDCG@5",
         "pipeline_s": round(time.monotonic() - started, 1),
     }
@@ -96,6 +97,21 @@ def run(overrides: list[str]) -> dict:
                         + "```")
     (root / f"quality{suffix}.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
+
+
+def stage1_record(opts: dict, manifest: dict, checkpoints: dict) -> dict:
+    """How stage 1 ran (DESIGN.md section 10, quality): mode, LLM, item encoder, examples per task, steps."""
+    train = {task: manifest["tasks"][task]["train"]["count"] for task in ("video", "comment")}
+    cap = opts["align_examples"]
+    record = {"mode": "frozen", "llm": "SmolLM2-135M-Instruct (packaged GGUF)", "item_encoder": "minilm",
+              "examples_per_task": {task: min(n, cap) if cap else n for task, n in train.items()},
+              "epochs": opts["align_epochs"], "batch_size_per_worker_and_task": opts["align_batch_size"],
+              "max_prompt_tokens": opts["max_prompt_tokens"]}
+    for name, folder in checkpoints.items():
+        info = Path(f"{folder}_aligned") / "train.json"
+        if info.is_file():  # the aligned models' stage 1 steps, per run
+            record.setdefault("steps", {})[name] = json.loads(info.read_text()).get("step")
+    return record
 
 
 def age_terms_table(metrics: dict, zeroed: dict) -> str:
