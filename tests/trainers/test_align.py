@@ -11,7 +11,7 @@ from trainers.checkpoint import load_init_weights
 from trainers.data import collate, item_time_tensors, text_tensors
 from trainers.finetune import FinetuneConfig, model_config
 from trainers.models import ModelSize, build_model
-from trainers.models.llm import ItemTexts, LLMRecommender, load_base
+from trainers.models.llm import VIDEO_HEADER, VIDEO_TASK, ItemTexts, LLMRecommender, load_base
 from trainers.models.sr import SRModel
 
 SIZE = ModelSize(hidden=16, num_heads=2, inner=32, num_layers=1, max_history=8, dropout=0.0)
@@ -111,3 +111,41 @@ def test_stage2_init_reproduces_stage1_outputs_exactly(fake_features, tiny_llm, 
                 expected = sr.comment_context_vector(batch, batch["query_video"])
                 got = stage2.comment_context_vector(batch, batch["query_video"])
             assert torch.equal(expected, got), (task, text_only)
+
+
+def test_vc_contrast_reads_both_heads_and_the_llm_side_is_centred_per_task(fake_features, tiny_llm, tmp_path):
+    """The video-comment contrast is computed on the task heads' own user vectors (the comment head's
+    context MLP gets its gradient even from video rows), and a constant shift of every LLM state of a task
+    (an instruction line) changes nothing: lora-mode preferences are centred per task."""
+    config, sr, llm = setup(fake_features, tiny_llm, tmp_path, rec_weight=0.0)
+    texts = ItemTexts.from_folder(FeaturesFolder(fake_features))
+    batches = {"video": first_rows(fake_features, "video"), "comment": None}
+    llm.eval()
+    losses = stage1_losses(sr, llm, batches, config, texts, torch.device("cpu"))
+    losses["vc"].backward()
+    assert sr.context_mlp[0].weight.grad.abs().sum() > 0  # the comment head, on video-task rows
+    with torch.no_grad():
+        llm.adapter.bias.add_(5.0)  # the same shift for every example of the task
+    shifted = stage1_losses(sr, llm, batches, config, texts, torch.device("cpu"))
+    assert shifted["vc"].item() == pytest.approx(losses["vc"].item(), rel=1e-5)
+    assert shifted["seq_sup"].item() == pytest.approx(losses["seq_sup"].item(), rel=1e-5)
+
+
+def test_fast_precompute_matches_float32(tmp_path):
+    """The bfloat16 LLM states of the precompute (length-grouped forwards) against float32 in one batch, on
+    the packaged SmolLM2 and prompts of several lengths: cosine >= 0.99 per prompt, rows in their order."""
+    from trainers.align import last_prompt_states
+    from trainers.models.llm import LLMConfig
+
+    prompts = [VIDEO_HEADER + "\n" + "\n".join(f"- watched \"clip {i} about topic {i % 7}\"" for i in range(n))
+               + "\n" + VIDEO_TASK for n in (1, 9, 3, 20, 5)]
+    got = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        base, tokenizer = load_base("default", dtype=dtype)
+        llm = LLMRecommender(base, tokenizer, LLMConfig(frozen=True, max_prompt_tokens=256)).eval()
+        with torch.no_grad():
+            got[dtype], tokens = last_prompt_states(llm, prompts, forward_rows=2 if dtype == torch.bfloat16 else 5)
+    assert list(tokens) == [min(llm.count_tokens(p), 256) for p in prompts]  # encode keeps the last 256
+    cosine = (got[torch.float32] * got[torch.bfloat16]).sum(1) / (
+        np.linalg.norm(got[torch.float32], axis=1) * np.linalg.norm(got[torch.bfloat16], axis=1))
+    assert cosine.min() >= 0.99, cosine

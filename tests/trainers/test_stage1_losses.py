@@ -41,6 +41,21 @@ def test_seq_sup_contrast_is_symmetric_average():
     assert seq_sup_contrast(sr, llm, 1.0).item() == pytest.approx((forward + backward) / 2, rel=1e-6)
 
 
+def test_seq_sup_contrast_masks_other_examples_of_the_same_user():
+    # Rows 0 and 2 are one user's: in each direction row 0's denominator loses row 2 and row 2's loses row 0.
+    sr, llm = torch.stack([A, B, A]), torch.stack([A, B, C])
+    def ce(pos, *others):
+        return -math.log(math.exp(pos) / (math.exp(pos) + sum(math.exp(o) for o in others)))
+
+    # sr->llm (queries sr, keys llm): row 0 [1, 0, (0.6)], row 1 [0, 1, 0.8], row 2 [(1), 0, 0.6]
+    forward = (ce(1, 0) + ce(1, 0, 0.8) + ce(0.6, 0)) / 3
+    # llm->sr: row 0 [1, 0, (1)], row 1 [0, 1, 0], row 2 [(0.6), 0.8, 0.6]
+    backward = (ce(1, 0) + ce(1, 0, 0) + ce(0.6, 0.8)) / 3
+    users = torch.tensor([7, 8, 7])
+    assert seq_sup_contrast(sr, llm, 1.0, users).item() == pytest.approx((forward + backward) / 2, rel=1e-6)
+    assert seq_sup_contrast(sr, llm, 1.0).item() != pytest.approx((forward + backward) / 2, rel=1e-3)
+
+
 def test_vc_contrast_by_hand():
     llm = torch.stack([C, C])
     video_hist, comment_hist = torch.stack([A, A]), torch.stack([B, B])
