@@ -11,14 +11,17 @@ Steps, all in one run:
 4. stage 2 (the SR model, `finetune_epochs` epochs) from the frozen stage 1 checkpoint:
    finetune_examples_per_s is train examples / train-loop seconds of the first epoch (valid evaluation not
    included).
-Steps 2-4 run once per worker count in `workers`. Peak memory sums RSS over this process and every
+Steps 2-4 run once per worker count in `workers`. Before them, the precompute's two paths side by side on the
+same `compare_examples` examples per task: today's (float32, Ray batches of 16) and the fast one (the dtype
+`auto` picks, bfloat16 on this CPU, Ray batches of 256 run as length-grouped forwards): prompt tokens/s, states/s
+and the cosine of each example's state to float32's (precompute_*). Peak memory sums RSS over this process and every
 descendant (Ray head, raylet, workers), sampled every 0.5 s.
 
 The defaults finish in about half an hour on 2 cores: the frozen precompute runs SmolLM2 at roughly 2 prompts/s
 there, and one LoRA step of 2 + 2 examples takes about 2 minutes.
 
 Overrides: users=2000 seed=0 workdir=/tmp/lsvcr_bench_train workers=1,2 align_steps=20 align_batch=8
-lora_steps=2 lora_batch=2 finetune_epochs=1 finetune_batch=256 max_prompt_tokens=256
+lora_steps=2 lora_batch=2 finetune_epochs=1 finetune_batch=256 max_prompt_tokens=256 compare_examples=200
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.features import PeakRss, dataset, write_eventlog
@@ -40,11 +45,14 @@ from features.config import FeaturesConfig
 from features.folder import FeaturesFolder
 from trainers.align import AlignConfig, align, precompute_states
 from trainers.finetune import FinetuneConfig, finetune
-from trainers.models.llm import resolve_llm_path
+from trainers.models.llm import inference_dtype, resolve_llm_path
 
 DEFAULTS = {"users": 2000, "seed": 0, "workdir": "/tmp/lsvcr_bench_train", "workers": "1,2", "align_steps": 20,
             "align_batch": 8, "lora_steps": 2, "lora_batch": 2, "finetune_epochs": 1, "finetune_batch": 256,
-            "max_prompt_tokens": 256}
+            "max_prompt_tokens": 256, "compare_examples": 200}
+# The precompute as it was before the fast path (float32, 16 examples a batch) and as it is by default.
+PRECOMPUTE_PATHS = {"float32": {"llm_dtype": "float32", "inference_batch_size": 16},
+                    "fast": {"llm_dtype": "auto", "inference_batch_size": AlignConfig.inference_batch_size}}
 
 
 def options(overrides: list[str]) -> dict:
@@ -71,6 +79,45 @@ def build_dataset(work: Path, users: int, seed: int) -> Path:
     return features
 
 
+def _states(folders: dict[str, str]) -> dict[str, np.ndarray]:
+    table = pa.concat_tables(pq.read_table(p, columns=["event_id", "llm_state", "llm_tokens"])
+                             for f in folders.values() for p in sorted(Path(f).glob("*.parquet")))
+    table = table.sort_by("event_id")
+    return {"event_id": table["event_id"].to_numpy(zero_copy_only=False),
+            "state": np.stack(table["llm_state"].to_numpy(zero_copy_only=False)).astype(np.float32),
+            "tokens": table["llm_tokens"].to_numpy()}
+
+
+def compare_precompute(features: Path, work: Path, opts: dict) -> dict:
+    """Both precompute paths (PRECOMPUTE_PATHS) on the same sample, in a cache of their own, fresh each."""
+    folder = FeaturesFolder(features)
+    tasks = [t for t in TASKS if folder.count_examples(t, "train") > 0]
+    llm_path = str(resolve_llm_path("default"))
+    figures, states = {}, {}
+    for name, path in PRECOMPUTE_PATHS.items():
+        config = AlignConfig(features=str(features), out="unused", llm_mode="frozen",
+                             max_prompt_tokens=opts["max_prompt_tokens"], max_examples=opts["compare_examples"],
+                             **path)
+        started = time.perf_counter()
+        folders = precompute_states(config, folder, llm_path, tasks, work / f"compare-{name}", fresh=True)
+        seconds = time.perf_counter() - started
+        states[name] = _states(folders)
+        figures[f"precompute_tokens_per_s_{name}"] = round(int(states[name]["tokens"].sum()) / seconds, 1)
+        figures[f"precompute_states_per_s_{name}"] = round(len(states[name]["tokens"]) / seconds, 2)
+    slow, fast = states["float32"], states["fast"]
+    if not np.array_equal(slow["event_id"], fast["event_id"]):
+        raise RuntimeError("the two precompute paths read different examples")
+    cosine = (slow["state"] * fast["state"]).sum(1) / (
+        np.linalg.norm(slow["state"], axis=1) * np.linalg.norm(fast["state"], axis=1))
+    figures["precompute_cosine_min"] = round(float(cosine.min()), 5)
+    figures["precompute_cosine_mean"] = round(float(cosine.mean()), 5)
+    figures["precompute_speedup"] = round(figures["precompute_tokens_per_s_fast"]
+                                          / figures["precompute_tokens_per_s_float32"], 2)
+    figures["precompute_fast_dtype"] = str(inference_dtype("auto")).replace("torch.", "")
+    figures["precompute_examples"] = len(fast["tokens"])
+    return figures
+
+
 def _train_info(folder: Path) -> dict:
     return json.loads((folder / "train.json").read_text())
 
@@ -92,9 +139,8 @@ def measure(features: Path, work: Path, workers: int, opts: dict) -> dict:
     folders = precompute_states(frozen, FeaturesFolder(features), str(resolve_llm_path(frozen.llm)), tasks, cache_dir(),
                                 fresh=True)
     precompute_s = time.perf_counter() - started
-    tokens = sum(int(pq.read_table(folder, columns=["llm_tokens"])["llm_tokens"].to_numpy().sum())
-                 for folder in folders.values())
-    states = sum(pq.read_metadata(p).num_rows for f in folders.values() for p in Path(f).glob("*.parquet"))
+    written = _states(folders)
+    tokens, states = int(written["tokens"].sum()), len(written["tokens"])
     figures[f"align_llm_precompute_s{tag}"] = round(precompute_s, 2)
     figures[f"align_tokens_per_s{tag}"] = round(tokens / precompute_s, 1)
     figures[f"align_llm_states_per_s{tag}"] = round(states / precompute_s, 2)
@@ -130,6 +176,8 @@ def run(overrides: list[str]) -> dict:
     features = build_dataset(work, opts["users"], opts["seed"])
     manifest = json.loads((features / "manifest.json").read_text())
     figures: dict = {"users": opts["users"], "workers": ",".join(map(str, opts["workers"]))}
+    if opts["compare_examples"]:
+        figures.update(compare_precompute(features, work, opts))
     peaks = {}
     for workers in opts["workers"]:
         print(f"train benchmark: {workers} worker(s)", flush=True)
@@ -160,5 +208,11 @@ def run(overrides: list[str]) -> dict:
         f"the 2 cores and 2 workers use both: w2 over w1 is the data-parallel scaling at a fixed per-worker "
         f"batch (all-gather included). The precompute is one Ray Data actor with every core either way, over "
         f"as many examples as the workers then train on. "
-        f"peak_rss_gb sums RSS over this process and its descendants (shared pages counted more than once).")
+        f"peak_rss_gb sums RSS over this process and its descendants (shared pages counted more than once). "
+        + (f"precompute_*: the two precompute paths on the same {figures['precompute_examples']} train examples "
+           f"(a seeded sample of {opts['compare_examples']} per task), one after the other in this run, each "
+           f"fresh and timed from the Ray Data job's start (actor start and LLM load included): float32 in Ray "
+           f"batches of 16 (the path before) against {figures['precompute_fast_dtype']} in batches of "
+           f"{AlignConfig.inference_batch_size} run as length-grouped forwards; precompute_cosine_* compares each "
+           f"example's state between the two." if opts["compare_examples"] else ""))
     return figures
