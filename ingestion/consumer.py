@@ -26,13 +26,14 @@ import time
 from collections import Counter, deque
 from pathlib import Path
 
+import pyarrow as pa
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 
 from ingestion.eventlog import EventLog, IdIndex
 from ingestion.replay import MAX_MESSAGE_BYTES
-from ingestion.schema import TABLES, InvalidRecord, parse
+from ingestion.schema import ARROW_SCHEMA, ID_FIELD, TABLES, Columns, parse_batch
 from ingestion.sequence_store import SequenceStore
 from ingestion.topics import topic_names
 
@@ -160,6 +161,16 @@ class DeadLetterLedger:
             self.state.pop(tp, None)
 
 
+def triage(table: str, values: list[bytes], index: IdIndex) -> tuple[Columns, pa.Table, list[tuple[int, str]]]:
+    """One partition's polled values, as a batch: (the valid records as columns; those new to the log, as an
+    Arrow table; (position, reason) of each bad one). New: its id is neither in the log nor earlier in the
+    session, which `index` remembers."""
+    valid, bad = parse_batch(table, values)
+    keep = index.keep_new(table, valid[ID_FIELD[table]], valid["ts"])
+    rows = pa.Table.from_pydict(valid, schema=ARROW_SCHEMA[table])
+    return valid, rows if all(keep) else rows.filter(keep), bad
+
+
 def read_dead_letter_counts(eventlog: str | Path) -> dict[str, int]:
     """Dead letters per reason, summed over every source partition (what `lsvcr ingest status` shows)."""
     total: Counter = Counter()
@@ -192,7 +203,7 @@ class Ingestor:
         self.store = SequenceStore(config.store_path, max_history=config.max_history)
         self.topics = topic_names(config.topic_prefix)
         self.table_of_topic = {self.topics[t]: t for t in TABLES}
-        self.buffer: dict[str, list[dict]] = {t: [] for t in TABLES}
+        self.buffer: dict[str, list[pa.Table]] = {t: [] for t in TABLES}  # new rows, one table per batch
         self.stats: Counter = Counter()
         self.freshness_ms: deque = deque(maxlen=200_000)
         self.member = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -278,24 +289,20 @@ class Ingestor:
 
     # -- records --------------------------------------------------------------------------------------
 
-    def handle_batch(self, tp, records) -> tuple[list[dict], int]:
-        """Parse one partition's records: buffer new valid ones, dead-letter bad ones. Returns the valid ones."""
+    def handle_batch(self, tp, records) -> tuple[Columns, int]:
+        """Parse one partition's records as a batch: buffer new valid ones, dead-letter bad ones. Returns the
+        valid ones (duplicates included: the sequence store dedups by itself) and the next offset."""
         table = self.table_of_topic[tp.topic]
-        valid = []
-        for record in records:
-            try:
-                clean = parse(table, record.value or b"")
-            except InvalidRecord as err:
-                if self.ledger.is_new(tp.topic, tp.partition, record.offset):
-                    self._dead_letter(record, err.reason)
-                else:
-                    self.stats["dead_letters_redelivered"] += 1
-                continue
-            valid.append(clean)
-            if self.index.add_if_new(table, clean):
-                self.buffer[table].append(clean)
+        valid, new, bad = triage(table, [record.value or b"" for record in records], self.index)
+        for i, reason in bad:
+            record = records[i]
+            if self.ledger.is_new(tp.topic, tp.partition, record.offset):
+                self._dead_letter(record, reason)
             else:
-                self.stats["duplicates"] += 1
+                self.stats["dead_letters_redelivered"] += 1
+        if new.num_rows:
+            self.buffer[table].append(new)
+        self.stats["duplicates"] += len(valid["ts"]) - new.num_rows
         self.stats["consumed"] += len(records)
         return valid, records[-1].offset + 1
 
@@ -320,24 +327,25 @@ class Ingestor:
         for tp, (table, valid, next_offset, records) in polled.items():
             offsets[(tp.topic, tp.partition)] = next_offset
             if table in events:
-                events[table].extend(valid)
+                events[table].append(valid)
                 produced_ms.extend(r.timestamp for r in records)
         self.store.apply(events["video_events"], events["comment_events"], offsets)
         now_ms = time.time() * 1000
         self.freshness_ms.extend(now_ms - t for t in produced_ms)
 
     def pending(self) -> int:
-        return sum(len(v) for v in self.buffer.values())
+        return sum(rows.num_rows for batches in self.buffer.values() for rows in batches)
 
     def flush(self, commit: bool = True) -> None:
         """Make everything consumed so far durable, then commit the offsets that cover it."""
-        for table, records in self.buffer.items():
-            if records:
-                self.log.append(table, records)
-                self.stats[f"stored_{table}"] += len(records)
-                self.stats["stored"] += len(records)
+        for table, batches in self.buffer.items():
+            if batches:
+                rows = pa.concat_tables(batches)
+                self.log.append(table, rows)
+                self.stats[f"stored_{table}"] += rows.num_rows
+                self.stats["stored"] += rows.num_rows
                 if self._metrics:
-                    self._metrics["stored"].inc(len(records), tags={"table": table})
+                    self._metrics["stored"].inc(rows.num_rows, tags={"table": table})
                 self.buffer[table] = []
         self.dead_letters.flush()
         self.ledger.save()

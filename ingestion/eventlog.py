@@ -16,6 +16,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ingestion.schema import ARROW_SCHEMA, ID_FIELD, TABLES
@@ -28,12 +29,11 @@ def date_of(ts_ms: int) -> str:
     return dt.datetime.fromtimestamp(ts_ms // 1000, dt.timezone.utc).strftime("%Y-%m-%d")
 
 
-def group_by_date(records: list[dict]) -> dict[str, list[dict]]:
-    """Split records into their date partitions, keeping their order inside each."""
-    groups: dict[str, list[dict]] = {}
-    for record in records:
-        groups.setdefault(date_of(record["ts"]), []).append(record)
-    return groups
+def group_by_date(rows: pa.Table) -> dict[str, pa.Table]:
+    """Split rows into their date partitions, keeping their order inside each (one integer division per row,
+    one date string per day)."""
+    days = pc.divide(rows["ts"], DAY_MS)  # integer division: ts is validated positive
+    return {date_of(day * DAY_MS): rows.filter(pc.equal(days, day)) for day in pc.unique(days).to_pylist()}
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -80,19 +80,21 @@ class EventLog:
     def counts(self) -> dict[str, int]:
         return {table: self.count(table) for table in TABLES}
 
-    def append(self, table: str, records: list[dict]) -> list[Path]:
-        """Write records as one new part per date partition: temporary file, fsync, rename.
+    def append(self, table: str, rows: pa.Table | list[dict]) -> list[Path]:
+        """Write rows (clean records) as one new part per date partition: temporary file, fsync, rename.
 
         Each part is atomic on its own; a crash between two parts leaves the first one in place, and the
         redelivered records it holds are then recognised by id (see IdIndex).
         """
+        if not isinstance(rows, pa.Table):
+            rows = pa.Table.from_pylist(rows, schema=ARROW_SCHEMA[table])
         written = []
-        for date, group in group_by_date(records).items():
+        for date, group in group_by_date(rows).items():
             folder = self.partition_dir(table, date)
             folder.mkdir(parents=True, exist_ok=True)
             name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
             tmp = folder / f".{name}.tmp"
-            pq.write_table(pa.Table.from_pylist(group, schema=ARROW_SCHEMA[table]), tmp)
+            pq.write_table(group, tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, folder / name)
@@ -140,7 +142,7 @@ class EventLog:
 
 
 class IdIndex:
-    """Which ids the log already holds, loaded per (table, date) partition on first use.
+    """Which ids the log already holds, loaded per (table, day) partition on first use.
 
     A redelivered record carries the same ts as the first delivery, so it can only collide inside its own date
     partition: the index never needs every id of the log, only those of the days being written. Restart cost is
@@ -153,35 +155,38 @@ class IdIndex:
             raise ValueError("max_partitions must be >= 1")
         self.log = log
         self.max_partitions = max_partitions
-        self._sets: OrderedDict[tuple[str, str], set[str]] = OrderedDict()
+        self._sets: OrderedDict[tuple[str, int], set[str]] = OrderedDict()
         self.loads = 0
 
-    def _ids(self, table: str, date: str) -> set[str]:
-        key = (table, date)
+    def _ids(self, table: str, day: int) -> set[str]:
+        key = (table, day)
         if key in self._sets:
             self._sets.move_to_end(key)
             return self._sets[key]
-        ids = self.log.ids(table, date)
+        ids = self.log.ids(table, date_of(day * DAY_MS))
         self.loads += 1
         self._sets[key] = ids
-        while len(self._sets) > self.max_partitions:
-            self._sets.popitem(last=False)
         return ids
 
-    def add_if_new(self, table: str, record: dict) -> bool:
-        """True (and remembered) if the record's id is new to its partition; False for a duplicate."""
-        ids = self._ids(table, date_of(record["ts"]))
-        identity = record[ID_FIELD[table]]
-        if identity in ids:
-            return False
-        ids.add(identity)
-        return True
-
-    def forget(self, table: str, record: dict) -> None:
-        """Undo add_if_new for a record that will not be written (its buffer was dropped)."""
-        key = (table, date_of(record["ts"]))
-        if key in self._sets:
-            self._sets[key].discard(record[ID_FIELD[table]])
+    def keep_new(self, table: str, ids: list[str], ts: list[int]) -> list[bool]:
+        """For each (id, ts) of a batch, in order: True (and remembered) if the id is new to its day, False for a
+        duplicate. Days are evicted beyond max_partitions only after the batch, so none is dropped while in use."""
+        days = [t // DAY_MS for t in ts]
+        known = {day: self._ids(table, day) for day in dict.fromkeys(days)}
+        if len(set(ids)) == len(ids) and all(seen.isdisjoint(ids) for seen in known.values()):
+            # The common case, in set operations: no id repeats in the batch or is known on any of its days.
+            for day, seen in known.items():
+                seen.update(ids if len(known) == 1 else (i for i, d in zip(ids, days) if d == day))
+            keep = [True] * len(ids)
+        else:
+            keep = []
+            for identity, day in zip(ids, days):
+                seen = known[day]
+                keep.append(identity not in seen)
+                seen.add(identity)
+        while len(self._sets) > self.max_partitions:
+            self._sets.popitem(last=False)
+        return keep
 
     def clear(self) -> None:
         """Drop everything: another consumer may have written since (called when partitions are reassigned)."""

@@ -3,12 +3,15 @@ their Arrow types, and the validation of one record.
 
 `parse` turns raw bytes from a file line or a Kafka message into a clean record or raises `InvalidRecord`,
 whose `.reason` is a short stable string (it is what the dead-letter topic and the counters carry).
+`parse_batch` does the same for a whole Kafka poll at once and returns columns (what the event log and the
+sequence store write); it gives exactly what `parse` gives on each record, only faster.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from operator import itemgetter
+from typing import Any, Sequence
 
 import pyarrow as pa
 
@@ -175,17 +178,98 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse(table: str, raw: bytes | bytearray | memoryview | str, max_bytes: int = MAX_RECORD_BYTES) -> dict:
-    """Decode one raw record (a JSON line or a Kafka message value) and validate it."""
-    _check_table(table)
+# One decoder for every record: json.loads with a keyword argument builds a new decoder per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _decode(raw: bytes | bytearray | memoryview | str, max_bytes: int) -> Any:
     data = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
     if len(data) > max_bytes:
         raise InvalidRecord("oversized", f"record has {len(data)} bytes, the limit is {max_bytes}")
     try:
-        record = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        return _DECODER.decode(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise InvalidRecord("malformed_json", f"not UTF-8 JSON: {err}") from None
-    return validate(table, record)
+
+
+def parse(table: str, raw: bytes | bytearray | memoryview | str, max_bytes: int = MAX_RECORD_BYTES) -> dict:
+    """Decode one raw record (a JSON line or a Kafka message value) and validate it."""
+    _check_table(table)
+    return validate(table, _decode(raw, max_bytes))
+
+
+Columns = dict[str, list]  # a batch of clean records: one list per contract field, in contract order
+_NONE = type(None)
+
+
+def _clean_column(table: str, kind: str, values: list) -> list | None:
+    """`values` cleaned as _clean_field cleans each one, or None when any of them breaks the contract."""
+    types = set(map(type, values))  # exact types: bool is not int here, as in _clean_field
+    if kind in ("id", "opt_id"):
+        if not types <= ({str, int, _NONE} if kind == "opt_id" else {str, int}):
+            return None
+        if int in types:
+            values = [str(v) if type(v) is int else v for v in values]
+        present = [v for v in values if v is not None] if _NONE in types else values
+        return values if all(map(str.strip, present)) else None
+    if kind == "str":
+        return values if types <= {str} else None
+    if kind == "tags":
+        if types <= {list} and all(type(tag) is str for tags in values for tag in tags):
+            return [list(tags) for tags in values]
+        return None
+    if kind == "opt_count":
+        counts = [v for v in values if v is not None] if _NONE in types else values
+        return values if types <= {int, _NONE} and min(counts, default=0) >= 0 else None
+    if kind == "ts":
+        return values if types <= {int} and MIN_TS_MS <= min(values) and max(values) < MAX_TS_MS else None
+    if kind == "action":
+        return values if types <= {str} and set(values) <= ACTIONS[table] else None
+    raise AssertionError(f"unknown field kind {kind}")
+
+
+def _validate_columns(table: str, records: list) -> Columns | None:
+    """Validate whole columns at once (C loops over each field); None if any record is bad."""
+    if not records or not set(map(type, records)) <= {dict}:
+        return None
+    columns = {}
+    for name, kind in FIELDS[table]:
+        try:
+            values = [r.get(name) for r in records] if kind.startswith("opt_") else list(map(itemgetter(name), records))
+        except KeyError:
+            return None
+        columns[name] = _clean_column(table, kind, values)
+        if columns[name] is None:
+            return None
+    return columns
+
+
+def parse_batch(table: str, raws: Sequence[bytes],
+                max_bytes: int = MAX_RECORD_BYTES) -> tuple[Columns, list[tuple[int, str]]]:
+    """`parse` over many records: (the valid ones as columns, in order; (index, reason) of each bad one).
+
+    The checks run column by column over the whole batch; when some record fails them, the batch is validated
+    again record by record, which finds the bad ones and their reasons exactly as `parse` would.
+    """
+    _check_table(table)
+    records, where, bad = [], [], []
+    for i, raw in enumerate(raws):
+        try:
+            records.append(_decode(raw, max_bytes))
+            where.append(i)
+        except InvalidRecord as err:
+            bad.append((i, err.reason))
+    columns = _validate_columns(table, records)
+    if columns is None:
+        rows = []
+        for i, record in zip(where, records):
+            try:
+                rows.append(validate(table, record))
+            except InvalidRecord as err:
+                bad.append((i, err.reason))
+        columns = {name: [row[name] for row in rows] for name, _ in FIELDS[table]}
+        bad.sort()
+    return columns, bad
 
 
 def to_json_line(record: dict) -> str:

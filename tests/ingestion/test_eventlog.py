@@ -46,14 +46,16 @@ def test_id_index_rejects_ids_already_in_the_log_and_in_this_session(tmp_path):
     log = EventLog(tmp_path)
     log.append("video_events", [_event(1)])
     index = IdIndex(log, max_partitions=1)
-    assert not index.add_if_new("video_events", _event(1))  # on disk already
-    assert index.add_if_new("video_events", _event(2))
-    assert not index.add_if_new("video_events", _event(2))  # seen in this session
-    # another day evicts the first (max_partitions=1); coming back reloads it from the log, where e2 is not
-    assert index.add_if_new("video_events", _event(9, ts=T0 + 3 * DAY))
+    # e1 is on disk already, the second e2 was seen in this batch
+    assert index.keep_new("video_events", ["e1", "e2", "e2"], [T0 + 1, T0 + 2, T0 + 2]) == [False, True, False]
+    # a batch over two days keeps both in memory while it runs, then evicts the least recently used
+    assert index.keep_new("video_events", ["e2", "e9", "e3"], [T0 + 2, T0 + 3 * DAY, T0 + 3]) == [False, True, True]
     assert index.loads == 2
-    assert index.add_if_new("video_events", _event(2))
+    # day 0 was evicted (max_partitions=1): coming back reloads it from the log, where e2 is not
+    assert index.keep_new("video_events", ["e2"], [T0 + 2]) == [True]
     assert index.loads == 3
+    # the same id on another day is another record (a redelivery keeps its ts, so its day)
+    assert index.keep_new("video_events", ["e7", "e7"], [T0 + 7, T0 + 3 * DAY]) == [True, True]
 
 
 def test_compact_merges_parts_and_drops_duplicate_ids(tmp_path):

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 
 from ingestion import schema
-from ingestion.schema import InvalidRecord, parse, to_json_line, validate
+from ingestion.schema import InvalidRecord, parse, parse_batch, to_json_line, validate
 
 TS = 1_700_000_000_000
 
@@ -169,3 +169,32 @@ def test_to_json_line_is_compact_and_round_trips():
     assert line == ('{"comment_id":"c1","video_id":"v1","author_id":"u2","text":"très bien","parent_id":null,'
                     '"ts":1700000000000}')
     assert parse("comments", line.encode("utf-8")) == record
+
+
+@pytest.mark.parametrize(("table", "data", "reason"), BAD)
+def test_parse_batch_finds_each_bad_record_between_good_ones(table, data, reason):
+    good = json.dumps(GOOD[table]).encode()
+    valid, bad = parse_batch(table, [good, data, good])
+    assert bad == [(1, reason)]
+    assert valid == {name: [GOOD[table][name]] * 2 for name in schema.ARROW_SCHEMA[table].names}
+
+
+def test_parse_batch_of_good_records_equals_parse_of_each():
+    # ints as ids, left-out and null optionals, extra fields, empty tags, several days: all through the column path
+    raws = {
+        "videos": [raw("videos"), raw("videos", video_id=7, tags=[], author_id=12, extra={"a": 1})],
+        "comments": [raw("comments"), raw("comments", parent_id=DROP, comment_id=3), raw("comments", parent_id=9)],
+        "video_events": [raw("video_events"), raw("video_events", watch_ms=DROP, event_id=5, ts=TS + 86_400_000),
+                         raw("video_events", watch_ms=None, action="view", user_id=0)],
+        "comment_events": [raw("comment_events"), raw("comment_events", action="write", client="ios")],
+    }
+    for table, batch in raws.items():
+        valid, bad = parse_batch(table, batch)
+        assert bad == []
+        rows = [parse(table, r) for r in batch]
+        assert valid == {name: [row[name] for row in rows] for name in schema.ARROW_SCHEMA[table].names}
+        assert list(valid) == schema.ARROW_SCHEMA[table].names
+
+
+def test_parse_batch_of_nothing():
+    assert parse_batch("video_events", []) == ({name: [] for name in schema.ARROW_SCHEMA["video_events"].names}, [])

@@ -15,10 +15,16 @@ def _comment(i, user="u1"):
             "ts": T0 + i}
 
 
+def _columns(records):
+    """Records as one batch of columns (what schema.parse_batch returns)."""
+    return [{name: [r[name] for r in records] for name in records[0]}] if records else []
+
+
 def test_histories_are_bounded_newest_kept_oldest_first(tmp_path):
     store = SequenceStore(tmp_path / "s.sqlite", max_history=3)
-    store.apply([_video(i) for i in (5, 1, 4)], [], {("events.video", 0): 3})
-    store.apply([_video(i) for i in (2, 3)] + [_video(9, action="view")], [_comment(7)], {("events.video", 0): 6})
+    store.apply(_columns([_video(i) for i in (5, 1, 4)]), [], {("events.video", 0): 3})
+    store.apply(_columns([_video(i) for i in (2, 3)] + [_video(9, action="view")]), _columns([_comment(7)]),
+                {("events.video", 0): 6})
     h = store.get_histories("u1")
     # 5 positive events 1..5, keep the newest 3 (3, 4, 5) oldest first; the view (9) is not a positive action
     assert h["video_ids"] == ["vid3", "vid4", "vid5"]
@@ -32,8 +38,8 @@ def test_replaying_events_changes_nothing_and_offsets_only_grow(tmp_path):
     path = tmp_path / "s.sqlite"
     store = SequenceStore(path, max_history=2)
     batch = [_video(1), _video(2), _video(3, user="u2")]
-    store.apply(batch, [], {("t", 0): 10})
-    store.apply(batch + [_video(0)], [], {("t", 0): 4})  # a replay from an older offset; v0 is older than both
+    store.apply(_columns(batch), [], {("t", 0): 10})
+    store.apply(_columns(batch + [_video(0)]), [], {("t", 0): 4})  # a replay from an older offset; v0 is older than both
     assert store.get_histories("u1")["video_ids"] == ["vid1", "vid2"]
     assert store.offsets() == {("t", 0): 10}
     store.close()
