@@ -12,7 +12,8 @@ trainer's 10 with early stopping) align_examples=10000 (a seeded random sample o
 get an LLM vector, computed once and shared by the seeds; 0 = all) align_epochs=1 align_batch_size=64 (per worker
 and task) max_prompt_tokens=256 workdir=.run/quality models=all set=default. The split is the features
 default, global_time: one time cut for all users and both tasks. Results keep the DESIGN.md section 10 shape,
-plus "without_age_terms" (NDCG@10 of each time-aware checkpoint with its item-age terms zeroed).
+plus "without_age_terms" (NDCG@10 of each time-aware checkpoint with its item-age terms zeroed), "stage1" (how
+stage 1 ran) and "teacher_probe" (trainers/teacher.py on the valid split, the first lsvcr seed's stage 1).
 
 set=freshness generates the data with configs/generate-freshness.yaml, a freshness-dominated feed where sorting
 by date is a strong ranker, as on real forums (data-fresh-u{users}-s{seed}, work-fresh-..., quality_freshness.json
@@ -32,6 +33,8 @@ from devtools.generator import GeneratorConfig, generate
 from lsvcr.pipeline import PipelineConfig, run_pipeline
 from lsvcr.suite import MODEL_NAMES
 from trainers.evaluate import format_table, without_age_terms
+from trainers.ranking import model_of, verdict
+from trainers.teacher import STUDENT, TEACHER, teacher_probe
 
 # One stage 2 epoch is 14 steps at 2,000 users: far too few (on the freshness set it lost to recency, 0.466 vs
 # 0.605; BENCHMARKS.md), so early stopping decides by default.
@@ -91,10 +94,11 @@ def run(overrides: list[str]) -> dict:
     }
     # How much of each score the item-age terms carry: the same checkpoints with them zeroed.
     figures["without_age_terms"] = without_age_terms(out["features"], out["checkpoints"])
+    figures["teacher_probe"] = probe_teacher(out["features"], out["checkpoints"])
     figures["notes"] = ("Test split (global_time). Video: the target among the sampled candidates of the protocol named in "
                         "the table; comment: among the other comments under the same video that existed then.\n\n"
                         "```\n" + format_table(metrics) + "\n" + age_terms_table(metrics, figures["without_age_terms"])
-                        + "```")
+                        + teacher_table(figures["teacher_probe"]) + "```")
     (root / f"quality{suffix}.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
 
@@ -112,6 +116,27 @@ def stage1_record(opts: dict, manifest: dict, checkpoints: dict) -> dict:
         if info.is_file():  # the aligned models' stage 1 steps, per run
             record.setdefault("steps", {})[name] = json.loads(info.read_text()).get("step")
     return record
+
+
+def probe_teacher(features: str, checkpoints: dict) -> dict | None:
+    """The teacher probe (trainers/teacher.py) on the valid split for the first lsvcr run's stage 1."""
+    runs = sorted(name for name in checkpoints if model_of(name) == "lsvcr")
+    if not runs:
+        return None
+    return {"run": runs[0], **teacher_probe(features, f"{checkpoints[runs[0]]}_aligned", split="valid")}
+
+
+def teacher_table(probe: dict | None) -> str:
+    if not probe:
+        return ""
+    lines = [f"\nteacher probe ({probe['split']} split, stage 1 of {probe['run']}): NDCG@10 of the LLM's own "
+             "preference vector vs the stage 1 SR head, same candidates and item vectors"]
+    for task in ("video", "comment"):
+        diff = probe["paired"][task][TEACHER][STUDENT]
+        lines.append(f"{task:8s} teacher {probe[task][TEACHER]['ndcg@10']:.4f}  sr_stage1 "
+                     f"{probe[task][STUDENT]['ndcg@10']:.4f}  diff {diff['diff']:+.4f} "
+                     f"[{diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}] {verdict(diff)}")
+    return "\n".join(lines) + "\n"
 
 
 def age_terms_table(metrics: dict, zeroed: dict) -> str:
