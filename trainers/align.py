@@ -56,6 +56,7 @@ from core.runtime import init_ray
 from features.folder import FeaturesFolder
 from trainers.checkpoint import CONFIG, TRAIN, WEIGHTS, load_state, read_weights, save_checkpoint, write_tensors
 from trainers.data import collate, item_time_tensors, text_tensors
+from trainers.item_alignment import item_contrast, llm_item_tables, load_item_tables
 from trainers.loop import (
     OPTIMIZER,
     STATE,
@@ -85,7 +86,7 @@ LLM_MODES = ("auto", "lora", "frozen", "none")
 STATE_COLUMN = "llm_state"
 LLM_DIR, TRAINABLE = "llm", "trainable.safetensors"  # everything trained on the LLM side, for resuming
 STATE_MEANS = "state_means.safetensors"  # frozen mode: each task's mean LLM state, subtracted before the adapter
-LOSS_NAMES = ("total", "lm", "rec_video", "rec_comment", "seq_sup", "vc")
+LOSS_NAMES = ("total", "lm", "rec_video", "rec_comment", "seq_sup", "vc", "item")
 
 
 @dataclass
@@ -104,6 +105,9 @@ class AlignConfig:
     rec_weight: float = 1.0
     contrast_weight: float = 0.5
     vc_contrast: bool = True  # False = the lsvcr_no_vc_contrast ablation
+    # The item-level contrast of trainers/item_alignment.py (the minilm_aligned item encoder): the SR's text
+    # adapters against the LLM's item vectors, weighted like the other contrasts.
+    item_contrast: bool = False
     # Item-age and history-gap embeddings and the freshness score (SRConfig.time_features and freshness)
     time_features: bool = True
     max_prompt_tokens: int = 384
@@ -167,13 +171,15 @@ def user_keys(user_ids) -> torch.Tensor:
 
 
 def stage1_losses(sr: SRModel, llm, batches: dict[str, dict | None], config: AlignConfig, texts: ItemTexts,
-                  device: torch.device) -> dict[str, torch.Tensor]:
+                  device: torch.device, item_tables: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Losses of one step. batches maps task -> example rows (numpy batch; frozen mode: with the
     llm_state column, already centred per task) or None. `llm` is an LLMRecommender (lora), the preference
-    adapter nn.Linear (frozen) or None (llm_mode none: the rec losses alone). Every worker calls the same
-    collectives whatever its batches hold (empty tensors stand in)."""
+    adapter nn.Linear (frozen) or None (llm_mode none: the rec losses alone). item_tables (kind -> the LLM's
+    item vectors, trainers/item_alignment.py) adds the item contrast. Every worker calls the same collectives
+    whatever its batches hold (empty tensors stand in)."""
     h, temperature = config.size.hidden, config.size.temperature
     users, heads, is_video, keys, losses = [], {"video_head": [], "comment_head": []}, [], [], {}
+    targets = {task: torch.zeros(0, dtype=torch.long, device=device) for task in TASKS}
     prompts, responses, states, prefs = [], [], [], []
     for task in TASKS:
         rows = batches.get(task)
@@ -187,6 +193,7 @@ def stage1_losses(sr: SRModel, llm, batches: dict[str, dict | None], config: Ali
         user = out[f"{task}_head"]
         items = item_vectors(sr, task, batch["target"], batch.get("ts"))
         losses[f"rec_{task}"] = info_nce(user, items, temperature, batch["target"])
+        targets[task] = batch["target"]
         users.append(user)
         for name in heads:
             heads[name].append(out[name])
@@ -200,6 +207,10 @@ def stage1_losses(sr: SRModel, llm, batches: dict[str, dict | None], config: Ali
             responses += r
     if llm is None:
         return losses
+    if item_tables is not None:
+        adapter = llm if config.mode == "frozen" else llm.adapter
+        losses["item"] = sum(item_contrast(sr, adapter, task, targets[task], item_tables[task], temperature)
+                             for task in TASKS) / len(TASKS)
     if config.mode == "frozen" and states:
         prefs = [llm(torch.cat(states).to(device))]
     elif prompts:
@@ -228,7 +239,7 @@ def stage1_losses(sr: SRModel, llm, batches: dict[str, dict | None], config: Ali
 def total_loss(losses: dict[str, torch.Tensor], config: AlignConfig) -> torch.Tensor:
     """LM + rec_weight x rec + contrast_weight x contrast (the terms that are there)."""
     rec = losses["rec_video"] + losses["rec_comment"]
-    contrast = losses.get("seq_sup", 0.0) + losses.get("vc", 0.0)
+    contrast = losses.get("seq_sup", 0.0) + losses.get("vc", 0.0) + losses.get("item", 0.0)
     return losses.get("lm", 0.0) + config.rec_weight * rec + config.contrast_weight * contrast
 
 
@@ -452,12 +463,17 @@ class AlignRecipe(Recipe):
             # A global shuffle: the files are grouped by user, and a batch of one user's examples would make
             # near-identical histories each other's negatives.
             datasets[task] = dataset.random_shuffle(seed=config.seed)
-        return config, datasets, {"folder": folder, "llm_path": llm_path, "llm_hidden": llm_hidden, "means": means}
+        item_tables = None
+        if config.item_contrast and config.mode != "none":
+            item_tables = llm_item_tables(folder, llm_path, cache_dir())
+        return config, datasets, {"folder": folder, "llm_path": llm_path, "llm_hidden": llm_hidden, "means": means,
+                                  "item_tables": item_tables}
 
     def __init__(self, config: AlignConfig, folder: FeaturesFolder, tasks: list[str], llm_path: str | None,
-                 llm_hidden: int, means: dict[str, np.ndarray]):
+                 llm_hidden: int, means: dict[str, np.ndarray], item_tables: dict[str, str] | None):
         super().__init__(config, folder, tasks)
         self.llm_path, self.llm_hidden, self.means = llm_path, llm_hidden, means
+        self.item_table_paths = item_tables
 
     def setup(self) -> None:
         c = self.config
@@ -468,6 +484,7 @@ class AlignRecipe(Recipe):
         self.sr.to(self.device)
         self.llm = _build_llm_side(c, self.llm_path, self.llm_hidden, self.device)
         self.texts = ItemTexts.from_folder(self.folder) if c.mode == "lora" else None
+        self.item_tables = load_item_tables(self.item_table_paths) if self.item_table_paths else None
         self.init_optimizer(*(m for m in (self.sr, self.llm) if m is not None))
         state = self.resume()
         self.step, self.epoch = state["step"], state["epoch"]
@@ -514,7 +531,7 @@ class AlignRecipe(Recipe):
         epoch_start = time.monotonic()
         for video_rows, comment_rows in self.batches(epoch):
             losses = stage1_losses(self.sr, self.llm, {"video": video_rows, "comment": comment_rows}, c, self.texts,
-                                   self.device)
+                                   self.device, self.item_tables)
             tokens = losses.pop("tokens", torch.zeros(()))
             loss = total_loss(losses, c)
             self.optimizer_step(loss)

@@ -149,3 +149,37 @@ def test_fast_precompute_matches_float32(tmp_path):
     cosine = (got[torch.float32] * got[torch.bfloat16]).sum(1) / (
         np.linalg.norm(got[torch.float32], axis=1) * np.linalg.norm(got[torch.bfloat16], axis=1))
     assert cosine.min() >= 0.99, cosine
+
+
+def test_item_contrast_aligns_the_text_adapters_with_the_llm_item_vectors(fake_features, tmp_path):
+    """item_tables add the item contrast: it reaches both SR text adapters and the LLM-side adapter, and it
+    is low when the adapted SR item vectors already are the LLM's."""
+    config = AlignConfig(features=str(fake_features), out=str(tmp_path), llm_mode="frozen", size=SIZE,
+                         item_contrast=True)
+    folder = FeaturesFolder(fake_features)
+    sr = SRModel(sr_config(config, 32))
+    sr.set_text_tables(*text_tensors(folder))
+    sr.set_item_times(*item_time_tensors(folder))
+    adapter = torch.nn.Linear(24, 16)
+    video_text, comment_text = text_tensors(folder)
+    rng = np.random.default_rng(0)
+    tables = {"video": torch.from_numpy(rng.normal(size=(len(video_text), 24)).astype(np.float32)),
+              "comment": torch.from_numpy(rng.normal(size=(len(comment_text), 24)).astype(np.float32))}
+    batches = {task: first_rows(fake_features, task) for task in TASKS}
+    for rows in batches.values():
+        rows["llm_state"] = rng.normal(size=(len(rows["target"]), 24)).astype(np.float32)
+    losses = stage1_losses(sr, adapter, batches, config, None, torch.device("cpu"), tables)
+    losses["item"].backward()
+    for name in ("video_adapter.weight", "comment_adapter.weight"):
+        assert dict(sr.named_parameters())[name].grad.abs().sum() > 0, name
+    assert adapter.weight.grad.abs().sum() > 0
+    # LLM item vectors that are the SR's own (through an identity adapter): the contrast is near its floor.
+    identity = torch.nn.Linear(16, 16)
+    with torch.no_grad():
+        identity.weight.copy_(torch.eye(16))
+        identity.bias.zero_()
+        own = {"video": sr.timeless_item_vectors("video", torch.arange(len(video_text))),
+               "comment": sr.timeless_item_vectors("comment", torch.arange(len(comment_text)))}
+        matched = stage1_losses(sr, identity, {t: {**r, "llm_state": np.zeros((len(r["target"]), 16), np.float32)}
+                                               for t, r in batches.items()}, config, None, torch.device("cpu"), own)
+    assert matched["item"].item() < losses["item"].item()
