@@ -8,12 +8,18 @@ Steps, all in one run:
    in pandas, no Ray) on the same tables, timed, its rows written to WORKDIR/baseline/ and freed before Ray starts;
 4. the Ray Data build (build_features) with the hash encoder, its embedding cache off, so that build_s is the
    sequence build plus a cheap embedding pass; its rows are compared with the baseline's, one split at a time;
-5. MiniLM throughput on a sample of real catalog texts (Ray Data actor pool, cache off).
+5. MiniLM throughput on a sample of real catalog texts (Ray Data actor pool, cache off);
+6. the embedding comparison (`embed_comparison`, run first, before Ray starts): today's default MiniLM against
+   the path before length-aware batching and bfloat16, on the generator's short texts and on a long-tailed set.
+
+`part=embed` runs step 6 alone, in this process and without Ray (the encoder object the Ray actor holds, on all
+cores), and merges its keys into the existing results file, keeping the build's keys.
 
 Peak memory is the largest sum of RSS over this process and all its descendants (the Ray head, raylet and
 workers), sampled every 0.5 s (shared object-store pages can be counted more than once: an upper bound).
 
-Overrides: users=100000 seed=0 workdir=/tmp/lsvcr_bench embed_sample=20000.
+Overrides: users=100000 seed=0 workdir=/tmp/lsvcr_bench embed_sample=20000 part=all|embed embed_texts=2000
+embed_rounds=2.
 """
 
 from __future__ import annotations
@@ -30,14 +36,15 @@ import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from benchmarks.harness import parse_overrides
+from benchmarks.harness import ROOT, parse_overrides
 from benchmarks.pandas_features import build_pandas
 from core.contract import SPLITS, TASKS
 from core.runtime import init_ray
-from devtools.generator import GeneratorConfig, generate
+from devtools.generator import STYLES, TOPICS, GeneratorConfig, comment_text, generate, video_tags, video_title
 from features.build import build_features
+from features.catalog import video_text
 from features.config import FeaturesConfig
-from features.embeddings import embed_texts
+from features.embeddings import EmbedBatch, embed_texts
 from features.stage_b import global_cuts
 from ingestion.eventlog import EventLog
 from ingestion.schema import ARROW_SCHEMA, TABLES
@@ -45,7 +52,11 @@ from ingestion.schema import ARROW_SCHEMA, TABLES
 ROWS_PER_PART = 250_000
 
 
-DEFAULTS = {"users": 100_000, "seed": 0, "workdir": "/tmp/lsvcr_bench", "embed_sample": 20_000}
+DEFAULTS = {"users": 100_000, "seed": 0, "workdir": "/tmp/lsvcr_bench", "embed_sample": 20_000, "part": "all",
+            "embed_texts": 2000, "embed_rounds": 2}
+PARTS = ("all", "embed")
+# Where the text of the notes about the embedding comparison starts (part=embed replaces it, keeps the rest).
+EMBED_NOTES = "Embedding comparison:"
 
 
 class PeakRss:
@@ -156,8 +167,126 @@ def embed_throughput(texts: list[str], folder: Path) -> float:
     return len(texts) / (time.perf_counter() - started)
 
 
+def short_texts(n: int, seed: int) -> list[str]:
+    """n distinct texts as the generator writes them: one in 16 a video's title and tags (its catalog has 15
+    background comments per video), the others comments."""
+    rng = np.random.default_rng(seed)
+    texts: dict[str, None] = {}  # insertion-ordered set
+    while len(texts) < n:
+        topic = TOPICS[rng.integers(len(TOPICS))]
+        if rng.random() < 1 / 16:
+            texts[video_text(video_title(topic, rng)[0], video_tags(topic, rng))] = None
+        else:
+            texts[comment_text(topic, int(rng.integers(len(STYLES))), rng)[0]] = None
+    return list(texts)
+
+
+def long_tailed_texts(n: int, seed: int) -> list[str]:
+    """n texts with the length spread of real comments, from the generator's words: word counts log-normal with
+    median 30 and 5% over 150 (sigma = ln 5 / 1.645); each text is a run of one topic's and style's generated
+    comments cut to its count."""
+    rng = np.random.default_rng(seed)
+    counts = np.maximum(1, np.rint(rng.lognormal(np.log(30), np.log(5) / 1.645, size=n))).astype(int)
+    texts = []
+    for count in counts:
+        topic, style = TOPICS[rng.integers(len(TOPICS))], int(rng.integers(len(STYLES)))
+        words: list[str] = []
+        while len(words) < count:
+            words += comment_text(topic, style, rng)[0].split()
+        texts.append(" ".join(words[:count]))
+    return texts
+
+
+def ray_batches(texts: list[str], batch_size: int) -> list[np.ndarray]:
+    """Row indices of the batches the encoder actor gets from _embed_with_ray: sorted by characters, then cut."""
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+
+
+def embed_comparison(n: int, rounds: int, seed: int) -> dict:
+    """texts/s and tokens/s of the default MiniLM actor against the path before issue 19, in this process."""
+    batch_size = FeaturesConfig.embed_batch_size  # the default Ray batch
+    fast = EmbedBatch("minilm")  # the actor _embed_with_ray starts, with all cores
+    float32 = EmbedBatch("minilm-float32")
+
+    def before(texts: list[str]) -> np.ndarray:
+        # MiniLMEncoder.encode before length-aware batching: one float32 forward over the whole Ray batch.
+        return float32.encoder.model.encode(texts, batch_size=len(texts), convert_to_numpy=True,
+                                            normalize_embeddings=True, show_progress_bar=False)
+
+    paths = {"_before": before, "_float32": lambda texts: float32.encoder.encode(texts),
+             "": lambda texts: fast({"idx": np.arange(len(texts)), "text": np.asarray(texts)})["emb"]}
+    sets = {"short": short_texts(n, seed), "long": long_tailed_texts(n, seed)}
+    figures, cosines, loads = {}, [], []
+    for set_name, texts in sets.items():
+        batches = ray_batches(texts, batch_size)
+        tokens = int(fast.encoder.model.preprocess(texts)["attention_mask"].sum())  # real tokens, <= 256 a text
+        for encode in paths.values():
+            encode(texts[:32])  # warm-up: first calls load kernels
+        seconds, vectors = dict.fromkeys(paths, float("inf")), {}
+        for _ in range(rounds):
+            for path, encode in paths.items():
+                loads.append(os.getloadavg()[0])
+                out = np.zeros((len(texts), 384), np.float32)
+                started = time.perf_counter()
+                for rows in batches:
+                    out[rows] = encode([texts[i] for i in rows])
+                seconds[path] = min(seconds[path], time.perf_counter() - started)
+                vectors[path] = out
+            print(f"features benchmark: embed {set_name}: "
+                  + ", ".join(f"{p or '_default'} {len(texts) / s:.1f} texts/s" for p, s in seconds.items()), flush=True)
+        for path, s in seconds.items():
+            figures[f"embed_texts_per_s_{set_name}{path}"] = round(len(texts) / s, 1)
+            figures[f"embed_tokens_per_s_{set_name}{path}"] = round(tokens / s, 1)
+        figures[f"embed_ratio_{set_name}"] = round(seconds["_before"] / seconds[""], 3)
+        figures[f"embed_tokens_mean_{set_name}"] = round(tokens / len(texts), 1)
+        cosines.append(float((vectors[""] * vectors["_before"]).sum(1).min()))
+    words = np.array([len(t.split()) for t in sets["long"]])
+    return {
+        **figures,
+        "embed_cosine_min": round(min(cosines), 5),
+        "embed_compare_texts": n,
+        "embed_long_words_median": float(np.median(words)),
+        "embed_long_share_over_150_words": round(float((words > 150).mean()), 4),
+        "embed_load_avg_1m": round(max(loads), 2),
+        "notes": (
+            f"{EMBED_NOTES} in this process without Ray, on all cores, in the batches the Ray actor gets "
+            f"(texts sorted by characters, {batch_size} a batch, as _embed_with_ray sends them), best of {rounds} "
+            f"rounds over {n} texts a set. embed_texts_per_s_SET_before: the path before issue 19 (float32 "
+            "SentenceTransformer.encode of each whole batch, every text padded to the batch's longest); "
+            "..._float32: length-aware batching in float32 (encoder minilm-float32); no suffix: the default "
+            "encoder minilm (length-aware batching, bfloat16), embed_ratio_SET = default / before. short: distinct "
+            "generator texts (one in 16 a video title with tags, the rest comments); long: generated comment words "
+            f"in log-normal lengths (median {np.median(words):.0f} words, {(words > 150).mean():.1%} over 150; "
+            "MiniLM reads at most 256 tokens). Tokens/s count real tokens, padding excluded. embed_cosine_min: the "
+            "smallest cosine between a default vector and the before path's float32 vector, both sets. "
+            "embed_load_avg_1m: the largest 1-minute load average seen during the comparison (a shared machine)."
+        ),
+    }
+
+
+def previous_build() -> dict:
+    """The other keys of the existing results file, for part=embed to keep, with the run that made them."""
+    path = ROOT / "benchmarks" / "results" / "features.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    # The harness stamps this run's command, commit and time on the file; the build's own go to build_run.
+    if "build_run" not in previous and "command" in previous:
+        previous["build_run"] = f"{previous['command']} at {previous['git_commit']} on {previous['when']}"
+    for key in ("command", "machine", "git_commit", "when"):
+        previous.pop(key, None)
+    previous["notes"] = previous.get("notes", "").split(EMBED_NOTES)[0].strip()
+    return previous
+
+
 def run(overrides: list[str]) -> dict:
     opts = parse_overrides("features", DEFAULTS, overrides)
+    if opts["part"] not in PARTS:
+        raise SystemExit(f"features benchmark: part={opts['part']!r}; known: {', '.join(PARTS)}")
+    # First, before any Ray process runs beside it.
+    embed = embed_comparison(opts["embed_texts"], opts["embed_rounds"], opts["seed"])
+    if opts["part"] == "embed":
+        previous = previous_build()
+        return {**previous, **embed, "notes": f"{previous['notes']} {embed['notes']}".strip()}
     work = Path(opts["workdir"])
     data = work / f"gen-{opts['users']}-{opts['seed']}"
     counts = dataset(data, opts["users"], opts["seed"])
@@ -222,6 +351,7 @@ def run(overrides: list[str]) -> dict:
         "baseline_cpu_s": base_rss.cpu_s,
         "same_rows_as_baseline": not differ,
         "differing_tables": ",".join(differ),
+        **embed,
         "notes": (
             f"One run on the generator's {opts['users']}-user log ({n_events} video and comment events), written "
             "as a date-partitioned Parquet event log without Kafka. build_s is the whole Ray Data build (catalogs, "
@@ -245,6 +375,6 @@ def run(overrides: list[str]) -> dict:
             "negatives) and writes the examples. P = max(cluster CPUs, rows / 250k), so with more nodes the "
             "partitions spread over their CPUs and each task's memory stays bounded by its partition; OUT must "
             "be on storage every node sees (as the written examples already are). The driver holds only the "
-            "catalogs and per-task counts. The encoder pool grows with embed_concurrency."
+            "catalogs and per-task counts. The encoder pool grows with embed_concurrency. " + embed["notes"]
         ),
     }

@@ -1,7 +1,16 @@
 import numpy as np
 import pytest
 
-from features.embeddings import HashEncoder, MiniLMEncoder, encoder_dim, make_encoder, minilm_path
+from features.embeddings import (
+    HashEncoder,
+    MiniLMEncoder,
+    MiniLMFloat32Encoder,
+    encoder_dim,
+    encoder_key,
+    length_batches,
+    make_encoder,
+    minilm_path,
+)
 
 
 def test_hash_encoder_is_deterministic_and_normalised():
@@ -28,6 +37,92 @@ def test_minilm_loads_offline_from_the_package_and_ranks_similar_texts_closer():
     assert emb.shape == (3, 384) and emb.dtype == np.float32
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
+
+
+def test_length_batches_group_similar_lengths_within_the_token_budget():
+    lengths = np.array([3, 10, 2, 10, 7, 1])
+    batches = length_batches(lengths, max_tokens=20)
+    assert [b.tolist() for b in batches] == [[1, 3], [4, 0], [2, 5]]  # longest first; 2 x 10, 2 x 7, 2 x 2 tokens
+    assert length_batches(np.array([50, 4]), max_tokens=20)[0].tolist() == [0]  # a row over the budget runs alone
+
+
+class FakeSentenceTransformer:
+    """Stands in for the packaged model: a text's vector is a function of its own tokens only (padding masked),
+    and every forward's padded shape is recorded."""
+
+    shapes: list[tuple[int, int]] = []
+
+    def __init__(self, path, device="cpu", local_files_only=True):
+        FakeSentenceTransformer.shapes = []
+
+    def eval(self):
+        return self
+
+    def to(self, dtype):
+        return self
+
+    def get_embedding_dimension(self):
+        return 384
+
+    def preprocess(self, texts):
+        import torch
+
+        ids = [[101, *(len(w) for w in t.split()), 102] for t in texts]  # a token per word, its length as id
+        width = max(map(len, ids))
+        return {"input_ids": torch.tensor([i + [0] * (width - len(i)) for i in ids]),
+                "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids]),
+                "modality": "text"}
+
+    def __call__(self, batch):
+        import torch
+
+        FakeSentenceTransformer.shapes.append(tuple(batch["input_ids"].shape))
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        emb = torch.zeros(len(ids), 384)
+        emb[:, 0] = mask.sum(1).float()  # token count
+        emb[:, 1] = (ids * mask).sum(1).float()  # sum of ids
+        emb[:, 2] = 1.0
+        return {"sentence_embedding": emb}
+
+
+def test_minilm_encode_pads_per_length_batch_and_keeps_the_callers_order(monkeypatch):
+    import sentence_transformers
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", FakeSentenceTransformer)
+    enc = MiniLMEncoder(threads=1, max_tokens=12)
+    texts = ["a bb", "one two three four five six seven eight nine ten", "", "ccc", "x y z w"]
+    got = enc.encode(texts)
+    # Tokens 4, 12, 2, 3, 6: the 12 alone, then (6, 4) padded to 6 and (3, 2) padded to 3.
+    assert FakeSentenceTransformer.shapes == [(1, 12), (2, 6), (2, 3)]
+    ids = [[101, *(len(w) for w in t.split()), 102] for t in texts]
+    expected = np.zeros((5, 384), np.float32)
+    expected[:, :3] = [[len(i), sum(i), 1.0] for i in ids]
+    assert np.allclose(got, expected / np.linalg.norm(expected, axis=1, keepdims=True))
+    assert np.array_equal(got, np.concatenate([enc.encode([t]) for t in texts]))
+    assert enc.encode([]).shape == (0, 384)
+
+
+def test_bfloat16_minilm_stays_within_cosine_099_of_float32():
+    from benchmarks.features import long_tailed_texts, short_texts
+
+    texts = short_texts(48, seed=1) + long_tailed_texts(48, seed=1)  # up to MiniLM's 256 tokens
+    fast, exact = MiniLMEncoder(threads=2), MiniLMFloat32Encoder(threads=2)
+    got, expected = fast.encode(texts), exact.encode(texts)
+    assert got.shape == (96, 384) and got.dtype == np.float32
+    assert (got * expected).sum(1).min() >= 0.99
+    # The float32 path with length batches gives what one float32 forward over the whole batch gave.
+    whole = exact.model.encode(texts, batch_size=len(texts), convert_to_numpy=True, normalize_embeddings=True)
+    assert (expected * whole).sum(1).min() >= 0.9999
+
+
+def test_float32_and_bfloat16_minilm_never_share_an_embedding_cache():
+    import hashlib
+
+    assert encoder_key("minilm") != encoder_key("minilm-float32")
+    # "minilm" was float32 before its default became bfloat16: its cache folder changed with it.
+    before = "minilm-384-" + hashlib.blake2b(b"minilm\x1f384", digest_size=6).hexdigest()
+    assert encoder_key("minilm") != before
+    assert encoder_key("hash", 8) == "hash-8-" + hashlib.blake2b(b"hash\x1f8", digest_size=6).hexdigest()
 
 
 def test_hf_encoder_mean_pooling_matches_the_packaged_minilm():
