@@ -270,8 +270,9 @@ def previous_build() -> dict:
     path = ROOT / "benchmarks" / "results" / "features.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     # The harness stamps this run's command, commit and time on the file; the build's own go to build_run.
-    if "build_run" not in previous and "command" in previous:
-        previous["build_run"] = f"{previous['command']} at {previous['git_commit']} on {previous['when']}"
+    if "build_run" not in previous and "git_commit" in previous:
+        command = previous.get("command", "lsvcr benchmark features")  # files from before commands were recorded
+        previous["build_run"] = f"{command} at {previous['git_commit']} on {previous['when']}"
     for key in ("command", "machine", "git_commit", "when"):
         previous.pop(key, None)
     previous["notes"] = previous.get("notes", "").split(EMBED_NOTES)[0].strip()
