@@ -18,7 +18,7 @@ cores), and merges its keys into the existing results file, keeping the build's 
 Peak memory is the largest sum of RSS over this process and all its descendants (the Ray head, raylet and
 workers), sampled every 0.5 s (shared object-store pages can be counted more than once: an upper bound).
 
-Overrides: users=100000 seed=0 workdir=/tmp/lsvcr_bench embed_sample=20000 part=all|embed embed_texts=2000
+Overrides: users=100000 seed=0 workdir=/tmp/lsvcr_bench embed_sample=20000 part=all|embed embed_texts=4000
 embed_rounds=2.
 """
 
@@ -53,7 +53,7 @@ ROWS_PER_PART = 250_000
 
 
 DEFAULTS = {"users": 100_000, "seed": 0, "workdir": "/tmp/lsvcr_bench", "embed_sample": 20_000, "part": "all",
-            "embed_texts": 2000, "embed_rounds": 2}
+            "embed_texts": 4000, "embed_rounds": 2}
 PARTS = ("all", "embed")
 # Where the text of the notes about the embedding comparison starts (part=embed replaces it, keeps the rest).
 EMBED_NOTES = "Embedding comparison:"
