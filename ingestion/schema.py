@@ -72,7 +72,9 @@ ARROW_SCHEMA = {
 
 # Field kinds, in contract order (the order of ARROW_SCHEMA):
 #   id: non-empty str (an int becomes its decimal string); str: any str; tags: list of str;
-#   opt_id: id or null; opt_count: int >= 0 or null; ts: int ms in range; action: one of the table's actions.
+#   opt_id: id or null; opt_count: int in [0, 2**63) or null; ts: int ms in range; action: one of the table's
+#   actions. Every str (ids, texts, tags) must be encodable as UTF-8: JSON's "\ud800" escape decodes to a lone
+#   surrogate, which Arrow, Parquet and SQLite cannot store.
 # Nullable fields may be left out and then mean null; every other field is required.
 FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "videos": (("video_id", "id"), ("title", "str"), ("tags", "tags"), ("author_id", "id"), ("ts", "ts")),
@@ -93,6 +95,7 @@ FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
 MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 MAX_TS_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z (exclusive); catches seconds or microseconds sent as ms
 MAX_RECORD_BYTES = 65_536
+MAX_INT64 = 2**63 - 1  # the Arrow type of every integer field; JSON integers have no bound
 
 
 class InvalidRecord(ValueError):
@@ -108,6 +111,23 @@ def _check_table(table: str) -> None:
         raise ValueError(f"unknown table {table!r}; expected one of {TABLES}")
 
 
+def _is_utf8(text: str) -> bool:
+    """Whether `text` can be stored (as UTF-8): false when it holds a surrogate code point."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _as_text(name: str, value: str) -> str:
+    if not _is_utf8(value):
+        raise InvalidRecord(f"bad_text:{name}", f"{name} holds a lone surrogate (not encodable as UTF-8)")
+    return value
+
+
 def _as_id(name: str, value: Any) -> str:
     # bool is an int subclass; True as an id is a producer bug, not the id "1".
     if isinstance(value, bool) or not isinstance(value, (str, int)):
@@ -115,7 +135,7 @@ def _as_id(name: str, value: Any) -> str:
     text = value if isinstance(value, str) else str(value)
     if not text.strip():
         raise InvalidRecord("empty_id", f"{name} is empty")
-    return text
+    return _as_text(name, text)
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -132,10 +152,12 @@ def _clean_field(table: str, name: str, kind: str, value: Any) -> Any:
     if kind == "str":
         if not isinstance(value, str):
             raise InvalidRecord(f"wrong_type:{name}", f"{name} must be a string, got {type(value).__name__}")
-        return value
+        return _as_text(name, value)
     if kind == "tags":
         if not isinstance(value, list) or not all(isinstance(tag, str) for tag in value):
             raise InvalidRecord(f"wrong_type:{name}", f"{name} must be a list of strings")
+        for tag in value:
+            _as_text(name, tag)
         return list(value)
     if kind == "opt_count":
         if value is None:
@@ -143,6 +165,8 @@ def _clean_field(table: str, name: str, kind: str, value: Any) -> Any:
         count = _as_int(name, value)
         if count < 0:
             raise InvalidRecord(f"negative:{name}", f"{name} must be >= 0, got {count}")
+        if count > MAX_INT64:
+            raise InvalidRecord(f"too_large:{name}", f"{name} must be < 2**63 (a 64-bit integer), got {count}")
         return count
     if kind == "ts":
         ts = _as_int(name, value)
@@ -211,16 +235,18 @@ def _clean_column(table: str, kind: str, values: list) -> list | None:
         if int in types:
             values = [str(v) if type(v) is int else v for v in values]
         present = [v for v in values if v is not None] if _NONE in types else values
-        return values if all(map(str.strip, present)) else None
+        return values if all(map(str.strip, present)) and _is_utf8("".join(present)) else None
     if kind == "str":
-        return values if types <= {str} else None
+        return values if types <= {str} and _is_utf8("".join(values)) else None
     if kind == "tags":
-        if types <= {list} and all(type(tag) is str for tags in values for tag in tags):
+        if types <= {list} and all(type(tag) is str for tags in values for tag in tags) and \
+                _is_utf8("".join(tag for tags in values for tag in tags)):
             return [list(tags) for tags in values]
         return None
     if kind == "opt_count":
         counts = [v for v in values if v is not None] if _NONE in types else values
-        return values if types <= {int, _NONE} and min(counts, default=0) >= 0 else None
+        ok = types <= {int, _NONE} and (not counts or (min(counts) >= 0 and max(counts) <= MAX_INT64))
+        return values if ok else None
     if kind == "ts":
         return values if types <= {int} and MIN_TS_MS <= min(values) and max(values) < MAX_TS_MS else None
     if kind == "action":

@@ -198,6 +198,8 @@ def test_bad_input_corpus_is_dead_lettered_with_reasons_and_counters(tmp_path, k
         ("video_events", dumps({**ok, "ts": 1_700_000_000}), "bad_timestamp"),  # seconds, not ms
         ("video_events", dumps({**ok, "ts": 1_700_000_000_000_000}), "bad_timestamp"),  # microseconds
         ("video_events", dumps({**ok, "watch_ms": -1}), "negative:watch_ms"),
+        ("video_events", dumps({**ok, "watch_ms": 2**63}), "too_large:watch_ms"),  # no int64: Arrow would throw
+        ("video_events", dumps({**ok, "user_id": "u\ud800"}), "bad_text:user_id"),  # lone surrogate: no UTF-8
         ("video_events", dumps({**ok, "event_id": "   "}), "empty_id"),
         ("video_events", dumps({**ok, "pad": "x" * 70_000}), "oversized"),
         ("comment_events", dumps({"event_id": "c", "user_id": "u1", "comment_id": "c1", "action": "like", "ts": T0}),

@@ -127,6 +127,17 @@ BAD = [
     ("video_events", raw("video_events", watch_ms=-1), "negative:watch_ms"),
     ("video_events", raw("video_events", watch_ms="1200"), "wrong_type:watch_ms"),
     ("comments", raw("comments", text="x" * 70_000), "oversized"),
+    # valid JSON that Arrow, Parquet and SQLite cannot hold: an int64 overflow, a lone surrogate ("\ud800")
+    ("video_events", raw("video_events", watch_ms=2**63), "too_large:watch_ms"),
+    ("video_events", raw("video_events", watch_ms=10**30), "too_large:watch_ms"),
+    ("video_events", raw("video_events", ts=2**63), "bad_timestamp"),
+    ("videos", raw("videos", ts=10**30), "bad_timestamp"),
+    ("videos", raw("videos", title="Crispy \ud800 pasta"), "bad_text:title"),
+    ("comments", raw("comments", text="\udc00"), "bad_text:text"),
+    ("videos", raw("videos", tags=["cooking", "\udfff"]), "bad_text:tags"),
+    ("video_events", raw("video_events", user_id="u\ud83d"), "bad_text:user_id"),
+    ("comments", raw("comments", parent_id="\ud800"), "bad_text:parent_id"),
+    ("comment_events", raw("comment_events", action="like\ud800"), "unknown_action"),
 ]
 
 
@@ -194,6 +205,27 @@ def test_parse_batch_of_good_records_equals_parse_of_each():
         rows = [parse(table, r) for r in batch]
         assert valid == {name: [row[name] for row in rows] for name in schema.ARROW_SCHEMA[table].names}
         assert list(valid) == schema.ARROW_SCHEMA[table].names
+
+
+def test_edge_values_that_fit_pass_both_paths_and_build_arrow_tables():
+    # the int64 maximum, an astral character (JSON's surrogate pair escape), a lone surrogate in an extra field
+    batch = [raw("video_events", watch_ms=2**63 - 1), raw("video_events", user_id="u\U0001f600"),
+             raw("video_events", note="\ud800")]
+    assert b"\\ud83d\\ude00" in batch[1]
+    rows = [parse("video_events", r) for r in batch]
+    assert rows[0]["watch_ms"] == 2**63 - 1 and rows[1]["user_id"] == "u\U0001f600"
+    valid, bad = parse_batch("video_events", batch)
+    assert bad == []
+    assert valid == {name: [row[name] for row in rows] for name in schema.ARROW_SCHEMA["video_events"].names}
+    assert pa.Table.from_pydict(valid, schema=schema.ARROW_SCHEMA["video_events"]).num_rows == 3
+
+
+def test_every_clean_record_fits_arrow_and_bad_ones_never_reach_the_columns():
+    for table in schema.TABLES:
+        batch = [json.dumps(GOOD[table]).encode()] + [data for t, data, _ in BAD if t == table]
+        valid, bad = parse_batch(table, batch)
+        assert len(bad) == len(batch) - 1
+        assert pa.Table.from_pydict(valid, schema=schema.ARROW_SCHEMA[table]).num_rows == 1
 
 
 def test_parse_batch_of_nothing():
