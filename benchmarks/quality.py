@@ -18,6 +18,8 @@ stage 1 ran) and "teacher_probe" (trainers/teacher.py on the valid split, the fi
 set=freshness generates the data with configs/generate-freshness.yaml, a freshness-dominated feed where sorting
 by date is a strong ranker, as on real forums (data-fresh-u{users}-s{seed}, work-fresh-..., quality_freshness.json
 next to quality.json; `lsvcr benchmark` writes benchmarks/results/quality_freshness.json, same keys).
+item_encoder=llm|minilm_aligned measures the other item encoders (ITEM_ENCODERS) into quality_<encoder>.json
+(work-<encoder>-... folders); set= and item_encoder= combine (quality_freshness_llm.json).
 """
 
 from __future__ import annotations
@@ -39,7 +41,13 @@ from trainers.teacher import STUDENT, TEACHER, teacher_probe
 # One stage 2 epoch is 14 steps at 2,000 users: far too few (on the freshness set it lost to recency, 0.466 vs
 # 0.605; BENCHMARKS.md), so early stopping decides by default.
 DEFAULTS = {"users": 2_000, "seed": 0, "seeds": 3, "epochs": 0, "align_examples": 10_000, "align_epochs": 1,
-            "align_batch_size": 64, "max_prompt_tokens": 256, "workdir": "", "models": "all", "set": "default"}
+            "align_batch_size": 64, "max_prompt_tokens": 256, "workdir": "", "models": "all", "set": "default",
+            "item_encoder": "minilm"}
+# What the item text tables are and how stage 1 treats them: (features overrides, stage 1 overrides). minilm:
+# MiniLM tables; llm: the frozen SmolLM2's mean-pooled states as the tables (stage 1 then trains the SR's text
+# adapters over them; serving embeds new items with the LLM through the features job); minilm_aligned: MiniLM
+# tables with stage 1's item contrast against the LLM's item vectors (serving needs MiniLM alone).
+ITEM_ENCODERS = {"minilm": ((), ()), "llm": (("encoder=llm",), ()), "minilm_aligned": ((), ("item_contrast=true",))}
 # Set name -> (generator preset, None for the defaults; folder tag). The default set keeps the original folder
 # names, so its cached data and work are reused; each other set has its own data, work and results file.
 SETS = {"default": (None, ""), "freshness": (ROOT / "configs" / "generate-freshness.yaml", "fresh-")}
@@ -49,23 +57,28 @@ def _options(overrides: list[str]) -> dict:
     opts = parse_overrides("quality", DEFAULTS, overrides)
     if opts["set"] not in SETS:
         raise SystemExit(f"quality benchmark: set={opts['set']!r}; known: {sorted(SETS)}")
+    if opts["item_encoder"] not in ITEM_ENCODERS:
+        raise SystemExit(f"quality benchmark: item_encoder={opts['item_encoder']!r}; known: {sorted(ITEM_ENCODERS)}")
     return opts
 
 
-def _suffix(set_name: str) -> str:
-    return "" if set_name == "default" else f"_{set_name}"
+def _suffix(opts: dict) -> str:
+    """Results and work names of a variant: _<set> beside the default set, _<encoder> beside minilm."""
+    return "".join(f"_{opts[key]}" for key, default in (("set", "default"), ("item_encoder", "minilm"))
+                   if opts[key] != default)
 
 
 def results_name(overrides: list[str]) -> str:
     """The results file's name for the harness: quality, or quality_<set> for another set."""
-    return "quality" + _suffix(_options(overrides)["set"])
+    return "quality" + _suffix(_options(overrides))
 
 
 def run(overrides: list[str]) -> dict:
     opts = _options(overrides)
     root = Path(opts["workdir"] or run_dir() / "quality")
     preset, tag = SETS[opts["set"]]
-    suffix = _suffix(opts["set"])
+    suffix = _suffix(opts)
+    features, item_align = ITEM_ENCODERS[opts["item_encoder"]]
     name = f"u{opts['users']}-s{opts['seed']}"
     data = root / f"data-{tag}{name}"
     if not (data / "comment_events.jsonl").exists():
@@ -75,11 +88,12 @@ def run(overrides: list[str]) -> dict:
     models = MODEL_NAMES if opts["models"] == "all" else tuple(opts["models"].split(","))
     align = (f"max_examples={opts['align_examples']}", f"epochs={opts['align_epochs']}",
              f"batch_size={opts['align_batch_size']}", f"max_prompt_tokens={opts['max_prompt_tokens']}",
-             "llm_mode=frozen")
+             "llm_mode=frozen", *item_align)
     started = time.monotonic()
-    out = run_pipeline(PipelineConfig(data=str(data), work=str(root / f"work-{tag}{name}"),
+    encoder_tag = "" if opts["item_encoder"] == "minilm" else f"{opts['item_encoder']}-"
+    out = run_pipeline(PipelineConfig(data=str(data), work=str(root / f"work-{tag}{encoder_tag}{name}"),
                                       results=str(root / f"results{suffix}.json"), epochs=opts["epochs"] or None,
-                                      models=models, align=align, seeds=opts["seeds"]))
+                                      models=models, align=align, features=features, seeds=opts["seeds"]))
     metrics = out["results"]
     manifest = out["manifest"]
     figures = {
@@ -88,6 +102,7 @@ def run(overrides: list[str]) -> dict:
         "set": opts["set"],
         "train_video_examples": manifest["tasks"]["video"]["train"]["count"],
         "train_comment_examples": manifest["tasks"]["comment"]["train"]["count"],
+        "item_encoder": opts["item_encoder"],
         "stage1": stage1_record(opts, manifest, out["checkpoints"]),
         "stage2_epochs": opts["epochs"] or "up to 10, early stopping on valid NDCG@5",
         "pipeline_s": round(time.monotonic() - started, 1),
@@ -107,7 +122,7 @@ def stage1_record(opts: dict, manifest: dict, checkpoints: dict) -> dict:
     """How stage 1 ran (DESIGN.md section 10, quality): mode, LLM, item encoder, examples per task, steps."""
     train = {task: manifest["tasks"][task]["train"]["count"] for task in ("video", "comment")}
     cap = opts["align_examples"]
-    record = {"mode": "frozen", "llm": "SmolLM2-135M-Instruct (packaged GGUF)", "item_encoder": "minilm",
+    record = {"mode": "frozen", "llm": "SmolLM2-135M-Instruct (packaged GGUF)", "item_encoder": opts["item_encoder"],
               "examples_per_task": {task: min(n, cap) if cap else n for task, n in train.items()},
               "epochs": opts["align_epochs"], "batch_size_per_worker_and_task": opts["align_batch_size"],
               "max_prompt_tokens": opts["max_prompt_tokens"]}

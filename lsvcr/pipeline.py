@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from core.config import load_config, require
+from core.config import load_config, parse_overrides, require
 from core.runtime import init_ray
 from devtools import broker
 from features.build import build_features
@@ -38,6 +38,7 @@ class PipelineConfig:
     # Models to train and evaluate (lsvcr.suite.MODEL_NAMES); the LLM-aligned ones take much longer.
     models: tuple[str, ...] = ("popularity", "sasrec", "sr_no_align")
     align: tuple[str, ...] = ()  # key=value overrides for stage 1 (e.g. max_examples=2000)
+    features: tuple[str, ...] = ()  # key=value overrides for the features build (e.g. encoder=llm)
     seeds: int = 1  # every trained model is trained this many times (seed 0..N-1)
 
     def __post_init__(self):
@@ -95,7 +96,8 @@ def run_pipeline(cfg: PipelineConfig, steps: Steps | None = None) -> dict:
     steps("features: point-in-time histories, splits and MiniLM item embeddings (Ray Data)")
     init_ray()
     features = work / "features"
-    manifest = build_features(load_config(FeaturesConfig, None, {"eventlog": str(eventlog), "out": str(features)}))
+    manifest = build_features(load_config(FeaturesConfig, None, {**parse_overrides(list(cfg.features)),
+                                                                  "eventlog": str(eventlog), "out": str(features)}))
 
     trained = [m for m in cfg.models if m != "popularity"]
     times = f", {cfg.seeds} seeds each" if cfg.seeds > 1 else ""
