@@ -223,15 +223,16 @@ def embed_comparison(n: int, rounds: int, seed: int) -> dict:
         tokens = int(fast.encoder.model.preprocess(texts)["attention_mask"].sum())  # real tokens, <= 256 a text
         for encode in paths.values():
             encode(texts[:32])  # warm-up: first calls load kernels
-        seconds, vectors = dict.fromkeys(paths, float("inf")), {}
+        seconds, cpu_seconds, vectors = dict.fromkeys(paths, float("inf")), dict.fromkeys(paths, float("inf")), {}
         for _ in range(rounds):
             for path, encode in paths.items():
                 loads.append(os.getloadavg()[0])
                 out = np.zeros((len(texts), 384), np.float32)
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 for rows in batches:
                     out[rows] = encode([texts[i] for i in rows])
                 seconds[path] = min(seconds[path], time.perf_counter() - started)
+                cpu_seconds[path] = min(cpu_seconds[path], time.process_time() - cpu_started)
                 vectors[path] = out
             print(f"features benchmark: embed {set_name}: "
                   + ", ".join(f"{p or '_default'} {len(texts) / s:.1f} texts/s" for p, s in seconds.items()), flush=True)
@@ -239,6 +240,7 @@ def embed_comparison(n: int, rounds: int, seed: int) -> dict:
             figures[f"embed_texts_per_s_{set_name}{path}"] = round(len(texts) / s, 1)
             figures[f"embed_tokens_per_s_{set_name}{path}"] = round(tokens / s, 1)
         figures[f"embed_ratio_{set_name}"] = round(seconds["_before"] / seconds[""], 3)
+        figures[f"embed_cpu_ratio_{set_name}"] = round(cpu_seconds["_before"] / cpu_seconds[""], 3)
         figures[f"embed_tokens_mean_{set_name}"] = round(tokens / len(texts), 1)
         cosines.append(float((vectors[""] * vectors["_before"]).sum(1).min()))
     words = np.array([len(t.split()) for t in sets["long"]])
@@ -260,6 +262,7 @@ def embed_comparison(n: int, rounds: int, seed: int) -> dict:
             f"in log-normal lengths (median {np.median(words):.0f} words, {(words > 150).mean():.1%} over 150; "
             "MiniLM reads at most 256 tokens). Tokens/s count real tokens, padding excluded. embed_cosine_min: the "
             "smallest cosine between a default vector and the before path's float32 vector, both sets. "
+            "embed_cpu_ratio_SET: the same ratio in this process's CPU seconds, which other load moves less. "
             "embed_load_avg_1m: the largest 1-minute load average seen during the comparison (a shared machine)."
         ),
     }
