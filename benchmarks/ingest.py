@@ -173,7 +173,8 @@ def run(overrides: list[str]) -> dict:
         "freshness_p50_ms": round(fresh["freshness_p50_ms"], 1),
         "freshness_p99_ms": round(fresh["freshness_p99_ms"], 1),
         "notes": ("events_per_s: one consumer over a backlog of `events`, first record polled to last part durable "
-                  "and committed. Each poll (up to max_poll_records) is one batch: JSON decode, validation column by "
+                  "and committed. Each poll (up to max_poll_records) is one batch: JSON decode (msgspec; json "
+                  "decides what msgspec refuses), validation column by "
                   "column, id dedup by set operations per day, one SQLite sequence-store transaction; every "
                   "flush_records a Parquet part per table and day is fsynced and renamed. raw_consume: a kafka-python "
                   "poll loop that only counts the same records. events_per_s_2_consumers: two consumer processes "

@@ -15,6 +15,7 @@ import uuid
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -171,16 +172,22 @@ class IdIndex:
     def keep_new(self, table: str, ids: list[str], ts: list[int]) -> list[bool]:
         """For each (id, ts) of a batch, in order: True (and remembered) if the id is new to its day, False for a
         duplicate. Days are evicted beyond max_partitions only after the batch, so none is dropped while in use."""
-        days = [t // DAY_MS for t in ts]
-        known = {day: self._ids(table, day) for day in dict.fromkeys(days)}
-        if len(set(ids)) == len(ids) and all(seen.isdisjoint(ids) for seen in known.values()):
-            # The common case, in set operations: no id repeats in the batch or is known on any of its days.
-            for day, seen in known.items():
-                seen.update(ids if len(known) == 1 else (i for i, d in zip(ids, days) if d == day))
+        days = np.asarray(ts, dtype=np.int64) // DAY_MS  # ts is validated: in [2000, 2100)
+        unique, first = np.unique(days, return_index=True)
+        known = {int(day): self._ids(table, int(day)) for day in unique[np.argsort(first)]}  # in batch order
+        if len(known) == 1:
+            by_day = {day: ids for day in known}
+        else:  # each day's ids, in order, by array masks instead of a Python loop per id
+            id_array = np.array(ids, dtype=object)
+            by_day = {day: id_array[days == day].tolist() for day in known}
+        if len(set(ids)) == len(ids) and all(known[day].isdisjoint(group) for day, group in by_day.items()):
+            # The common case, in set operations: no id repeats in the batch or is known on its day.
+            for day, group in by_day.items():
+                known[day].update(group)
             keep = [True] * len(ids)
         else:
             keep = []
-            for identity, day in zip(ids, days):
+            for identity, day in zip(ids, days.tolist()):
                 seen = known[day]
                 keep.append(identity not in seen)
                 seen.add(identity)

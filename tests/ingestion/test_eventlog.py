@@ -73,3 +73,16 @@ def test_empty_table_reads_as_empty_with_schema(tmp_path):
     table = EventLog(tmp_path).read("comments")
     assert table.num_rows == 0
     assert "comment_id" in table.column_names
+
+
+def test_id_index_batch_over_several_days_remembers_each_id_on_its_own_day(tmp_path):
+    index = IdIndex(EventLog(tmp_path))
+    ids = [f"e{i}" for i in range(9)]
+    ts = [T0 + (i % 3) * DAY + i for i in range(9)]  # three days, interleaved
+    assert index.keep_new("video_events", ids, ts) == [True] * 9  # all new: the set-operation path
+    assert index.loads == 3
+    # again, plus new ids: only the new ones are kept, and an old id on another day is another record
+    assert index.keep_new("video_events", ids[:4] + ["n1", "e0"], ts[:4] + [T0, T0 + DAY]) == \
+        [False] * 4 + [True, True]
+    assert index.keep_new("video_events", ["e0"], [T0 + DAY]) == [False]
+    assert index.keep_new("video_events", [], []) == []

@@ -228,5 +228,52 @@ def test_every_clean_record_fits_arrow_and_bad_ones_never_reach_the_columns():
         assert pa.Table.from_pydict(valid, schema=schema.ARROW_SCHEMA[table]).num_rows == 1
 
 
+def _extra(table, text: str) -> bytes:
+    """GOOD[table] as JSON with `text` (raw JSON) as the value of an extra field."""
+    return raw(table)[:-1] + b', "extra": ' + text.encode() + b"}"
+
+
+# JSON that json and msgspec (parse_batch's fast decoder) might take differently; parse_batch must decide as parse
+EDGE = [
+    _extra("video_events", "1e400"),  # json: inf, valid; msgspec refuses the number
+    _extra("video_events", "-" + "1" * 4300),  # json: valid; msgspec refuses the integer
+    _extra("video_events", "1" * 4301),  # over json's 4,300 digits: malformed_json
+    _extra("video_events", '"\\ud800"'),  # a lone surrogate in an extra field: kept out, valid
+    _extra("video_events", "[" * 900 + "]" * 900),  # deep but within the recursion limit: valid
+    _extra("video_events", "[" * 1100 + "]" * 1100),  # past it: malformed_json
+    _extra("video_events", '"café"'),  # UTF-8 beyond ASCII: valid
+    _extra("video_events", '"x"').replace(b'"x"', b'"\xe9"'),  # Latin-1, not UTF-8: malformed_json
+    _extra("video_events", '"\\u0000"'),
+    _extra("video_events", "-0.0"),
+    raw("video_events")[:-1] + b', "ts": "late"}',  # duplicate key: the last one counts (wrong_type:ts)
+    raw("video_events", ts="early")[:-1] + b', "ts": 1700000000000}',  # the last one is fine: valid
+    raw("video_events").replace(b", ", b",\n\t ") + b"\r\n",  # JSON whitespace
+    b"\xef\xbb\xbf" + raw("video_events"),  # a byte-order mark: malformed_json
+    raw("video_events") + b"\x00",
+    raw("video_events", watch_ms=1.0),
+    raw("video_events", watch_ms=10**19),  # beyond int64 but within uint64
+]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["msgspec", "json"])
+def test_parse_batch_decides_edge_json_as_parse(fast, monkeypatch):
+    if not fast:
+        monkeypatch.setattr(schema, "_FAST_DECODE", None)
+    elif schema._FAST_DECODE is None:
+        pytest.skip("msgspec is not installed")
+    good = raw("video_events")
+    batch = [good, *EDGE, good]
+    want_rows, want_bad = [], []
+    for i, data in enumerate(batch):
+        try:
+            want_rows.append(parse("video_events", data))
+        except InvalidRecord as err:
+            want_bad.append((i, err.reason))
+    assert len(want_rows) >= 8 and len(want_bad) >= 6  # both kinds are exercised
+    valid, bad = parse_batch("video_events", batch)
+    assert bad == want_bad
+    assert valid == {name: [row[name] for row in want_rows] for name in schema.ARROW_SCHEMA["video_events"].names}
+
+
 def test_parse_batch_of_nothing():
     assert parse_batch("video_events", []) == ({name: [] for name in schema.ARROW_SCHEMA["video_events"].names}, [])
