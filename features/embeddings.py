@@ -81,10 +81,10 @@ class MiniLMEncoder:
     `encode` tokenizes its whole batch once and runs the model on mini-batches of similar token length
     (`length_batches`, `max_tokens` padded tokens each), so a long text no longer pads a whole Ray batch.
     `dtype` "bfloat16" (the default, encoder "minilm") runs the model in bfloat16: on this project's
-    avx512_bf16 CPU it is about 2-3x faster than float32 with every vector within cosine 0.999 of float32
-    (BENCHMARKS.md, features; tests/features/test_embeddings.py). On a CPU without bfloat16 instructions it is
-    slower: use encoder "minilm-float32" there. int8 dynamic quantisation was faster still but fell to
-    cosine 0.75-0.95 on some texts, so it is not offered.
+    avx512_bf16 CPU it is 1.5x (short texts) to 2.5x (long ones) faster than float32 with every vector within
+    cosine 0.9998 of float32 (BENCHMARKS.md, features; tests/features/test_embeddings.py). Without bfloat16 CPU
+    instructions it is slower: use encoder "minilm-float32" there. int8 dynamic quantisation of the Linear
+    layers (per tensor or per channel) fell to cosine 0.75-0.95 on some texts, so it is not offered.
     """
 
     name = "minilm"
