@@ -18,6 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
+from core.hardware import fast_bfloat16
+
 
 class TextEncoder(Protocol):
     name: str
@@ -80,16 +82,17 @@ class MiniLMEncoder:
 
     `encode` tokenizes its whole batch once and runs the model on mini-batches of similar token length
     (`length_batches`, `max_tokens` padded tokens each), so a long text no longer pads a whole Ray batch.
-    `dtype` "bfloat16" (the default, encoder "minilm") runs the model in bfloat16: on this project's
-    avx512_bf16 CPU it is 1.5x (short texts) to 2.5x (long ones) faster than float32 with every vector within
-    cosine 0.9998 of float32 (BENCHMARKS.md, features; tests/features/test_embeddings.py). Without bfloat16 CPU
-    instructions it is slower: use encoder "minilm-float32" there. int8 dynamic quantisation of the Linear
+    `dtype` is bfloat16 for encoder "minilm" on a machine with fast bfloat16 (core.hardware: a GPU, or a CPU
+    with AMX or avx512_bf16): on this project's avx512_bf16 CPU it is 1.5x (short texts) to 2.5x (long ones)
+    faster than float32 with every vector within cosine 0.9998 of float32 (BENCHMARKS.md, features;
+    tests/features/test_embeddings.py). Elsewhere bfloat16 is emulated and slower, so "minilm" runs float32
+    there (the precision is part of the cache key either way); "minilm-float32" always runs float32. int8 dynamic quantisation of the Linear
     layers (per tensor or per channel) fell to cosine 0.75-0.95 on some texts, so it is not offered.
     """
 
     name = "minilm"
     dim = 384
-    dtype = "bfloat16"
+    dtype = "bfloat16" if fast_bfloat16() else "float32"
 
     def __init__(self, dim: int = 384, device: str = "cpu", threads: int = 0, max_tokens: int = 8192):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from core.config import require, require_at_least
+from core.hardware import fast_bfloat16
 from core.paths import cache_dir
 from features.folder import FeaturesFolder
 
@@ -133,13 +134,7 @@ def inference_dtype(name: str = "auto", device: str | torch.device = "cpu") -> t
         if name not in ("float32", "bfloat16"):
             raise ValueError(f"llm dtype must be auto, float32 or bfloat16, got {name!r}")
         return getattr(torch, name)
-    if str(device).startswith("cuda"):
-        return torch.bfloat16
-    try:
-        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return torch.bfloat16 if {"amx_bf16", "avx512_bf16"} & set(flags.split()) else torch.float32
+    return torch.bfloat16 if fast_bfloat16(str(device)) else torch.float32
 
 
 def load_base(name: str = DEFAULT_LLM, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
