@@ -47,6 +47,9 @@ def _prune_sql(table: str) -> str:
             f"WHERE user_id = ?1 ORDER BY ts DESC, event_id DESC LIMIT 1 OFFSET ?2)")
 
 
+_USERS_PER_QUERY = 500  # bound parameters per statement stay far below SQLite's limit (999 before 3.32)
+
+
 class SequenceStore:
     def __init__(self, path: str | Path, max_history: int = 50, readonly: bool = False):
         if max_history < 1:
@@ -105,7 +108,16 @@ class SequenceStore:
                 raise
 
     def _prune(self, table: str, users: set[str]) -> None:
-        self.db.executemany(_prune_sql(table), [(user, self.max_history) for user in users])
+        # Only users over max_history have rows to drop: one counting query per chunk of users finds them (a
+        # walk of each one's index range), instead of a DELETE statement per user, most of which drop nothing.
+        ordered, over = sorted(users), []
+        for start in range(0, len(ordered), _USERS_PER_QUERY):
+            chunk = ordered[start:start + _USERS_PER_QUERY]
+            over += [user for (user,) in self.db.execute(
+                f"SELECT user_id FROM {table} WHERE user_id IN ({', '.join('?' * len(chunk))}) GROUP BY user_id "
+                f"HAVING count(*) > ?", (*chunk, self.max_history))]
+        if over:
+            self.db.executemany(_prune_sql(table), [(user, self.max_history) for user in over])
 
     def offsets(self) -> dict[tuple[str, int], int]:
         """Next offset to apply per (topic, partition): where a replay after a restart starts at the latest."""

@@ -51,3 +51,16 @@ def test_replaying_events_changes_nothing_and_offsets_only_grow(tmp_path):
 def test_readonly_store_must_exist(tmp_path):
     with pytest.raises(FileNotFoundError):
         SequenceStore(tmp_path / "missing.sqlite", readonly=True)
+
+
+def test_pruning_reaches_every_user_over_the_bound_across_query_chunks(tmp_path):
+    # 1,203 users (more than one chunk of the over-the-bound query): the even ones get 4 events, the odd ones 2
+    store = SequenceStore(tmp_path / "s.sqlite", max_history=3)
+    users = [f"u{n:05d}" for n in range(1_203)]
+    events = [_video(n * 10 + k, user=user) for n, user in enumerate(users) for k in range(4 if n % 2 == 0 else 2)]
+    store.apply(_columns(events), _columns([_comment(i, user=users[-1]) for i in range(5)]), {("t", 0): 1})
+    assert store.counts()["video_rows"] == 602 * 3 + 601 * 2
+    assert store.counts()["comment_rows"] == 3
+    assert store.get_histories(users[0])["video_ids"] == ["vid1", "vid2", "vid3"]  # newest 3 of 0..3
+    assert store.get_histories(users[1])["video_ids"] == ["vid10", "vid11"]
+    assert store.get_histories(users[-1])["comment_ids"] == ["cm2", "cm3", "cm4"]
