@@ -261,11 +261,15 @@ class _LLMStates:
         self.llm = LLMRecommender(base, tokenizer, LLMConfig(frozen=True, max_prompt_tokens=max_prompt_tokens))
         self.llm.eval()
         self.task, self.texts, self.max_prompt_tokens = task, ItemTexts.from_folder(folder), max_prompt_tokens
+        self.done, self.started = 0, time.monotonic()
 
     @torch.no_grad()
     def __call__(self, rows: dict) -> dict:
         prompts, _ = render_examples(rows, self.task, self.texts, self.llm.count_tokens, self.max_prompt_tokens)
         rows[STATE_COLUMN], rows["llm_tokens"] = last_prompt_states(self.llm, prompts)
+        self.done += len(prompts)
+        print(f"align: LLM states: {self.done} {self.task} examples in {time.monotonic() - self.started:.0f}s",
+              flush=True)
         return rows
 
 
@@ -363,6 +367,10 @@ def precompute_states(config: AlignConfig, folder: FeaturesFolder, llm_path: str
             sample = sample_event_ids(folder, task, split, config.max_examples)
             if sample is not None:
                 dataset = dataset.map_batches(_keep_events, fn_kwargs={"event_ids": sample}, batch_format="numpy")
+            rows = len(sample) if sample is not None else folder.count_examples(task, split)
+            # One block per inference batch: each finished batch is an output (progress, and Ray Data's
+            # no-progress timeout of 30 minutes never sees a whole split's states held back as one block).
+            dataset = dataset.repartition(max(1, -(-rows // config.inference_batch_size)))
             dataset = dataset.map_batches(
                 _LLMStates, fn_constructor_kwargs={"llm_path": str(llm_path), "task": task, "folder": folder,
                                                    "max_prompt_tokens": config.max_prompt_tokens,

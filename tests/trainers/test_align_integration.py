@@ -5,6 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from features.folder import FeaturesFolder
 from tests.trainers.conftest import make_features
 from trainers.align import AlignConfig, align
 from trainers.checkpoint import load_model, read_weights
@@ -39,7 +40,7 @@ def test_frozen_mode_samples_centres_and_reuses_the_llm_states(ray_session, tiny
     monkeypatch.setenv("LSVCR_CACHE_DIR", str(tmp_path / "cache"))
     features = make_features(tmp_path / "features", num_users=60)
     config = dict(features=str(features), llm=str(tiny_llm), llm_mode="frozen", max_examples=40, epochs=1,
-                  batch_size=8, max_prompt_tokens=96, num_workers=2, size=SIZE)
+                  batch_size=8, max_prompt_tokens=96, num_workers=2, size=SIZE, item_contrast=True)
     align(AlignConfig(out=str(tmp_path / "a0"), seed=0, **config))
     state_folders = sorted((tmp_path / "cache" / "llm_states").glob("*/*"))
     assert [p.name for p in state_folders] == ["comment", "video"]
@@ -53,7 +54,12 @@ def test_frozen_mode_samples_centres_and_reuses_the_llm_states(ray_session, tiny
     means = read_weights(tmp_path / "a0" / "llm" / "state_means.safetensors")
     assert sorted(means) == ["comment", "video"]
     info = json.loads((tmp_path / "a0" / "train.json").read_text())
-    assert info["seq_sup_loss"] > 0 and info["vc_loss"] > 0 and info["examples"] == 80
+    assert info["seq_sup_loss"] > 0 and info["vc_loss"] > 0 and info["item_loss"] > 0 and info["examples"] == 80
+    # The LLM's item vectors, one row per item and centred per kind (trainers/item_alignment.py).
+    tables = {p.stem: np.load(p) for p in (tmp_path / "cache" / "llm_items").glob("*/*.npy")}
+    texts = FeaturesFolder(features)
+    assert [len(tables["video"]), len(tables["comment"])] == [texts.videos().num_rows, texts.comments().num_rows]
+    assert all(np.abs(t.mean(0)).max() < 1e-4 for t in tables.values())
     align(AlignConfig(out=str(tmp_path / "a1"), seed=1, **config))
     assert sorted((tmp_path / "cache" / "llm_states").glob("*/*")) == state_folders
     assert state_folders[-1].stat().st_mtime_ns == stamp  # not computed again
