@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
 import torch
 import torch.nn.functional as F
 
@@ -43,10 +42,12 @@ def _adapter(aligned: Path) -> torch.nn.Linear:
 
 
 def _rows(folder: str) -> dict[str, np.ndarray]:
-    """The precomputed states' rows as one numpy batch, as FeaturesFolder.iter_examples gives them (list
-    columns as object arrays of arrays)."""
-    table = pads.dataset(folder, format="parquet", exclude_invalid_files=True).to_table()
-    return {name: table[name].to_numpy() for name in table.column_names}
+    """The precomputed states' rows as one numpy batch, read through Ray Data as training reads them (it wrote
+    the list columns as its own tensor type, which plain pyarrow would hand back as structs)."""
+    import ray.data
+
+    dataset = ray.data.read_parquet(folder)
+    return dataset.take_batch(batch_size=dataset.count(), batch_format="numpy")
 
 
 @torch.no_grad()
