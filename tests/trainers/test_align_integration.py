@@ -42,7 +42,7 @@ def test_frozen_mode_samples_centres_and_reuses_the_llm_states(ray_session, tiny
     config = dict(features=str(features), llm=str(tiny_llm), llm_mode="frozen", max_examples=40, epochs=1,
                   batch_size=8, max_prompt_tokens=96, num_workers=2, size=SIZE, item_contrast=True)
     align(AlignConfig(out=str(tmp_path / "a0"), seed=0, **config))
-    state_folders = sorted((tmp_path / "cache" / "llm_states").glob("*/*"))
+    state_folders = sorted((tmp_path / "cache" / "llm_states").glob("*/*"), key=lambda p: p.name)
     assert [p.name for p in state_folders] == ["comment", "video"]
     for folder in state_folders:
         states = pa.concat_tables(pq.read_table(p, columns=["event_id", "llm_state"])
@@ -61,7 +61,7 @@ def test_frozen_mode_samples_centres_and_reuses_the_llm_states(ray_session, tiny
     assert [len(tables["video"]), len(tables["comment"])] == [texts.videos().num_rows, texts.comments().num_rows]
     assert all(np.abs(t.mean(0)).max() < 1e-4 for t in tables.values())
     align(AlignConfig(out=str(tmp_path / "a1"), seed=1, **config))
-    assert sorted((tmp_path / "cache" / "llm_states").glob("*/*")) == state_folders
+    assert sorted((tmp_path / "cache" / "llm_states").glob("*/*"), key=lambda p: p.name) == state_folders
     assert state_folders[-1].stat().st_mtime_ns == stamp  # not computed again
 
 
