@@ -32,8 +32,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from benchmarks.features import PeakRss, dataset, write_eventlog
 from benchmarks.harness import parse_overrides
@@ -43,7 +41,7 @@ from core.runtime import init_ray
 from features.build import build_features
 from features.config import FeaturesConfig
 from features.folder import FeaturesFolder
-from trainers.align import AlignConfig, align, precompute_states
+from trainers.align import AlignConfig, align, precompute_states, read_states
 from trainers.finetune import FinetuneConfig, finetune
 from trainers.models.llm import inference_dtype, resolve_llm_path
 
@@ -80,12 +78,13 @@ def build_dataset(work: Path, users: int, seed: int) -> Path:
 
 
 def _states(folders: dict[str, str]) -> dict[str, np.ndarray]:
-    table = pa.concat_tables(pq.read_table(p, columns=["event_id", "llm_state", "llm_tokens"])
-                             for f in folders.values() for p in sorted(Path(f).glob("*.parquet")))
-    table = table.sort_by("event_id")
-    return {"event_id": table["event_id"].to_numpy(zero_copy_only=False),
-            "state": np.stack(table["llm_state"].to_numpy(zero_copy_only=False)).astype(np.float32),
-            "tokens": table["llm_tokens"].to_numpy()}
+    """Every task's states, sorted by event id (both precompute paths then line up row by row)."""
+    parts = [read_states(f, ["event_id", "llm_state", "llm_tokens"]) for f in folders.values()]
+    event_id = np.concatenate([p["event_id"] for p in parts])
+    order = np.argsort(event_id, kind="stable")
+    return {"event_id": event_id[order],
+            "state": np.concatenate([np.asarray(p["llm_state"], np.float32) for p in parts])[order],
+            "tokens": np.concatenate([p["llm_tokens"] for p in parts])[order]}
 
 
 def compare_precompute(features: Path, work: Path, opts: dict) -> dict:

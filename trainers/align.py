@@ -377,14 +377,25 @@ def precompute_states(config: AlignConfig, folder: FeaturesFolder, llm_path: str
                                                    "dtype": config.llm_dtype},
                 batch_size=config.inference_batch_size, batch_format="numpy", concurrency=1)
             dataset.write_parquet(str(states))
-            written = ray.data.read_parquet(str(states)).select_columns([STATE_COLUMN, "llm_tokens"]).to_pandas()
-            np.save(states / MEAN_FILE, np.stack(written[STATE_COLUMN].to_list()).mean(0).astype(np.float32))
+            written = read_states(states, [STATE_COLUMN, "llm_tokens"])
+            np.save(states / MEAN_FILE, np.asarray(written[STATE_COLUMN], np.float32).mean(0))
             marker.write_text(json.dumps(key))
             elapsed = time.monotonic() - started
-            print(f"align: LLM states for {len(written)} {task}/{split} examples in {elapsed:.1f}s "
+            print(f"align: LLM states for {len(written['llm_tokens'])} {task}/{split} examples in {elapsed:.1f}s "
                   f"({int(written['llm_tokens'].sum()) / max(elapsed, 1e-9):.0f} prompt tokens/s)", flush=True)
         folders[task] = str(states)
     return folders
+
+
+def read_states(folder: str | Path, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """A states folder of precompute_states as one numpy batch, read through Ray Data as training reads it (Ray
+    wrote the list columns as its own tensor types, which plain pyarrow hands back as structs)."""
+    import ray.data
+
+    dataset = ray.data.read_parquet(str(folder))
+    if columns:
+        dataset = dataset.select_columns(columns)
+    return dataset.take_batch(batch_size=dataset.count(), batch_format="numpy")
 
 
 def state_means(folders: dict[str, str]) -> dict[str, np.ndarray]:

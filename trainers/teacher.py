@@ -25,7 +25,7 @@ from core.contract import TASKS
 from core.paths import cache_dir
 from core.runtime import init_ray
 from features.folder import FeaturesFolder
-from trainers.align import LLM_DIR, STATE_COLUMN, STATE_MEANS, AlignConfig, precompute_states
+from trainers.align import LLM_DIR, STATE_COLUMN, STATE_MEANS, AlignConfig, precompute_states, read_states
 from trainers.checkpoint import TRAIN, load_model, read_weights
 from trainers.data import collate, item_time_tensors, text_tensors, user_video_positives, without_later_positives
 from trainers.metrics import nonfinite_examples, ranks_from_scores
@@ -39,15 +39,6 @@ def _adapter(aligned: Path) -> torch.nn.Linear:
     adapter = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
     adapter.load_state_dict(weights)
     return adapter.eval()
-
-
-def _rows(folder: str) -> dict[str, np.ndarray]:
-    """The precomputed states' rows as one numpy batch, read through Ray Data as training reads them (it wrote
-    the list columns as its own tensor type, which plain pyarrow would hand back as structs)."""
-    import ray.data
-
-    dataset = ray.data.read_parquet(folder)
-    return dataset.take_batch(batch_size=dataset.count(), batch_format="numpy")
 
 
 @torch.no_grad()
@@ -104,7 +95,7 @@ def teacher_probe(features: str | Path, aligned: str | Path, split: str = "valid
     folders = precompute_states(config, folder, info["llm_path"], list(TASKS), cache_dir(), split=split)
     out: dict = {"split": split, "checkpoint": str(aligned), "paired": {}, "slices": {}}
     for task in TASKS:
-        ranking = rank_teacher(folder, sr, adapter, means[task], _rows(folders[task]), task)
+        ranking = rank_teacher(folder, sr, adapter, means[task], read_states(folders[task]), task)
         out[task] = task_results(ranking)
         out["paired"][task] = paired(ranking, [STUDENT])
         out["slices"][task] = {s: task_results(ranking, mask=ranking.slices[s]) for s in SLICES}
