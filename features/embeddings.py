@@ -94,7 +94,10 @@ class MiniLMEncoder:
     dim = 384
     dtype = "bfloat16" if fast_bfloat16() else "float32"
 
-    def __init__(self, dim: int = 384, device: str = "cpu", threads: int = 0, max_tokens: int = 8192):
+    # 2,048 padded tokens a forward: on this 2-core CPU, long-tailed texts ran 12-17% faster than with 4,096
+    # or 8,192 (the attention's cost grows with rows x width^2; smaller batches keep it in cache), and short ones
+    # the same (issue 19, measured on 1,500 long and 4,000 short texts).
+    def __init__(self, dim: int = 384, device: str = "cpu", threads: int = 0, max_tokens: int = 2048):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
         from sentence_transformers import SentenceTransformer
