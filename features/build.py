@@ -155,6 +155,7 @@ class _Run:
     files: dict[str, list[str]]  # event-log table -> its files (eventlog_files)
     eventlog_fs: object  # the event log's pyarrow file system
     remote_args: dict  # Ray task options: pinned to this node, or none
+    local: bool = False  # run the stages in this process (FeaturesConfig.local_max_events)
 
 
 @dataclass
@@ -193,7 +194,10 @@ def _build(config: FeaturesConfig, out: Path, pin: bool) -> dict:
     _log(f"catalog: {len(videos)} videos, {len(comments)} comments ({comments_unknown_video} under unknown videos)")
     embedding = _embed_catalogs(run, videos, comments)
 
-    num_partitions = _num_partitions(run, len(comments))
+    n_events = sum(pq.ParquetFile(f, filesystem=run.eventlog_fs).metadata.num_rows
+                   for t in EVENT_TABLES for f in run.files[t])
+    run.local = 0 < n_events <= config.local_max_events
+    num_partitions = _num_partitions(run, n_events, len(comments))
     status, ts_max = _events_to_partitions(run, videos, comments, num_partitions)
     cut = None if ts_max is None else int(ts_max) - config.lateness_ms
     n_ok = status.get((KIND_VIDEO_EVENT, "ok"), 0) + status.get((KIND_COMMENT_EVENT, "ok"), 0)
@@ -248,7 +252,7 @@ def _embed_catalogs(run: _Run, videos: pa.Table, comments: pa.Table) -> dict:
     cache = None if config.embed_cache == "off" else (config.embed_cache or str(cache_dir() / "embeddings"))
     embed = {"encoder": config.encoder, "dim": config.encoder_dim, "batch_size": config.embed_batch_size,
              "concurrency": config.embed_concurrency, "device": config.embed_device, "threads": config.embed_threads,
-             "cache_dir": cache}
+             "cache_dir": cache, "local_texts": config.embed_local_texts}
     started = time.time()
     stats = {"video": {}, "comment": {}}
     dim = embed_texts(videos["text"].to_pylist(), run.out / contract.VIDEO_EMB, label="video texts",
@@ -260,16 +264,31 @@ def _embed_catalogs(run: _Run, videos: pa.Table, comments: pa.Table) -> dict:
     return {"dim": dim, "cache": cache, "stats": stats, "seconds": seconds}
 
 
-def _num_partitions(run: _Run, num_comments: int) -> int:
+def _num_partitions(run: _Run, n_events: int, num_comments: int) -> int:
     """P: the configured number, else one partition per ROWS_PER_PARTITION rows, at least one per CPU."""
     import ray
 
     if run.config.shuffle_partitions:
         return run.config.shuffle_partitions
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    n_rows = sum(pq.ParquetFile(f, filesystem=run.eventlog_fs).metadata.num_rows
-                 for t in EVENT_TABLES for f in run.files[t])
-    return min(256, max(cpus, math.ceil((n_rows + num_comments) / ROWS_PER_PARTITION)))
+    return min(256, max(cpus, math.ceil((n_events + num_comments) / ROWS_PER_PARTITION)))
+
+
+def _rows(tables: list[pa.Table]) -> list[dict]:
+    """What take_all() returns for these result batches, for the stages run in this process."""
+    return [row for table in tables for row in table.to_pylist()]
+
+
+def _per_partition(run: _Run, num_partitions: int, fn, fn_kwargs: dict) -> list[dict]:
+    """fn on each partition number (a one-row batch {"part": [k]}): one Ray Data task each, or in this process
+    for a small build; the result rows of every call."""
+    import ray
+
+    if run.local:
+        return _rows([fn(pa.table({"part": [k]}), **fn_kwargs) for k in range(num_partitions)])
+    tasks = ray.data.from_items([{"part": k} for k in range(num_partitions)], override_num_blocks=num_partitions)
+    return tasks.map_batches(fn, batch_format="pyarrow", batch_size=1, fn_kwargs=fn_kwargs,
+                             **run.remote_args).take_all()
 
 
 def _events_to_partitions(run: _Run, videos: pa.Table, comments: pa.Table,
@@ -288,18 +307,24 @@ def _events_to_partitions(run: _Run, videos: pa.Table, comments: pa.Table,
                            "comment_video_idx": comments["video_idx"].to_numpy(),
                            "positive_actions": list(config.positive_comment_actions)},
     }
-    parts = []
+    parts, counted = [], []
     for table, kwargs in row_kwargs.items():
-        if run.files[table]:
-            # A few read tasks of many files each: a task per small date file costs more than it reads.
-            read = ray.data.read_parquet(run.files[table], partitioning=None, filesystem=run.eventlog_fs,
-                                         override_num_blocks=min(len(run.files[table]), num_partitions),
-                                         ray_remote_args=run.remote_args)
-            parts.append(read.map_batches(
-                partitions.events_to_partitions, batch_format="pyarrow", batch_size=None,
-                fn_kwargs={"table": table, "out": str(out), "partitions": num_partitions, "row_kwargs": kwargs},
-                **run.remote_args))
-    counted = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).take_all() if parts else []
+        if not run.files[table]:
+            continue
+        fn_kwargs = {"table": table, "out": str(out), "partitions": num_partitions, "row_kwargs": kwargs}
+        if run.local:
+            events = pa.concat_tables([pq.read_table(f, filesystem=run.eventlog_fs, partitioning=None)
+                                       for f in run.files[table]], promote_options="permissive")
+            counted += _rows([partitions.events_to_partitions(events, **fn_kwargs)])
+            continue
+        # A few read tasks of many files each: a task per small date file costs more than it reads.
+        read = ray.data.read_parquet(run.files[table], partitioning=None, filesystem=run.eventlog_fs,
+                                     override_num_blocks=min(len(run.files[table]), num_partitions),
+                                     ray_remote_args=run.remote_args)
+        parts.append(read.map_batches(partitions.events_to_partitions, batch_format="pyarrow", batch_size=None,
+                                      fn_kwargs=fn_kwargs, **run.remote_args))
+    if parts:
+        counted = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).take_all()
     by_status = partitions.merge_counts(counted, ["kind", "status"])
     return {k: v["count"] for k, v in by_status.items()}, max((v["ts_max"] for v in by_status.values()), default=None)
 
@@ -307,7 +332,6 @@ def _events_to_partitions(run: _Run, videos: pa.Table, comments: pa.Table,
 def _run_stages(run: _Run, videos: pa.Table, comments: pa.Table, num_partitions: int, cut: int,
                 after: int | None) -> _Stages:
     """Stage A, then stage B, one task per partition (partitions.annotate_partitions, partitions.user_partitions)."""
-    import ray
 
     config, shuffle = run.config, run.out / partitions.SHUFFLE
     valid_ts, test_ts = config.split_valid_ts, config.split_test_ts
@@ -323,13 +347,11 @@ def _run_stages(run: _Run, videos: pa.Table, comments: pa.Table, num_partitions:
         touched = pc.unique(used.filter(pc.greater(used["ts"], after))["video_idx"])
     publications = publication_rows(comments)
     publications = publications.filter(pc.less_equal(publications["ts"], cut))
-    tasks = ray.data.from_items([{"part": k} for k in range(num_partitions)], override_num_blocks=num_partitions)
     # Stage A, per video: hot comments and comment candidates as of each event -> partition files by user.
-    tasks.map_batches(
-        partitions.annotate_partitions, batch_format="pyarrow", batch_size=1,
-        fn_kwargs={"out": str(run.out), "partitions": num_partitions, "cut": cut, "after": after, "touched": touched,
-                   "publications": publications, "num_negatives": config.num_negatives, "seed": config.seed,
-                   "incremental": config.incremental}, **run.remote_args).take_all()
+    _per_partition(run, num_partitions, partitions.annotate_partitions, {
+        "out": str(run.out), "partitions": num_partitions, "cut": cut, "after": after, "touched": touched,
+        "publications": publications, "num_negatives": config.num_negatives, "seed": config.seed,
+        "incremental": config.incremental})
     _log("stage A (hot comments, comment candidates) done")
     # popularity_at_t and the automatic alive window need every used positive video event (also the
     # earlier ones in an incremental build).
@@ -344,17 +366,15 @@ def _run_stages(run: _Run, videos: pa.Table, comments: pa.Table, num_partitions:
          f"{f'{window_ms / 3_600_000:.2f} h' if window_ms else 'per event'}: {windows}")
     # Stage B, per user: histories, examples, splits, users as of the cut; then video negatives and the
     # written files (partitions.write_parts).
-    written = tasks.map_batches(
-        partitions.user_partitions, batch_format="pyarrow", batch_size=1,
-        fn_kwargs={"out": str(run.out), "after": after,
-                   "user_kwargs": {"max_history": config.max_history, "split": config.split, "valid_ts": valid_ts,
-                                   "test_ts": test_ts, "emit_after_ts": after},
-                   "write_kwargs": {"out": str(run.out), "video_ts": videos["ts"].to_numpy(),
-                                    "num_negatives": config.num_negatives, "seed": config.seed,
-                                    "window_ms": window_ms, "protocol": config.video_protocol,
-                                    "interaction_ts": pos_ts, "interaction_video": pos_video}},
-        **run.remote_args)
-    return _Stages(window_ms, valid_ts, test_ts, partitions.merge_counts(written.take_all(), ["row_kind", "split"]),
+    written = _per_partition(run, num_partitions, partitions.user_partitions, {
+        "out": str(run.out), "after": after,
+        "user_kwargs": {"max_history": config.max_history, "split": config.split, "valid_ts": valid_ts,
+                        "test_ts": test_ts, "emit_after_ts": after},
+        "write_kwargs": {"out": str(run.out), "video_ts": videos["ts"].to_numpy(),
+                         "num_negatives": config.num_negatives, "seed": config.seed,
+                         "window_ms": window_ms, "protocol": config.video_protocol,
+                         "interaction_ts": pos_ts, "interaction_video": pos_video}})
+    return _Stages(window_ms, valid_ts, test_ts, partitions.merge_counts(written, ["row_kind", "split"]),
                    windows)
 
 
@@ -437,5 +457,6 @@ def _manifest(run: _Run, started: float, cut: int | None, after: int | None, sta
         },
         "config": asdict(config),
         "build_s": round(time.time() - started, 3),
+        "stages_in_process": run.local,  # FeaturesConfig.local_max_events: a small build skips Ray Data
         "embed_s": round(embedding["seconds"], 3),
     }

@@ -39,6 +39,12 @@ class FeaturesConfig:
     embed_device: str = "cpu"
     embed_threads: int = 0  # torch threads per encoder actor; 0: the machine's cores / embed_concurrency
     shuffle_partitions: int = 0  # stage partitions (tasks per stage); 0: from the number of rows and CPUs
+    # Small builds skip Ray Data: a build reading at most `local_max_events` event rows runs its stages in this
+    # process, and at most `embed_local_texts` texts missing from the cache are embedded here. On 2 cores Ray
+    # Data costs 5-25 s a stage however little it reads, most of a small incremental build (the continuous
+    # job's: issue 19). The same batch functions run either way, so the rows are the same. 0: always Ray.
+    local_max_events: int = 20_000
+    embed_local_texts: int = 2_000
     # Run every task on the driver's node: for an event log or out folder that only this node has (the
     # continuous job's). Always so when out is a URI, since the build then writes to a local staging folder.
     on_driver_node: bool = False
@@ -66,7 +72,7 @@ class FeaturesConfig:
                 "must be a local folder, not a URI (the embedding cache is read and written row by row on the driver)")
         require_at_least(self, 1, "max_history", "embed_batch_size", "embed_concurrency", "encoder_dim")
         require_at_least(self, 0, "num_negatives", "negative_window_ms", "embed_threads", "shuffle_partitions",
-                         "lateness_ms", "split_valid_ts", "split_test_ts")
+                         "local_max_events", "embed_local_texts", "lateness_ms", "split_valid_ts", "split_test_ts")
         self.positive_video_actions = tuple(self.positive_video_actions)
         self.positive_comment_actions = tuple(self.positive_comment_actions)
         for key, known in (("positive_video_actions", VIDEO_ACTIONS), ("positive_comment_actions", COMMENT_ACTIONS)):

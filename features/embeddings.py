@@ -10,6 +10,7 @@ never embedded again by it, across builds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -328,13 +329,16 @@ def embed_texts(
     cache_dir: str | Path | None = None,
     ids: list[str] | None = None,
     stats: dict | None = None,
+    local_texts: int = 0,
 ) -> int:
     """Embed texts with Ray Data batch inference into `path` (.npy, float32 [N, D], row i = texts[i]).
 
     Returns D. With cache_dir, only texts whose content hash is not in the encoder's cache are embedded (each
     distinct text once), and they are added to it. Next to the matrix, `path` with suffix .parquet holds
     (idx, id, content_hash, emb) per row. `stats` (when given) gets "embedded" and "cached" counts.
-    Texts are sent shortest first so that each batch pads little; rows go back to their index.
+    Texts are sent shortest first so that each batch pads little; rows go back to their index. At most
+    `local_texts` missing texts are embedded in this process (local_encoder) instead: an actor pool's start
+    costs more than encoding a few thousand texts.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -348,8 +352,11 @@ def embed_texts(
     missing_hashes, first_row = np.unique(hashes[~found], return_index=True)
     missing_rows = np.flatnonzero(~found)[first_row]
     if len(missing_rows):
-        new = _embed_with_ray([texts[i] for i in missing_rows], encoder, dim, dim_out, batch_size, concurrency,
-                              device, threads, label)
+        todo = [texts[i] for i in missing_rows]
+        if len(todo) <= local_texts:
+            new = _embed_here(todo, local_encoder(encoder, dim, device, threads), batch_size, dim_out, label)
+        else:
+            new = _embed_with_ray(todo, encoder, dim, dim_out, batch_size, concurrency, device, threads, label)
         if cache:
             cache.add(missing_hashes, new)
         where = {h: r for r, h in enumerate(missing_hashes.tolist())}
@@ -371,6 +378,24 @@ def embed_texts(
         "emb": pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1))),
     }), Path(path).with_suffix(".parquet"))
     return dim_out
+
+
+@functools.lru_cache(maxsize=2)
+def local_encoder(encoder: str, dim: int = 64, device: str = "cpu", threads: int = 0) -> EmbedBatch:
+    """The encoder this process embeds small sets with, loaded once per process (a long-running job, such as
+    the continuous trainer, loads it on its first build only)."""
+    return EmbedBatch(encoder, dim=dim, device=device, threads=threads)
+
+
+def _embed_here(texts: list[str], embed: EmbedBatch, batch_size: int, dim_out: int, label: str) -> np.ndarray:
+    """texts -> [N, D] float32 in this process, in the batches the Ray path sends (sorted by length)."""
+    out = np.zeros((len(texts), dim_out), np.float32)
+    order = np.argsort(np.fromiter((len(t) for t in texts), np.int64, count=len(texts)), kind="stable")
+    for start in range(0, len(texts), batch_size):
+        rows = order[start:start + batch_size]
+        out[rows] = embed({"idx": rows, "text": np.asarray([texts[i] for i in rows], dtype=object)})["emb"]
+    print(f"features: embedded {len(texts)} {label} in this process", flush=True)
+    return out
 
 
 def _embed_with_ray(texts: list[str], encoder: str, dim: int, dim_out: int, batch_size: int, concurrency: int,

@@ -52,8 +52,9 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
     log = eventlog_writer(tmp_path / "eventlog", tables(**LOG))
     out = tmp_path / "features"
     config = FeaturesConfig(eventlog=str(log), out=str(out), num_negatives=2, encoder="hash", encoder_dim=32,
-                            split="leave_last_out")
+                            split="leave_last_out", local_max_events=0, embed_local_texts=0)  # through Ray Data
     manifest = build_features(config)
+    assert manifest["stages_in_process"] is False
 
     # Catalog and embeddings.
     videos, comments = read(out / contract.VIDEOS), read(out / contract.COMMENTS)
@@ -146,6 +147,30 @@ def test_build_features_end_to_end(tmp_path, ray_session, tables, eventlog_write
     # A rerun into the same folder replaces the outputs rather than adding to them.
     build_features(config)
     assert read(contract.examples_dir(out, "video", "test")).num_rows == 3
+
+
+def test_a_small_build_in_this_process_writes_what_the_ray_build_writes(tmp_path, ray_session, tables,
+                                                                         eventlog_writer):
+    log = eventlog_writer(tmp_path / "eventlog", tables(**LOG))
+    manifests = {}
+    for name, limit in (("ray", 0), ("here", 1_000)):
+        manifests[name] = build_features(FeaturesConfig(
+            eventlog=str(log), out=str(tmp_path / name), num_negatives=2, encoder="hash", encoder_dim=32,
+            split="leave_last_out", local_max_events=limit, embed_local_texts=limit, embed_cache="off"))
+    assert (manifests["ray"]["stages_in_process"], manifests["here"]["stages_in_process"]) == (False, True)
+    assert manifests["here"]["tasks"] == manifests["ray"]["tasks"]
+    assert manifests["here"]["events"] == manifests["ray"]["events"]
+    here, ray = tmp_path / "here", tmp_path / "ray"
+    for task in TASKS:
+        for split in SPLITS:
+            assert rows_by_event(contract.examples_dir(here, task, split)) == \
+                rows_by_event(contract.examples_dir(ray, task, split))
+    key = lambda r: r["user_id"]  # noqa: E731
+    assert sorted(read(here / contract.USERS).to_pylist(), key=key) == \
+        sorted(read(ray / contract.USERS).to_pylist(), key=key)
+    for name in (contract.VIDEO_EMB, contract.COMMENT_EMB):
+        assert np.array_equal(np.load(here / name), np.load(ray / name))
+    assert sum(len(rows_by_event(contract.examples_dir(here, task, "test"))) for task in TASKS) > 0
 
 
 def test_build_features_without_comment_tables(tmp_path, ray_session, tables, eventlog_writer):

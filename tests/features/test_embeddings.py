@@ -185,3 +185,13 @@ def test_embed_texts_embeds_each_new_text_once(tmp_path, ray_session):
     assert stats == {"embedded": 1, "cached": 2}
     assert np.allclose(np.load(tmp_path / "b.npy"), HashEncoder(8).encode(["green tea", "new words", "red fox"]),
                        atol=1e-6)
+
+
+def test_a_few_texts_are_embedded_in_this_process_as_the_ray_path_does(tmp_path):
+    from features.embeddings import embed_texts, local_encoder
+
+    texts = ["a much longer text than the others", "red fox", "blue sky", "tea"]
+    dim = embed_texts(texts, tmp_path / "a.npy", encoder="hash", dim=8, batch_size=3, local_texts=4)  # no Ray here
+    assert dim == 8
+    assert np.allclose(np.load(tmp_path / "a.npy"), HashEncoder(8).encode(texts), atol=1e-6)  # rows in order
+    assert local_encoder("hash", 8) is local_encoder("hash", 8)  # loaded once per process
