@@ -337,8 +337,8 @@ def embed_texts(
     distinct text once), and they are added to it. Next to the matrix, `path` with suffix .parquet holds
     (idx, id, content_hash, emb) per row. `stats` (when given) gets "embedded" and "cached" counts.
     Texts are sent shortest first so that each batch pads little; rows go back to their index. At most
-    `local_texts` missing texts are embedded in this process (local_encoder) instead: an actor pool's start
-    costs more than encoding a few thousand texts.
+    `local_texts` missing texts are embedded in this process on its CPU (local_encoder) instead: an actor
+    pool's start costs more than encoding a few thousand texts.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -353,7 +353,7 @@ def embed_texts(
     missing_rows = np.flatnonzero(~found)[first_row]
     if len(missing_rows):
         todo = [texts[i] for i in missing_rows]
-        if len(todo) <= local_texts:
+        if len(todo) <= local_texts and device == "cpu":  # a GPU encoder runs where Ray places it
             new = _embed_here(todo, local_encoder(encoder, dim, device, threads), batch_size, dim_out, label)
         else:
             new = _embed_with_ray(todo, encoder, dim, dim_out, batch_size, concurrency, device, threads, label)
