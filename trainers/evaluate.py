@@ -37,6 +37,7 @@ from trainers.ranking import (
     COLD_USER_EVENTS,
     FULL_CORPUS_METRICS,
     SLICES,
+    STAGE1_CONTROL,
     Ranking,
     alive_pools,
     beats_every_baseline,
@@ -331,11 +332,13 @@ def _full_corpus_block(results: dict) -> list[str]:
 
 
 def _paired_blocks(results: dict) -> list[str]:
-    """The reference and the strongest baseline in full, then which models lie above every baseline."""
+    """The controls (the reference, and the stage 1 control when evaluated) and the strongest baseline in full,
+    then which models lie above every baseline."""
     lines = []
     for task, models in results.get("paired", {}).items():
         references = list(dict.fromkeys(ref for by_ref in models.values() for ref in by_ref))
-        for ref in references[:2]:
+        shown = 3 if STAGE1_CONTROL in references else 2
+        for ref in references[:shown]:
             rows = [(name, by_ref[ref]) for name, by_ref in models.items()
                     if ref in by_ref and by_ref[ref]["diff"] is not None]
             if not rows:

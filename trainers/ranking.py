@@ -23,6 +23,9 @@ from trainers.metrics import METRIC_NAMES, metric_values, paired_bootstrap, rank
 PAIRED_METRIC = "ndcg@10"
 BASELINE_NAMES = {name for names in BASELINES.values() for name in names}
 FULL_CORPUS_METRICS = ("recall@10", "recall@50", "ndcg@10")
+# Stage 1 with the rec losses alone (no LLM): whatever LSVCR gains over the reference, it must also gain over
+# this control for the gain to be the LLM's (issue 18), so every model is paired with it too.
+STAGE1_CONTROL = "sr_rec_pretrain"
 
 SLICES = ("cold_item", "cold_user", "rest")
 COLD_ITEM_AGE_MS = 24 * 3_600_000  # a target published less than this before the event is a cold item
@@ -145,7 +148,7 @@ def verdict(interval: dict) -> str:
 def results_of(rankings: dict[str, Ranking], reference: str = "sr_no_align", n_boot: int = 1000) -> dict:
     """{task: {model: metrics}} (task_results), "candidates", "slices": {task: {slice: {model: metrics}}},
     "paired": {task: {model: {reference: {"diff", "ci95", "significant", ...}}}} on NDCG@10 against the
-    reference (when evaluated) and against every baseline of the task, and, with a "full_corpus/video"
+    reference and STAGE1_CONTROL (when evaluated) and against every baseline of the task, and, with a "full_corpus/video"
     ranking, "full_corpus": {"video": {...}}."""
     tasks = [t for t in rankings if "/" not in t]
     out: dict = {task: task_results(rankings[task]) for task in tasks}
@@ -154,11 +157,12 @@ def results_of(rankings: dict[str, Ranking], reference: str = "sr_no_align", n_b
                      for task in tasks}
     out["paired"] = {}
     for task in tasks:
-        # Against the reference model and against every baseline, the strongest first (the bar any model
-        # must clear); the text tables show the first two.
+        # Against the reference model, the stage 1 control and every baseline, the strongest first (the bar
+        # any model must clear); the text tables show the controls and the strongest baseline.
         scored = {name: out[task][name]["ndcg@10"] for name in BASELINES.get(task, ())
                   if out[task].get(name, {}).get("ndcg@10") is not None}
-        against = [reference] + sorted(scored, key=scored.get, reverse=True)
+        controls = [reference] + [STAGE1_CONTROL] * (STAGE1_CONTROL != reference and STAGE1_CONTROL in out[task])
+        against = controls + sorted(scored, key=scored.get, reverse=True)
         out["paired"][task] = paired(rankings[task], against, n_boot=n_boot)
     if "full_corpus/video" in rankings:
         full = rankings["full_corpus/video"]

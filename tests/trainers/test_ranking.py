@@ -49,6 +49,17 @@ def test_means_stds_and_paired_difference_by_hand():
     assert out["candidates"]["video"] == {"min": 100, "median": 100.0, "max": 100}
 
 
+def test_every_model_is_also_paired_with_the_stage1_control():
+    users = ["u1", "u2", "u3"]
+    r = ranking({"sr_no_align": [20, 20, 20], "sr_rec_pretrain": [1, 20, 20], "lsvcr": [0, 0, 20],
+                 "popularity": [20, 20, 20]}, users)
+    paired = results_of({"video": r}, reference="sr_no_align", n_boot=200)["paired"]["video"]
+    assert list(paired["lsvcr"]) == ["sr_no_align", "sr_rec_pretrain", "popularity"]
+    # lsvcr's per-example NDCG@10 [1, 1, 0] minus the control's [1/log2(3), 0, 0]
+    assert paired["lsvcr"]["sr_rec_pretrain"]["diff"] == pytest.approx((1 - 1 / math.log2(3) + 1) / 3)
+    assert "sr_rec_pretrain" in paired["sr_no_align"] and "sr_no_align" in paired["sr_rec_pretrain"]
+
+
 def test_the_table_marks_differences_whose_interval_contains_zero():
     users = ["u1", "u2", "u3", "u4"]
     r = ranking({"sr_no_align": [20, 20, 20, 20], "same": [20, 20, 20, 20], "better": [0, 0, 0, 0]}, users)
