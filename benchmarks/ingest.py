@@ -2,7 +2,7 @@
 topics in the same run; the same backlog read by two consumer processes in one group; and event-to-sequence-store
 freshness at a steady produce rate.
 
-Overrides (key=value): events (default 200000), freshness_rate (5000 events/s), freshness_s (10).
+Overrides (key=value): events (default 200000), rounds (3), freshness_rate (5000 events/s), freshness_s (10).
 """
 
 from __future__ import annotations
@@ -97,12 +97,14 @@ def _consumer_processes(cfg: IngestConfig, count: int, folder: Path) -> list[dic
 
 
 def run(overrides: list[str]) -> dict:
-    opts = {"events": 200_000, "freshness_rate": 5_000, "freshness_s": 10}
+    opts = {"events": 200_000, "rounds": 3, "freshness_rate": 5_000, "freshness_s": 10}
     for item in overrides:
         key, _, value = item.partition("=")
         if key not in opts:
             raise SystemExit(f"unknown override {key!r}; known: {', '.join(opts)}")
         opts[key] = int(value)
+    if min(opts.values()) < 1:
+        raise SystemExit(f"every override must be >= 1: {opts}")
     bootstrap = broker.start()
     tag = f"bench{int(time.time())}"
     work = Path(tempfile.mkdtemp(prefix="lsvcr-bench-ingest-"))
@@ -113,16 +115,21 @@ def run(overrides: list[str]) -> dict:
     n = opts["events"]
     print(f"[bench ingest] producing {n:,} events ...", flush=True)
     produce(bootstrap, prefix, _payloads(n, 1, tag))
-    raw_s = raw_consume(bootstrap, prefix, n)
-    print(f"[bench ingest] raw consume: {n / raw_s:,.0f} events/s", flush=True)
-    # until_idle_s: the stop, once caught up; a partial buffer left then is written at the stop.
-    cfg = IngestConfig(eventlog=str(work / "log"), bootstrap=bootstrap, topic_prefix=prefix, group=f"{tag}-tput",
-                       until_idle_s=0.5)
-    result = Ingestor(cfg).run()
-    if result.get("stored", 0) != n:
-        raise RuntimeError(f"ingest stored {result.get('stored', 0)} of {n} events")
-    rate = n / result["active_s"]
-    print(f"[bench ingest] ingest: {rate:,.0f} events/s durable", flush=True)
+    # The raw rate moves by 2x between runs minutes apart on this shared machine, so both loops run `rounds`
+    # times in turn, each ingest round into a group and log of its own, and the best of each is compared.
+    raw_rates, rates = [], []
+    for k in range(opts["rounds"]):
+        raw_rates.append(n / raw_consume(bootstrap, prefix, n))
+        # until_idle_s: the stop, once caught up; a partial buffer left then is written at the stop.
+        cfg = IngestConfig(eventlog=str(work / f"log-{k}"), bootstrap=bootstrap, topic_prefix=prefix,
+                           group=f"{tag}-tput-{k}", until_idle_s=0.5)
+        result = Ingestor(cfg).run()
+        if result.get("stored", 0) != n:
+            raise RuntimeError(f"ingest stored {result.get('stored', 0)} of {n} events")
+        rates.append(n / result["active_s"])
+        print(f"[bench ingest] round {k + 1}: raw consume {raw_rates[-1]:,.0f} events/s, ingest {rates[-1]:,.0f} "
+              "events/s durable", flush=True)
+    rate, raw_rate = max(rates), max(raw_rates)
     # The same backlog again under cProfile, in a group and log of its own: the profile explains the figure
     # above without slowing the run that measured it.
     profiler = cProfile.Profile()
@@ -164,8 +171,10 @@ def run(overrides: list[str]) -> dict:
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "events": n,
         "events_per_s": round(rate, 1),
-        "raw_consume_events_per_s": round(n / raw_s, 1),
-        "ratio_vs_raw_consume": round(rate / (n / raw_s), 3),
+        "raw_consume_events_per_s": round(raw_rate, 1),
+        "ratio_vs_raw_consume": round(rate / raw_rate, 3),
+        "events_per_s_rounds": [round(r, 1) for r in rates],
+        "raw_consume_events_per_s_rounds": [round(r, 1) for r in raw_rates],
         "events_per_s_2_consumers": round(rate_2, 1),
         "ratio_2_vs_1_consumers": round(rate_2 / rate, 3),
         "rebalances_2_consumers": sum(m.get("rebalances", 0) for m in pair),
@@ -173,7 +182,8 @@ def run(overrides: list[str]) -> dict:
         "freshness_p50_ms": round(fresh["freshness_p50_ms"], 1),
         "freshness_p99_ms": round(fresh["freshness_p99_ms"], 1),
         "notes": ("events_per_s: one consumer over a backlog of `events`, first record polled to last part durable "
-                  "and committed. Each poll (up to max_poll_records) is one batch: JSON decode (msgspec; json "
+                  f"and committed, the best of {opts['rounds']} rounds run in turn with the raw loop's (whose best "
+                  "is raw_consume_events_per_s; every round's figure in the _rounds lists). Each poll (up to max_poll_records) is one batch: JSON decode (msgspec; json "
                   "decides what msgspec refuses), validation column by "
                   "column, id dedup by set operations per day, one SQLite sequence-store transaction; every "
                   "flush_records a Parquet part per table and day is fsynced and renamed. raw_consume: a kafka-python "
