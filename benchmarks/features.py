@@ -44,7 +44,7 @@ from devtools.generator import STYLES, TOPICS, GeneratorConfig, comment_text, ge
 from features.build import build_features
 from features.catalog import video_text
 from features.config import FeaturesConfig
-from features.embeddings import EmbedBatch, embed_texts
+from features.embeddings import EmbedBatch, embed_texts, shortest_first
 from features.stage_b import global_cuts
 from ingestion.eventlog import EventLog
 from ingestion.schema import ARROW_SCHEMA, TABLES
@@ -199,7 +199,7 @@ def long_tailed_texts(n: int, seed: int) -> list[str]:
 
 def ray_batches(texts: list[str], batch_size: int) -> list[np.ndarray]:
     """Row indices of the batches the encoder actor gets from _embed_with_ray: sorted by characters, then cut."""
-    order = np.argsort([len(t) for t in texts], kind="stable")
+    order = shortest_first(texts)
     return [order[i:i + batch_size] for i in range(0, len(texts), batch_size)]
 
 

@@ -381,6 +381,11 @@ def embed_texts(
     return dim_out
 
 
+def shortest_first(texts: list[str]) -> np.ndarray:
+    """Row order by characters, shortest first (ties in input order): batches cut from it pad little."""
+    return np.argsort(np.fromiter((len(t) for t in texts), np.int64, count=len(texts)), kind="stable")
+
+
 @functools.lru_cache(maxsize=2)
 def local_encoder(encoder: str, dim: int = 64, device: str = "cpu", threads: int = 0) -> EmbedBatch:
     """The encoder this process embeds small sets with, loaded once per process (a long-running job, such as
@@ -391,7 +396,7 @@ def local_encoder(encoder: str, dim: int = 64, device: str = "cpu", threads: int
 def _embed_here(texts: list[str], embed: EmbedBatch, batch_size: int, dim_out: int, label: str) -> np.ndarray:
     """texts -> [N, D] float32 in this process, in the batches the Ray path sends (sorted by length)."""
     out = np.zeros((len(texts), dim_out), np.float32)
-    order = np.argsort(np.fromiter((len(t) for t in texts), np.int64, count=len(texts)), kind="stable")
+    order = shortest_first(texts)
     for start in range(0, len(texts), batch_size):
         rows = order[start:start + batch_size]
         out[rows] = embed({"idx": rows, "text": np.asarray([texts[i] for i in rows], dtype=object)})["emb"]
@@ -407,8 +412,7 @@ def _embed_with_ray(texts: list[str], encoder: str, dim: int, dim_out: int, batc
 
     n = len(texts)
     out = np.zeros((n, dim_out), np.float32)
-    lengths = np.fromiter((len(t) for t in texts), np.int64, count=n)
-    order = np.argsort(lengths, kind="stable")
+    order = shortest_first(texts)
     table = pa.table({"idx": pa.array(order, pa.int64()), "text": pa.array([texts[i] for i in order], pa.string())})
     # Several blocks so that more than one encoder actor can work at once.
     n_blocks = max(1, min(4 * concurrency, (n + batch_size - 1) // batch_size))

@@ -148,8 +148,8 @@ def verdict(interval: dict) -> str:
 def results_of(rankings: dict[str, Ranking], reference: str = "sr_no_align", n_boot: int = 1000) -> dict:
     """{task: {model: metrics}} (task_results), "candidates", "slices": {task: {slice: {model: metrics}}},
     "paired": {task: {model: {reference: {"diff", "ci95", "significant", ...}}}} on NDCG@10 against the
-    reference and STAGE1_CONTROL (when evaluated) and against every baseline of the task, and, with a "full_corpus/video"
-    ranking, "full_corpus": {"video": {...}}."""
+    reference and STAGE1_CONTROL (when evaluated) and against every baseline of the task, and, with a
+    "full_corpus/video" ranking, "full_corpus": {"video": {...}}."""
     tasks = [t for t in rankings if "/" not in t]
     out: dict = {task: task_results(rankings[task]) for task in tasks}
     out["candidates"] = {task: rankings[task].candidate_counts() for task in tasks}
@@ -161,8 +161,8 @@ def results_of(rankings: dict[str, Ranking], reference: str = "sr_no_align", n_b
         # any model must clear); the text tables show the controls and the strongest baseline.
         scored = {name: out[task][name]["ndcg@10"] for name in BASELINES.get(task, ())
                   if out[task].get(name, {}).get("ndcg@10") is not None}
-        controls = [reference] + [STAGE1_CONTROL] * (STAGE1_CONTROL != reference and STAGE1_CONTROL in out[task])
-        against = controls + sorted(scored, key=scored.get, reverse=True)
+        # (paired skips any of them that was not evaluated)
+        against = list(dict.fromkeys([reference, STAGE1_CONTROL, *sorted(scored, key=scored.get, reverse=True)]))
         out["paired"][task] = paired(rankings[task], against, n_boot=n_boot)
     if "full_corpus/video" in rankings:
         full = rankings["full_corpus/video"]
