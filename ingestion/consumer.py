@@ -11,8 +11,9 @@ Guarantees (tested against the real broker in tests/ingestion/test_failures.py):
   fresh id index, because the previous owner may have written since.
 - Backpressure: the loop polls at most `max_poll_records` and writes synchronously once `flush_records` are
   buffered, so memory stays bounded however slow the sink is (the broker simply holds the rest).
-- The sequence store is updated after every poll (freshness), before the log flush; it keys rows by event_id,
-  so redelivery is harmless, and its own offsets let a restart replay what it lacks.
+- The sequence store is updated after every poll (freshness), by a child process (ingestion.store_writer) in
+  the order of the polls; it keys rows by event_id, so redelivery is harmless, and its own offsets let a
+  restart replay what it lacks.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import socket
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,12 +34,16 @@ from kafka.errors import KafkaError
 
 from ingestion.eventlog import EventLog, IdIndex
 from ingestion.replay import MAX_MESSAGE_BYTES
-from ingestion.schema import ARROW_SCHEMA, ID_FIELD, TABLES, Columns, parse_batch
-from ingestion.sequence_store import SequenceStore
+from ingestion.schema import ARROW_SCHEMA, ID_FIELD, TABLES, parse_batch
+from ingestion.store_writer import StoreWriter
 from ingestion.topics import topic_names
 
 STATE_DIR = "_state"
 EVENT_TABLES = ("video_events", "comment_events")
+# Fetch sizes: 16 MB a response at most (this bounds the fetcher's own buffer too), 4 MB a partition. kafka-python
+# fetches a partition again only once its last response is drained, so 1 MB a partition (its default) left the
+# loop waiting on the broker between responses: 4 MB took a backlog from 43k to 53-58k events/s (issue 19).
+FETCH_SETTINGS = {"fetch_max_bytes": 16 * 1024 * 1024, "max_partition_fetch_bytes": 4 * 1024 * 1024}
 
 
 @dataclasses.dataclass
@@ -163,14 +168,14 @@ class DeadLetterLedger:
             self.state.pop(tp, None)
 
 
-def triage(table: str, values: list[bytes], index: IdIndex) -> tuple[Columns, pa.Table, list[tuple[int, str]]]:
-    """One partition's polled values, as a batch: (the valid records as columns; those new to the log, as an
-    Arrow table; (position, reason) of each bad one). New: its id is neither in the log nor earlier in the
+def triage(table: str, values: list[bytes], index: IdIndex) -> tuple[pa.Table, pa.Table, list[tuple[int, str]]]:
+    """One partition's polled values, as a batch: (the valid records; those of them new to the log; (position,
+    reason) of each bad one), the records as Arrow tables. New: its id is neither in the log nor earlier in the
     session, which `index` remembers."""
     valid, bad = parse_batch(table, values)
     keep = index.keep_new(table, valid[ID_FIELD[table]], valid["ts"])
     rows = pa.Table.from_pydict(valid, schema=ARROW_SCHEMA[table])
-    return valid, rows if all(keep) else rows.filter(keep), bad
+    return rows, rows if all(keep) else rows.filter(keep), bad
 
 
 def read_dead_letter_counts(eventlog: str | Path) -> dict[str, int]:
@@ -202,12 +207,11 @@ class Ingestor:
         self.log.remove_stale_temporaries()
         self.index = IdIndex(self.log, config.max_id_partitions)
         self.ledger = DeadLetterLedger(config.state_dir / "dead_letters")
-        self.store = SequenceStore(config.store_path, max_history=config.max_history)
+        self.store = StoreWriter(config.store_path, config.max_history)
         self.topics = topic_names(config.topic_prefix)
         self.table_of_topic = {self.topics[t]: t for t in TABLES}
         self.buffer: dict[str, list[pa.Table]] = {t: [] for t in TABLES}  # new rows, one table per batch
         self.stats: Counter = Counter()
-        self.freshness_ms: deque = deque(maxlen=200_000)
         self.member = config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         self._window = (time.monotonic(), 0)  # (start, stored so far) for the throughput figure
         self._metrics = _ray_metrics()
@@ -229,7 +233,7 @@ class Ingestor:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=config.max_poll_records,
-            fetch_max_bytes=16 * 1024 * 1024,  # bounds the fetcher's own buffer too
+            **FETCH_SETTINGS,
             session_timeout_ms=config.session_timeout_ms,
             heartbeat_interval_ms=max(1000, config.session_timeout_ms // 5),
             client_id=f"lsvcr-ingest-{self.member}",
@@ -278,7 +282,7 @@ class Ingestor:
     def replay_store_gaps(self) -> None:
         """Seek a newly assigned partition back to the sequence store's offset when the store is behind the
         group's commit (it lost its last transactions in a power loss); the log dedups the replay by id."""
-        stored = self.store.offsets()
+        stored = self.store.sync()
         for tp in self._check_store:
             behind = stored.get((tp.topic, tp.partition))
             try:
@@ -292,7 +296,7 @@ class Ingestor:
 
     # -- records --------------------------------------------------------------------------------------
 
-    def handle_batch(self, tp, records) -> tuple[Columns, int]:
+    def handle_batch(self, tp, records) -> tuple[pa.Table, int]:
         """Parse one partition's records as a batch: buffer new valid ones, dead-letter bad ones. Returns the
         valid ones (duplicates included: the sequence store dedups by itself) and the next offset."""
         table = self.table_of_topic[tp.topic]
@@ -305,7 +309,7 @@ class Ingestor:
                 self.stats["dead_letters_redelivered"] += 1
         if new.num_rows:
             self.buffer[table].append(new)
-        self.stats["duplicates"] += len(valid["ts"]) - new.num_rows
+        self.stats["duplicates"] += valid.num_rows - new.num_rows
         self.stats["consumed"] += len(records)
         return valid, records[-1].offset + 1
 
@@ -323,7 +327,7 @@ class Ingestor:
             self._metrics["dead_letters"].inc(1, tags={"reason": reason.split(":")[0]})
 
     def apply_to_store(self, polled: dict) -> None:
-        """Update the online sequences with this poll's valid events, then sample their freshness."""
+        """Send this poll's valid events to the online sequences (the store writer samples their freshness)."""
         events = {t: [] for t in EVENT_TABLES}
         offsets = {}
         produced_ms = []
@@ -332,9 +336,7 @@ class Ingestor:
             if table in events:
                 events[table].append(valid)
                 produced_ms.extend(r.timestamp for r in records)
-        self.store.apply(events["video_events"], events["comment_events"], offsets)
-        now_ms = time.time() * 1000
-        self.freshness_ms.extend(now_ms - t for t in produced_ms)
+        self.store.apply({t: pa.concat_tables(v) for t, v in events.items() if v}, offsets, produced_ms)
 
     def pending(self) -> int:
         return sum(rows.num_rows for batches in self.buffer.values() for rows in batches)
@@ -428,10 +430,11 @@ class Ingestor:
                     elif caught_up:
                         break
             self.flush()
+            self.store.close()  # every event applied, the freshness samples back
         finally:
             self.consumer.close(autocommit=False)
             self.dead_letters.close()
-            self.store.close()
+            self.store.stop()  # after an error: the child still applies what it was sent
         elapsed = time.monotonic() - started
         # From the first record polled to the last one durable: the rate figure, without start-up and idle tail.
         active = (self.last_durable - first_record) if first_record else 0.0
@@ -441,8 +444,8 @@ class Ingestor:
                   "active_until_unix": round(active_until, 3),
                   "dead_letter_reasons": read_dead_letter_counts(cfg.eventlog),
                   "seconds": round(elapsed, 2),
-                  "freshness_p50_ms": percentile(self.freshness_ms, 50),
-                  "freshness_p99_ms": percentile(self.freshness_ms, 99)}
+                  "freshness_p50_ms": percentile(self.store.freshness_ms, 50),
+                  "freshness_p99_ms": percentile(self.store.freshness_ms, 99)}
         print(f"[ingest] done: {result}", flush=True)
         return result
 
