@@ -281,7 +281,8 @@ class Ingestor:
 
     def replay_store_gaps(self) -> None:
         """Seek a newly assigned partition back to the sequence store's offset when the store is behind the
-        group's commit (it lost its last transactions in a power loss); the log dedups the replay by id."""
+        group's commit (it lost its last transactions in a power loss, or its writer process was killed with a
+        batch in hand); the log dedups the replay by id."""
         stored = self.store.sync()
         for tp in self._check_store:
             behind = stored.get((tp.topic, tp.partition))

@@ -22,6 +22,7 @@ from core.paths import run_dir
 from devtools.generator import GeneratorConfig, generate
 from features.folder import FeaturesFolder
 from lsvcr.pipeline import PipelineConfig, Steps, run_pipeline
+from lsvcr.suite import SERVED_MODEL
 from serving.app import show_samples, start, stop
 from trainers.registry import Registry
 
@@ -89,8 +90,8 @@ def _run(root: Path, steps: Steps, users: int, seed: int, epochs: int | None, se
 
     steps("publish to the model registry, serve with Ray Serve, ask for recommendations")
     registry = root / "registry"
-    version = Registry(registry).publish(out["checkpoints"]["sr_no_align"], out["features"])
-    steps.say(f"[demo] published sr_no_align as {version} in {registry}")
+    version = Registry(registry).publish(out["checkpoints"][SERVED_MODEL], out["features"])
+    steps.say(f"[demo] published {SERVED_MODEL} as {version} in {registry}")
     url = start(registry=str(registry), access_log=serve_seconds > 0)
     try:
         with contextlib.redirect_stdout(steps.out):

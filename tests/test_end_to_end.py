@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.contract import TASKS
+from lsvcr.suite import SERVED_MODEL
 
 pytestmark = pytest.mark.integration
 
@@ -37,8 +38,10 @@ def test_results_json_has_every_model_and_metric(pipeline_run):
     assert {"video", "comment", "protocol", "other_protocols"} <= set(results)
     assert results["protocol"] == "alive_window" and set(results["other_protocols"]) == {"uniform_all", "popularity_at_t"}
     # The time-aware baselines are always there (issue 8).
-    assert {"popularity", "sasrec", "sr_no_align", "recency", "popularity_at_t", "recency_pop_blend"} <= set(results["video"])
-    assert {"popularity", "sasrec", "sr_no_align", "newest", "most_engaged", "top_level"} <= set(results["comment"])
+    assert {"popularity", "sasrec", "sr_no_align", SERVED_MODEL, "recency", "popularity_at_t",
+            "recency_pop_blend"} <= set(results["video"])
+    assert {"popularity", "sasrec", "sr_no_align", SERVED_MODEL, "newest", "most_engaged", "top_level"} <= set(
+        results["comment"])
     for task in TASKS:
         for metrics in results[task].values():
             assert {"recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10", "mrr@5", "mrr@10"} <= set(metrics)
@@ -51,7 +54,7 @@ def test_serve_answers_both_routes_and_rejects_bad_requests(pipeline_run):
     _, out = pipeline_run
     users = pq.read_table(f"{out['features']}/users.parquet", columns=["user_id"])["user_id"].to_pylist()
     videos = pq.read_table(f"{out['features']}/videos.parquet", columns=["video_id"])["video_id"].to_pylist()
-    url = start(checkpoint=out["checkpoints"]["sr_no_align"], features=out["features"], port=18765)
+    url = start(checkpoint=out["checkpoints"][SERVED_MODEL], features=out["features"], port=18765)
     try:
         with httpx.Client(base_url=url, timeout=30) as client:
             assert client.get("/v1/health").json()["status"] == "ok"
