@@ -34,9 +34,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from core.paths import child_env
 from ingestion.sequence_store import SequenceStore
 
-_ROOT = Path(__file__).resolve().parents[1]
 FRESHNESS_SAMPLES = 200_000  # the newest event-to-readable delays kept for the consumer's percentiles
 
 
@@ -65,12 +65,11 @@ class StoreWriter:
     def __init__(self, path: str | Path, max_history: int, start_timeout_s: float = 120.0):
         to_child_read, to_child_write = os.pipe()
         from_child_read, from_child_write = os.pipe()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ingestion.store_writer", str(to_child_read), str(from_child_write), str(path),
                  str(max_history)],
-                pass_fds=(to_child_read, from_child_write), env=env, stdin=subprocess.DEVNULL)
+                pass_fds=(to_child_read, from_child_write), env=child_env(), stdin=subprocess.DEVNULL)
         finally:
             os.close(to_child_read)
             os.close(from_child_write)

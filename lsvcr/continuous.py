@@ -51,6 +51,7 @@ from typing import Optional
 from core import storage
 from core.config import ConfigError, require, require_at_least
 from core.contract import TASKS
+from core.paths import PROJECT_ROOT, child_env
 from core.runtime import init_ray
 from features.build import build_features, eventlog_files
 from features.config import FeaturesConfig
@@ -74,7 +75,6 @@ from trainers.finetune import FinetuneConfig, finetune
 from trainers.registry import Registry
 from trainers.scoring import Scorer
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Every example goes to the train split of the features folder: the global cut sits beyond any event time
 # (year 2255), and this job cuts its own sliding windows by time.
 NO_SPLIT_TS = 9_000_000_000_000
@@ -223,7 +223,7 @@ class ContinuousTrainer:
         ingest = IngestConfig(eventlog=str(self.config.eventlog_dir), bootstrap=self.config.bootstrap,
                               group=self.config.group, topic_prefix=self.config.topic_prefix,
                               flush_interval_s=1.0, instance_id=f"{self.config.group}-continuous")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+        env = child_env()
         env.pop("RAY_ADDRESS", None)  # the consumer does not need Ray
         log = open(self.workdir / "consumer.log", "ab")
         self.consumer = subprocess.Popen([sys.executable, "-m", "ingestion.consumer",

@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from core.paths import PROJECT_ROOT
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # stage -> the `lsvcr` command that runs it, as `python -m lsvcr.cli COMMAND [--config F.yaml] key=value ...`
 STAGES = {
