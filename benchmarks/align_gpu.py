@@ -1,0 +1,215 @@
+"""Stage 1 in LoRA mode on one accelerator, without Ray, and its quality effect (issue 18, item 8).
+
+    python -m benchmarks.align_gpu stage1 features=F out=O llm=SmolLM2.gguf|HF_FOLDER [seeds=3 ...]
+    python -m benchmarks.align_gpu stage2 features=F aligned=O work=W [seeds=3]
+
+`stage1` runs where the GPU is (a machine with torch, transformers, peft and pyarrow, but no Ray): for every
+variant and seed it trains the SR model and the LLM side with trainers/align.py's own step (`stage1_losses`,
+`total_loss`) in one process, and writes each result with `save_aligned` to O/<variant>@seed<k> (its train.json
+holds tokens/s, examples/s, steps, the device and the LLM's compute dtype). Variants: `lora` (SmolLM2 + LoRA, the LM
+loss and every contrast) and `none` (the rec losses alone: the sr_rec_pretrain control over the very same
+examples, order and steps). The schedule is the CPU quality run's: one epoch over a seeded sample of
+`max_examples` train examples per task, 128 examples per task and step (2 workers x 64 there).
+
+`stage2` runs here on Ray: stage 2 (trainers/finetune.py, as lsvcr.suite trains it) from each aligned folder
+(`lsvcr_lora`, `sr_rec_pretrain`) and sr_no_align beside them, every model under each seed, then one evaluation
+on the test split with the paired intervals of trainers/ranking.py; writes W/quality_gpu_lora.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.config import load_config, parse_overrides
+from core.contract import TASKS
+from features.folder import FeaturesFolder
+from trainers.align import (
+    AlignConfig,
+    _build_llm_side,
+    sample_event_ids,
+    save_aligned,
+    sr_config,
+    stage1_losses,
+    total_loss,
+)
+from trainers.data import item_time_tensors, text_tensors
+from trainers.models.llm import ItemTexts, converted_gguf, resolve_llm_path
+from trainers.models.sr import SRModel
+
+STAGE1 = {"features": "", "out": "", "llm": "default", "variants": "lora,none", "seeds": 3, "first_seed": 0,
+          "epochs": 1, "max_examples": 10_000, "batch_size": 128, "max_prompt_tokens": 256, "limit_steps": 0}
+STAGE2 = {"features": "", "aligned": "", "work": "", "seeds": 3}
+NAMES = {"lora": "lsvcr_lora", "none": "sr_rec_pretrain"}  # variant -> model name in the evaluation
+
+
+def _options(defaults: dict, args: list[str]) -> dict:
+    given = parse_overrides(args)
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise SystemExit(f"align_gpu: unknown options {unknown}; known: {sorted(defaults)}")
+    opts = {**defaults, **given}
+    for key, value in defaults.items():
+        opts[key] = type(value)(opts[key])
+    missing = [k for k, v in opts.items() if v == "" and k in ("features", "out", "aligned", "work")]
+    if missing:
+        raise SystemExit(f"align_gpu: {missing} required")
+    return opts
+
+
+def llm_folder(name: str, cache: Path) -> Path:
+    """A .gguf file (converted once into cache, as the packaged one is here) or what resolve_llm_path takes."""
+    if name.endswith(".gguf"):
+        return converted_gguf(Path(name), cache)
+    return resolve_llm_path(name)
+
+
+def train_rows(folder: FeaturesFolder, task: str, max_examples: int) -> dict[str, np.ndarray]:
+    """The task's train examples (the seeded sample every CPU run takes) as one numpy batch."""
+    table = folder.examples_table(task, "train")
+    sample = sample_event_ids(folder, task, "train", max_examples)
+    if sample is not None:
+        keep = np.array([e in sample for e in table.column("event_id").to_pylist()])
+        table = table.filter(keep)
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def joint_batches(rows: dict[str, dict], batch_size: int, seed: int):
+    """(video rows | None, comment rows | None) in a seeded global shuffle, until both tasks run out."""
+    rng = np.random.default_rng(seed)
+    orders = {task: rng.permutation(len(r["target"])) for task, r in rows.items()}
+    steps = max(-(-len(o) // batch_size) for o in orders.values())
+    for step in range(steps):
+        out = []
+        for task in TASKS:
+            idx = orders[task][step * batch_size: (step + 1) * batch_size]
+            out.append({k: v[idx] for k, v in rows[task].items()} if len(idx) else None)
+        yield tuple(out)
+
+
+def train_one(config: AlignConfig, folder: FeaturesFolder, rows: dict, llm_path: str | None, device: torch.device,
+              limit_steps: int) -> dict:
+    """One stage 1 run in this process (the step of AlignRecipe.train_epoch, one worker); returns its figures."""
+    torch.manual_seed(config.seed)
+    sr = SRModel(sr_config(config, folder.text_dim))
+    sr.set_text_tables(*text_tensors(folder))
+    sr.set_item_times(*item_time_tensors(folder))
+    sr.to(device)
+    hidden = 0
+    if llm_path:
+        hidden = json.loads((Path(llm_path) / "config.json").read_text())["hidden_size"]
+    llm = _build_llm_side(config, llm_path, hidden, device)
+    texts = ItemTexts.from_folder(folder) if config.mode == "lora" else None
+    params = [p for m in (sr, llm) if m is not None for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    torch.manual_seed(config.seed + 1)
+    sr.train()
+    if llm is not None:
+        llm.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    step, examples, tokens, sums, history = 0, 0, 0.0, {}, []
+    started = time.monotonic()
+    for epoch in range(1, config.epochs + 1):
+        for video, comment in joint_batches(rows, config.batch_size, config.seed + epoch):
+            with autocast:
+                losses = stage1_losses(sr, llm, {"video": video, "comment": comment}, config, texts, device)
+                tokens += float(losses.pop("tokens", torch.zeros(())))
+                loss = total_loss(losses, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            step += 1
+            examples += sum(len(r["target"]) for r in (video, comment) if r is not None)
+            for name, value in {"total": loss, **losses}.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            if step % config.log_every == 0 or step == 1:
+                print(f"align_gpu: {config.llm_mode} seed {config.seed} epoch {epoch} step {step} "
+                      + " ".join(f"{k} {float(v.detach()):.4f}" for k, v in losses.items())
+                      + f" {examples / (time.monotonic() - started):.1f} examples/s", flush=True)
+            if limit_steps and step >= limit_steps:
+                break
+        history.append({f"{k}_loss": v / max(step, 1) for k, v in sums.items()})
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_s = time.monotonic() - started
+    figures = {"mode": config.mode, "seed": config.seed, "torch": torch.__version__, "step": step, "epochs": config.epochs,
+               "examples": examples, "train_s": round(train_s, 2),
+               "examples_per_s": round(examples / train_s, 1), "tokens_per_s": round(tokens / train_s, 1),
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "llm_compute": "bfloat16 autocast over float32 weights" if device.type == "cuda" else "float32",
+               "history": history}
+    if device.type == "cuda":
+        figures["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    save_aligned(Path(config.out), sr.cpu(), llm.cpu() if llm is not None else None, config,
+                 {"align_config": {k: str(v) for k, v in vars(config).items()}, **figures})
+    return figures
+
+
+def stage1(args: list[str]) -> dict:
+    opts = _options(STAGE1, args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    folder = FeaturesFolder(opts["features"])
+    out = Path(opts["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    variants = opts["variants"].split(",")
+    llm_path = str(llm_folder(opts["llm"], out / "llm-cache")) if "lora" in variants else None
+    rows = {task: train_rows(folder, task, opts["max_examples"]) for task in TASKS}
+    print(f"align_gpu: {device}, train examples {({t: len(r['target']) for t, r in rows.items()})}", flush=True)
+    runs = {}
+    for variant in variants:
+        for seed in range(opts["first_seed"], opts["first_seed"] + opts["seeds"]):
+            config = AlignConfig(features=str(folder.root), out=str(out / f"{variant}@seed{seed}"),
+                                 llm=llm_path or "default", llm_mode=variant, epochs=opts["epochs"],
+                                 max_examples=opts["max_examples"], batch_size=opts["batch_size"],
+                                 max_prompt_tokens=opts["max_prompt_tokens"], num_workers=1,
+                                 use_gpu=device.type == "cuda", seed=seed)
+            runs[f"{variant}@seed{seed}"] = train_one(config, folder, rows, llm_path if variant == "lora" else None,
+                                                      device, opts["limit_steps"])
+            print(f"align_gpu: {variant}@seed{seed}: {json.dumps({k: v for k, v in runs[f'{variant}@seed{seed}'].items() if k != 'history'})}",
+                  flush=True)
+    return runs
+
+
+def stage2(args: list[str]) -> dict:
+    from trainers.evaluate import evaluate, format_table
+    from trainers.finetune import FinetuneConfig, finetune
+
+    opts = _options(STAGE2, args)
+    aligned, work = Path(opts["aligned"]), Path(opts["work"])
+    checkpoints = {}
+    for seed in range(opts["seeds"]):
+        for variant, name in (*NAMES.items(), (None, "sr_no_align")):
+            run = f"{name}@seed{seed}"
+            target = work / run
+            if not (target / "model.safetensors").is_file():
+                values = {"features": opts["features"], "out": str(target), "seed": seed, "num_workers": 2}
+                if variant:
+                    values["init"] = str(aligned / f"{variant}@seed{seed}")
+                print(f"align_gpu: stage 2 for {run}", flush=True)
+                finetune(load_config(FinetuneConfig, None, values))
+            checkpoints[run] = str(target)
+    metrics = {"seeds": opts["seeds"], **evaluate(opts["features"], checkpoints, split="test")}
+    gpu = {}
+    for variant in NAMES:
+        for seed in range(opts["seeds"]):
+            info = json.loads((aligned / f"{variant}@seed{seed}" / "train.json").read_text())
+            gpu[f"{variant}@seed{seed}"] = {k: v for k, v in info.items() if k not in ("align_config", "history")}
+    result = {"stage1_gpu": gpu, "metrics": metrics, "table": format_table(metrics)}
+    (work / "quality_gpu_lora.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(result["table"], flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    from core.runtime import setup_process
+
+    setup_process()
+    if len(sys.argv) < 2 or sys.argv[1] not in ("stage1", "stage2"):
+        raise SystemExit(__doc__)
+    (stage1 if sys.argv[1] == "stage1" else stage2)(sys.argv[2:])
