@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from benchmarks.align_gpu import _options, STAGE1, joint_batches
+from benchmarks.align_gpu import STAGE1, _options, joint_batches
 
 
 def test_joint_batches_cover_every_row_once_and_pad_the_shorter_task_with_none():
