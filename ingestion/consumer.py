@@ -9,8 +9,9 @@ Guarantees (tested against the real broker in tests/ingestion/test_failures.py):
   offset: the per-partition DeadLetterLedger remembers up to which offset dead letters were sent and counted.
 - Partitions being taken away (rebalance) are flushed to the log first (not committed: see on_revoked); partitions given to us start with a
   fresh id index, because the previous owner may have written since.
-- Backpressure: the loop polls at most `max_poll_records` and writes synchronously once `flush_records` are
-  buffered, so memory stays bounded however slow the sink is (the broker simply holds the rest).
+- Backpressure: the loop polls at most `max_poll_records` and, once `flush_records` are buffered, hands them
+  to a writer thread (Parquet parts, fsync, rename) and polls on. One write is in flight at most: the next one
+  waits for it, so memory stays bounded at two buffers however slow the sink is (the broker holds the rest).
 - The sequence store is updated after every poll (freshness), by a child process (ingestion.store_writer) in
   the order of the polls; it keys rows by event_id, so redelivery is harmless, and its own offsets let a
   restart replay what it lacks.
@@ -18,13 +19,16 @@ Guarantees (tested against the real broker in tests/ingestion/test_failures.py):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import os
 import socket
 import sys
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -56,6 +60,9 @@ class IngestConfig:
     flush_interval_s: float = 2.0
     # Stop once every assigned partition is caught up and nothing arrived for this long (None: run forever).
     until_idle_s: float | None = None
+    # Stop once this many records were consumed (0: no limit), then write them: a backlog of known size read
+    # as a plain poll loop reads it, without the idle wait (benchmarks).
+    max_records: int = 0
     # Each poll is one batch: parsed column by column, one sequence-store transaction. Larger polls make a
     # backlog cheaper per record (the store writes each touched index page once per transaction).
     max_poll_records: int = 10_000
@@ -79,6 +86,8 @@ class IngestConfig:
             raise ValueError("flush_records, flush_interval_s and max_poll_records must be positive")
         if self.until_idle_s is not None and self.until_idle_s <= 0:
             raise ValueError("until_idle_s must be positive or None")
+        if self.max_records < 0:
+            raise ValueError("max_records must be >= 0")
         if self.max_history < 1 or self.max_id_partitions < 1:
             raise ValueError("max_history and max_id_partitions must be >= 1")
         if self.rejoin_after_s <= self.session_timeout_ms / 1000:
@@ -186,6 +195,23 @@ def read_dead_letter_counts(eventlog: str | Path) -> dict[str, int]:
     return dict(total)
 
 
+@contextlib.contextmanager
+def collector_for_streaming(young_threshold: int = 50_000):
+    """Python's cyclic garbage collector set for the poll loop, and restored after it. The loop allocates
+    several short-lived container objects a record (kafka-python's records, our columns), so the default
+    threshold of 700 ran a collection every few dozen records, each also walking the objects that survive;
+    that was 0.3 s of a 2.6 s backlog of 200,000 events (issue 19). Objects alive at the start (modules,
+    the consumer) are frozen out of the collections."""
+    threshold = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(young_threshold, *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+
+
 # ------------------------------------------------------------------------------------------- the loop
 
 
@@ -205,7 +231,8 @@ class Ingestor:
         self.config = config
         self.log = EventLog(config.eventlog)
         self.log.remove_stale_temporaries()
-        self.index = IdIndex(self.log, config.max_id_partitions)
+        # A day's ids are read from the log only once the write in flight is in it (finish_flush).
+        self.index = IdIndex(self.log, config.max_id_partitions, before_load=self.finish_flush)
         self.ledger = DeadLetterLedger(config.state_dir / "dead_letters")
         self.store = StoreWriter(config.store_path, config.max_history)
         self.topics = topic_names(config.topic_prefix)
@@ -219,8 +246,11 @@ class Ingestor:
         self.last_durable = time.monotonic()
         self._durable_consumed = 0
         self.consumer = self._new_consumer()
-        self.dead_letters = KafkaProducer(bootstrap_servers=config.bootstrap, acks="all", client_id="lsvcr-dlq",
-                                          max_request_size=MAX_MESSAGE_BYTES + 64 * 1024, linger_ms=5)
+        self._dead_letters: KafkaProducer | None = None  # made for the first bad record (see dead_letters)
+        # Event-log parts are written and fsynced on this thread while the loop polls on (pyarrow and fsync
+        # release the GIL); `writing` is the one write in flight: (its future, the offsets it covers, consumed).
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsvcr-eventlog")
+        self.writing: tuple[Future, dict, int] | None = None
 
     def _new_consumer(self) -> KafkaConsumer:
         """A consumer subscribed to the event and catalog topics; out of the group until its first assignment."""
@@ -314,6 +344,16 @@ class Ingestor:
         self.stats["consumed"] += len(records)
         return valid, records[-1].offset + 1
 
+    @property
+    def dead_letters(self) -> KafkaProducer:
+        """The dead-letter producer, made on first use: an idle producer's IO thread still wakes every few
+        milliseconds and takes the GIL from the poll loop."""
+        if self._dead_letters is None:
+            self._dead_letters = KafkaProducer(bootstrap_servers=self.config.bootstrap, acks="all",
+                                               client_id="lsvcr-dlq", linger_ms=5,
+                                               max_request_size=MAX_MESSAGE_BYTES + 64 * 1024)
+        return self._dead_letters
+
     def _dead_letter(self, record, reason: str) -> None:
         headers = [
             ("reason", reason.encode()),
@@ -343,30 +383,59 @@ class Ingestor:
         return sum(rows.num_rows for batches in self.buffer.values() for rows in batches)
 
     def flush(self, commit: bool = True) -> None:
-        """Make everything consumed so far durable, then commit the offsets that cover it."""
-        for table, batches in self.buffer.items():
-            if batches:
-                rows = pa.concat_tables(batches)
-                self.log.append(table, rows)
-                self.stats[f"stored_{table}"] += rows.num_rows
-                self.stats["stored"] += rows.num_rows
-                if self._metrics:
-                    self._metrics["stored"].inc(rows.num_rows, tags={"table": table})
-                self.buffer[table] = []
-        self.dead_letters.flush()
+        """Make everything consumed so far durable, then (commit) commit the offsets that cover it."""
+        self.start_flush(commit)
+        self.finish_flush(commit)
+
+    def start_flush(self, commit: bool = True) -> None:
+        """Hand the buffer to the writer thread with the offsets it covers, once the write in flight (if any)
+        is durable and, with `commit`, committed: at most one write is in flight, so memory stays bounded at
+        two buffers."""
+        self.finish_flush(commit)
+        tables = {table: pa.concat_tables(batches) for table, batches in self.buffer.items() if batches}
+        self.buffer = {t: [] for t in TABLES}
+        # What commit() without offsets would commit now: the position of every assigned partition, all of
+        # whose records up to there are in `tables`, in the log already, or dead-lettered.
+        offsets = self.consumer._subscription.all_consumed_offsets()
+        self.writing = (self.writer.submit(self._write, tables), offsets, self.stats["consumed"])
+
+    def _write(self, tables: dict[str, pa.Table]) -> dict[str, int]:
+        """On the writer thread: one part per table and date, each fsynced and renamed into place."""
+        for table, rows in tables.items():
+            self.log.append(table, rows)
+        return {table: rows.num_rows for table, rows in tables.items()}
+
+    def finish_flush(self, commit: bool = True, wait: bool = True) -> bool:
+        """Complete the write in flight: its parts durable, the dead letters acknowledged by the broker, the
+        ledger saved, then (commit) its offsets committed. Without `wait`, returns False while it is still
+        being written."""
+        if self.writing is None:
+            return True
+        future, offsets, consumed = self.writing
+        if not wait and not future.done():
+            return False
+        self.writing = None
+        for table, rows in future.result().items():  # the writer's error, if any, is raised here
+            self.stats[f"stored_{table}"] += rows
+            self.stats["stored"] += rows
+            if self._metrics:
+                self._metrics["stored"].inc(rows, tags={"table": table})
+        if self._dead_letters is not None:
+            self._dead_letters.flush()
         self.ledger.save()
         if not commit:
-            return
+            return True
         try:
-            self.consumer.commit()
+            self.consumer.commit(offsets)
         except KafkaError as err:
             # The records are durable, so a failed commit only means they may be delivered again (and deduped).
             self.stats["commit_failures"] += 1
             print(f"[ingest] commit failed, will retry on the next flush: {err!r}", flush=True)
         self._write_stats()
-        if self.stats["consumed"] > self._durable_consumed:  # not a flush with nothing new (the idle stop's)
+        if consumed > self._durable_consumed:  # not a flush with nothing new (the idle stop's)
             self.last_durable = time.monotonic()
-            self._durable_consumed = self.stats["consumed"]
+            self._durable_consumed = consumed
+        return True
 
     def _write_stats(self) -> None:
         start, stored_then = self._window
@@ -395,6 +464,10 @@ class Ingestor:
             return None  # broker away: we cannot tell
 
     def run(self) -> dict:
+        with collector_for_streaming():
+            return self._run()
+
+    def _run(self) -> dict:
         cfg = self.config
         started = last_flush = last_record = last_report = time.monotonic()
         first_record = None
@@ -416,14 +489,17 @@ class Ingestor:
                     last_record = now
                     first_record = first_record or now
                 self.stats["peak_pending"] = max(self.stats["peak_pending"], self.pending())
+                self.finish_flush(wait=False)  # commit a finished write at once
                 if should_flush(self.pending(), now - last_flush, bool(polled), cfg.flush_records, cfg.flush_interval_s):
-                    self.flush()
+                    self.start_flush()
                     last_flush = time.monotonic()
                 if now - last_report >= 10:
                     print(f"[ingest] {self.stats['consumed']:,} consumed, {self.stats['stored']:,} stored, "
                           f"{self.stats['dead_letters']:,} dead letters, {self.stats['duplicates']:,} duplicates",
                           flush=True)
                     last_report = now
+                if cfg.max_records and self.stats["consumed"] >= cfg.max_records:
+                    break
                 if cfg.until_idle_s is not None and now - last_record >= cfg.until_idle_s:
                     caught_up = self.caught_up()
                     if caught_up is None:  # an outage is not idleness: producers resend once the broker is back
@@ -433,8 +509,10 @@ class Ingestor:
             self.flush()
             self.store.close()  # every event applied, the freshness samples back
         finally:
-            self.consumer.close(autocommit=False)
-            self.dead_letters.close()
+            self.consumer.close(autocommit=False)  # its revocation writes what is still buffered
+            self.writer.shutdown(wait=True)
+            if self._dead_letters is not None:
+                self._dead_letters.close()
             self.store.stop()  # after an error: the child still applies what it was sent
         elapsed = time.monotonic() - started
         # From the first record polled to the last one durable: the rate figure, without start-up and idle tail.

@@ -13,6 +13,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -151,10 +152,13 @@ class IdIndex:
     are dropped and reloaded from the log if needed again).
     """
 
-    def __init__(self, log: EventLog, max_partitions: int = 64):
+    def __init__(self, log: EventLog, max_partitions: int = 64, before_load: Callable[[], object] | None = None):
         if max_partitions < 1:
             raise ValueError("max_partitions must be >= 1")
         self.log = log
+        # Called before a day's ids are read from the log: a writer with parts in flight makes them durable
+        # first, or their ids would be missing from the reloaded day.
+        self.before_load = before_load
         self.max_partitions = max_partitions
         self._sets: OrderedDict[tuple[str, int], set[str]] = OrderedDict()
         self.loads = 0
@@ -164,6 +168,8 @@ class IdIndex:
         if key in self._sets:
             self._sets.move_to_end(key)
             return self._sets[key]
+        if self.before_load is not None:
+            self.before_load()
         ids = self.log.ids(table, date_of(day * DAY_MS))
         self.loads += 1
         self._sets[key] = ids

@@ -1,13 +1,27 @@
 """The consumer's pure parts, without a broker."""
 
+import gc
 import json
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pytest
 
-from ingestion.consumer import DeadLetterLedger, IngestConfig, percentile, read_dead_letter_counts, should_flush, triage
+from ingestion.consumer import (
+    DeadLetterLedger,
+    IngestConfig,
+    Ingestor,
+    collector_for_streaming,
+    percentile,
+    read_dead_letter_counts,
+    should_flush,
+    triage,
+)
 from ingestion.eventlog import EventLog, IdIndex, date_of
-from ingestion.schema import ARROW_SCHEMA, ID_FIELD, InvalidRecord, parse
+from ingestion.schema import ARROW_SCHEMA, ID_FIELD, TABLES, InvalidRecord, parse
 
 T0 = 1_700_000_000_000
 DAY = 86_400_000
@@ -51,6 +65,8 @@ def test_config_rejects_bad_values():
         IngestConfig(eventlog="x", bootstrap="b", session_timeout_ms=1000)
     with pytest.raises(ValueError, match="rejoin_after_s"):
         IngestConfig(eventlog="x", bootstrap="b", session_timeout_ms=10_000, rejoin_after_s=5)
+    with pytest.raises(ValueError, match="max_records"):
+        IngestConfig(eventlog="x", bootstrap="b", max_records=-1)
     assert IngestConfig(eventlog="/tmp/log", bootstrap="b").store_path.as_posix() == "/tmp/log/_state/sequences.sqlite"
 
 
@@ -112,3 +128,111 @@ def test_batched_path_stores_the_rows_and_dead_letters_of_the_record_by_record_p
     assert sorted(log.read("video_events").to_pylist(), key=key) == sorted(
         reference.read("video_events").to_pylist(), key=key)
     assert log.count("video_events") == 2 + 4 + 2  # on disk before, new in the first batch, in the second
+
+
+class _FakeConsumer:
+    """What the flush path asks of a KafkaConsumer: its consumed positions and commits."""
+
+    def __init__(self):
+        self.positions, self.commits = {"tp": 10}, []
+        self._subscription = self
+
+    def all_consumed_offsets(self):
+        return dict(self.positions)
+
+    def commit(self, offsets):
+        self.commits.append(offsets)
+
+    def assignment(self):
+        return set()
+
+
+class _BlockingLog(EventLog):
+    """An event log whose appends wait until released (a slow disk)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.release = threading.Event()
+
+    def append(self, table, rows):
+        assert self.release.wait(10)
+        return super().append(table, rows)
+
+
+def _flushing_ingestor(tmp_path) -> Ingestor:
+    """An Ingestor with the state its flush path uses, a fake consumer and no broker."""
+    ingestor = Ingestor.__new__(Ingestor)
+    ingestor.config = IngestConfig(eventlog=str(tmp_path / "log"), bootstrap="127.0.0.1:1")
+    ingestor.log = _BlockingLog(tmp_path / "log")
+    ingestor.ledger = DeadLetterLedger(tmp_path / "ledger")
+    ingestor.consumer = _FakeConsumer()
+    ingestor.buffer = {t: [] for t in TABLES}
+    ingestor.stats, ingestor._metrics, ingestor._dead_letters = Counter(), None, None
+    ingestor.writer, ingestor.writing = ThreadPoolExecutor(1), None
+    ingestor.member, ingestor._window = "test", (time.monotonic(), 0)
+    ingestor.last_durable, ingestor._durable_consumed = 0.0, 0
+    return ingestor
+
+
+def _rows(*events):
+    return pa.Table.from_pylist([parse("video_events", e) for e in events], schema=ARROW_SCHEMA["video_events"])
+
+
+def test_offsets_are_committed_only_once_the_write_that_covers_them_is_durable(tmp_path):
+    ingestor = _flushing_ingestor(tmp_path)
+    ingestor.buffer["video_events"].append(_rows(_event(0), _event(1)))
+    ingestor.stats["consumed"] = 2
+    ingestor.start_flush()
+    ingestor.consumer.positions["tp"] = 25  # the loop polls on while the part is written
+    assert ingestor.pending() == 0
+    assert ingestor.finish_flush(wait=False) is False  # still on the disk
+    assert ingestor.consumer.commits == [] and ingestor.stats["stored"] == 0
+    ingestor.log.release.set()
+    assert ingestor.finish_flush() is True
+    assert ingestor.consumer.commits == [{"tp": 10}]  # the positions when the write started, not 25
+    assert ingestor.stats["stored"] == ingestor.log.count("video_events") == 2
+    assert ingestor._durable_consumed == 2
+    assert ingestor.finish_flush() is True and len(ingestor.consumer.commits) == 1  # nothing left in flight
+
+
+def test_a_second_flush_waits_for_the_first_and_a_revocation_commits_nothing(tmp_path):
+    ingestor = _flushing_ingestor(tmp_path)
+    ingestor.log.release.set()
+    ingestor.buffer["video_events"].append(_rows(_event(0)))
+    ingestor.start_flush()
+    ingestor.buffer["video_events"].append(_rows(_event(1, day=1)))
+    ingestor.consumer.positions["tp"] = 11
+    ingestor.start_flush()  # the first write is made durable and committed first
+    assert ingestor.consumer.commits == [{"tp": 10}]
+    ingestor.flush(commit=False)  # what a revocation does: durable, not committed
+    assert ingestor.consumer.commits == [{"tp": 10}]
+    assert ingestor.stats["stored"] == ingestor.log.count("video_events") == 2
+
+
+def test_a_failed_write_is_raised_in_the_loop_and_commits_nothing(tmp_path):
+    ingestor = _flushing_ingestor(tmp_path)
+    ingestor.log.append = lambda table, rows: (_ for _ in ()).throw(OSError("disk full"))
+    ingestor.buffer["video_events"].append(_rows(_event(0)))
+    ingestor.start_flush()
+    with pytest.raises(OSError, match="disk full"):
+        ingestor.finish_flush()
+    assert ingestor.consumer.commits == []
+
+
+def test_the_collector_is_restored_after_the_loop():
+    before = gc.get_threshold()
+    with collector_for_streaming(12_345):
+        assert gc.get_threshold()[0] == 12_345
+        assert gc.get_freeze_count() > 0
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+
+
+def test_id_index_settles_the_writer_before_it_reads_a_day_from_the_log(tmp_path):
+    calls = []
+    log = EventLog(tmp_path)
+    index = IdIndex(log, before_load=lambda: calls.append("settled"))
+    index.keep_new("video_events", ["e1", "e2"], [T0, T0 + DAY])
+    assert calls == ["settled", "settled"]  # one read per day
+    index.keep_new("video_events", ["e3"], [T0])
+    assert calls == ["settled", "settled"]  # that day is in memory
