@@ -13,7 +13,10 @@ examples, order and steps). The schedule is the CPU quality run's: one epoch ove
 
 `stage2` runs here on Ray: stage 2 (trainers/finetune.py, as lsvcr.suite trains it) from each aligned folder
 (`lsvcr_lora`, `sr_rec_pretrain`) and sr_no_align beside them, every model under each seed, then one evaluation
-on the test split with the paired intervals of trainers/ranking.py; writes W/quality_gpu_lora.json.
+on the test split with the paired intervals of trainers/ranking.py; writes W/quality_gpu_lora.json. With several
+`init_lr_scales` (e.g. 1,0.3,0.1: the stage 2 learning rate of what stage 1 trained, as a factor) each aligned
+model is trained under each, and the one with the best valid NDCG@10 (mean of both tasks and the seeds) goes
+to test.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from trainers.models.sr import SRModel
 
 STAGE1 = {"features": "", "out": "", "llm": "default", "variants": "lora,none", "seeds": 3, "first_seed": 0,
           "epochs": 1, "max_examples": 10_000, "batch_size": 128, "max_prompt_tokens": 256, "limit_steps": 0}
-STAGE2 = {"features": "", "aligned": "", "work": "", "seeds": 3}
+STAGE2 = {"features": "", "aligned": "", "work": "", "seeds": 3, "init_lr_scales": "1"}
 NAMES = {"lora": "lsvcr_lora", "none": "sr_rec_pretrain"}  # variant -> model name in the evaluation
 
 
@@ -176,31 +179,55 @@ def stage1(args: list[str]) -> dict:
     return runs
 
 
+def _scaled(name: str, scale: float) -> str:
+    return name if scale == 1.0 else f"{name}_lr{scale:g}"
+
+
 def stage2(args: list[str]) -> dict:
     from trainers.evaluate import evaluate, format_table
     from trainers.finetune import FinetuneConfig, finetune
 
     opts = _options(STAGE2, args)
-    aligned, work = Path(opts["aligned"]), Path(opts["work"])
+    aligned, work, seeds = Path(opts["aligned"]), Path(opts["work"]), range(opts["seeds"])
+    scales = [float(x) for x in opts["init_lr_scales"].split(",")]
+
+    def trained(name: str, seed: int, variant: str | None, scale: float) -> str:
+        target = work / f"{_scaled(name, scale)}@seed{seed}"
+        if not (target / "model.safetensors").is_file():
+            values = {"features": opts["features"], "out": str(target), "seed": seed, "num_workers": 2}
+            if variant:
+                values.update(init=str(aligned / f"{variant}@seed{seed}"), init_lr_scale=scale)
+            print(f"align_gpu: stage 2 for {target.name}", flush=True)
+            finetune(load_config(FinetuneConfig, None, values))
+        return str(target)
+
+    # Each stage-1 model's init_lr_scale (FinetuneConfig: the learning rate of what stage 1 trained) is chosen
+    # on the valid split, by its mean NDCG@10 over the seeds and both tasks; test sees only the chosen ones.
+    chosen, valid = {name: scales[0] for name in NAMES.values()}, None
+    if len(scales) > 1:
+        candidates = {f"{_scaled(name, scale)}@seed{seed}": trained(name, seed, variant, scale)
+                      for variant, name in NAMES.items() for scale in scales for seed in seeds}
+        valid = evaluate(opts["features"], candidates, split="valid", popularity=False)
+        for name in chosen:
+            score = {scale: sum(valid[task][_scaled(name, scale)]["ndcg@10"] for task in TASKS) / len(TASKS)
+                     for scale in scales}
+            chosen[name] = max(score, key=score.get)
+            print(f"align_gpu: {name}: valid NDCG@10 by init_lr_scale {score} -> {chosen[name]}", flush=True)
     checkpoints = {}
-    for seed in range(opts["seeds"]):
-        for variant, name in (*NAMES.items(), (None, "sr_no_align")):
-            run = f"{name}@seed{seed}"
-            target = work / run
-            if not (target / "model.safetensors").is_file():
-                values = {"features": opts["features"], "out": str(target), "seed": seed, "num_workers": 2}
-                if variant:
-                    values["init"] = str(aligned / f"{variant}@seed{seed}")
-                print(f"align_gpu: stage 2 for {run}", flush=True)
-                finetune(load_config(FinetuneConfig, None, values))
-            checkpoints[run] = str(target)
+    for seed in seeds:
+        for variant, name in NAMES.items():
+            checkpoints[f"{name}@seed{seed}"] = trained(name, seed, variant, chosen[name])
+        checkpoints[f"sr_no_align@seed{seed}"] = trained("sr_no_align", seed, None, 1.0)
     metrics = {"seeds": opts["seeds"], **evaluate(opts["features"], checkpoints, split="test")}
     gpu = {}
     for variant in NAMES:
-        for seed in range(opts["seeds"]):
+        for seed in seeds:
             info = json.loads((aligned / f"{variant}@seed{seed}" / "train.json").read_text())
             gpu[f"{variant}@seed{seed}"] = {k: v for k, v in info.items() if k not in ("align_config", "history")}
-    result = {"stage1_gpu": gpu, "metrics": metrics, "table": format_table(metrics)}
+    result = {"stage1_gpu": gpu, "init_lr_scale": chosen, "metrics": metrics, "table": format_table(metrics)}
+    if valid is not None:
+        result["valid_ndcg@10"] = {task: {m: v["ndcg@10"] for m, v in valid[task].items() if "ndcg@10" in v}
+                                   for task in TASKS}
     (work / "quality_gpu_lora.json").write_text(json.dumps(result, indent=2) + "\n")
     print(result["table"], flush=True)
     return result
