@@ -26,6 +26,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -195,21 +196,32 @@ def read_dead_letter_counts(eventlog: str | Path) -> dict[str, int]:
     return dict(total)
 
 
+_collector_users = [0, None]  # loops inside collector_for_streaming in this process; the threshold before them
+_collector_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def collector_for_streaming(young_threshold: int = 50_000):
     """Python's cyclic garbage collector set for the poll loop, and restored after it. The loop allocates
     several short-lived container objects a record (kafka-python's records, our columns), so the default
     threshold of 700 ran a collection every few dozen records, each also walking the objects that survive;
     that was 0.3 s of a 2.6 s backlog of 200,000 events (issue 19). Objects alive at the start (modules,
-    the consumer) are frozen out of the collections."""
-    threshold = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(young_threshold, *threshold[1:])
+    the consumer) are frozen out of the collections. Loops on several threads share one setting: the first
+    makes it, the last restores it."""
+    with _collector_lock:
+        _collector_users[0] += 1
+        if _collector_users[0] == 1:
+            _collector_users[1] = gc.get_threshold()
+            gc.freeze()
+            gc.set_threshold(young_threshold, *_collector_users[1][1:])
     try:
         yield
     finally:
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
+        with _collector_lock:
+            _collector_users[0] -= 1
+            if _collector_users[0] == 0:
+                gc.set_threshold(*_collector_users[1])
+                gc.unfreeze()
 
 
 # ------------------------------------------------------------------------------------------- the loop

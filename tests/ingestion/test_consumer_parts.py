@@ -219,11 +219,15 @@ def test_a_failed_write_is_raised_in_the_loop_and_commits_nothing(tmp_path):
     assert ingestor.consumer.commits == []
 
 
-def test_the_collector_is_restored_after_the_loop():
+def test_the_collector_is_restored_after_the_last_loop():
     before = gc.get_threshold()
-    with collector_for_streaming(12_345):
-        assert gc.get_threshold()[0] == 12_345
-        assert gc.get_freeze_count() > 0
+    outer, inner = collector_for_streaming(12_345), collector_for_streaming(12_345)
+    outer.__enter__()
+    assert gc.get_threshold()[0] == 12_345 and gc.get_freeze_count() > 0
+    inner.__enter__()  # a second loop on another thread
+    outer.__exit__(None, None, None)  # the first one ends first
+    assert gc.get_threshold()[0] == 12_345  # still in use
+    inner.__exit__(None, None, None)
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
 
