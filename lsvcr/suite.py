@@ -11,6 +11,7 @@
 | sr_no_align | the SR model, stage 2 only |
 | sr_text_only | the SR model without ID embeddings, stage 2 only |
 | sr_rec_pretrain | stage 1 with the rec losses only (no LLM), then stage 2: the control for lsvcr |
+| sr_rec_item_pretrain | sr_rec_pretrain plus the item contrast against MiniLM's own vectors (no LLM): the control for the minilm_aligned item contrast |
 | lsvcr_no_vc_contrast | stage 1 without the video-comment contrast, then stage 2 |
 | lsvcr_no_time | full LSVCR without the item-age and history-gap embeddings (issue 8's ablation) |
 | lsvcr | stage 1 (all losses), then stage 2 |
@@ -44,12 +45,17 @@ from trainers.ranking import seed_name
 # comments, and lsvcr does not beat it on both tasks (BENCHMARKS.md, issue 18). Stage 1 without the LLM costs
 # about a minute on the demo's data.
 SERVED_MODEL = "sr_rec_pretrain"
-MODEL_NAMES = ("popularity", "sasrec", "sr_no_align", "sr_text_only", "sr_rec_pretrain", "lsvcr_no_vc_contrast",
-               "lsvcr_no_time", "lsvcr")
-STAGE2 = {"sasrec": {"model": "sasrec"}, "sr_no_align": {}, "sr_text_only": {"text_only": True},
-          "sr_rec_pretrain": {}, "lsvcr_no_vc_contrast": {}, "lsvcr_no_time": {"time_features": False}, "lsvcr": {}}
+MODEL_NAMES = ("popularity", "sasrec", "sr_no_align", "sr_text_only", "sr_rec_pretrain", "sr_rec_item_pretrain",
+               "lsvcr_no_vc_contrast", "lsvcr_no_time", "lsvcr")
+STAGE2 = {"sasrec": {"model": "sasrec"}, "sr_no_align": {}, "sr_text_only": {"text_only": True}, "sr_rec_pretrain": {},
+          "sr_rec_item_pretrain": {}, "lsvcr_no_vc_contrast": {}, "lsvcr_no_time": {"time_features": False},
+          "lsvcr": {}}
 # sr_rec_pretrain differs from lsvcr only in the LLM: same stage 1 steps, rec losses, sample and stage 2.
-STAGE1 = {"sr_rec_pretrain": {"llm_mode": "none"}, "lsvcr_no_vc_contrast": {"vc_contrast": False},
+# sr_rec_item_pretrain adds the item contrast without the LLM (its target: the features' own text vectors), so
+# that a gain of item_contrast=true (minilm_aligned) can be told apart from extra training of the text adapters.
+STAGE1 = {"sr_rec_pretrain": {"llm_mode": "none", "item_contrast": False},
+          "sr_rec_item_pretrain": {"llm_mode": "none", "item_contrast": True},
+          "lsvcr_no_vc_contrast": {"vc_contrast": False},
           "lsvcr_no_time": {"time_features": False}, "lsvcr": {}}
 # Stage 2 loads stage 1's weights strictly, so these must agree between the two stages: the nested model size
 # (every `size.*` override) and the time embeddings.

@@ -21,7 +21,8 @@ llm_mode:
   seeded random sample of `max_examples` train examples per task (under CACHE/llm_states/, keyed by the LLM,
   dtype, prompts and train files; bfloat16 where the CPU has it) and only the preference adapter is trained on
   the LLM side: the cheap option on CPU;
-- `none`: no LLM, the rec losses alone (the `sr_rec_pretrain` control of lsvcr/suite.py);
+- `none`: no LLM, the rec losses alone (the `sr_rec_pretrain` control of lsvcr/suite.py); with
+  `item_contrast`, also the item contrast against the features' own text vectors (`sr_rec_item_pretrain`);
 - `auto` (default): lora with use_gpu, frozen without.
 
 Checkpoints (every `checkpoint_every` steps and at the end): the SR model as model.safetensors + config.json
@@ -56,7 +57,7 @@ from core.runtime import init_ray
 from features.folder import FeaturesFolder
 from trainers.checkpoint import CONFIG, TRAIN, WEIGHTS, load_state, read_weights, save_checkpoint, write_tensors
 from trainers.data import collate, item_time_tensors, text_tensors
-from trainers.item_alignment import item_contrast, llm_item_tables, load_item_tables
+from trainers.item_alignment import item_contrast, llm_item_tables, load_item_tables, text_item_tables
 from trainers.loop import (
     OPTIMIZER,
     STATE,
@@ -86,6 +87,7 @@ LLM_MODES = ("auto", "lora", "frozen", "none")
 STATE_COLUMN = "llm_state"
 LLM_DIR, TRAINABLE = "llm", "trainable.safetensors"  # everything trained on the LLM side, for resuming
 STATE_MEANS = "state_means.safetensors"  # frozen mode: each task's mean LLM state, subtracted before the adapter
+ITEM_ADAPTER = "item_adapter.safetensors"  # llm_mode none with item_contrast: the text target's adapter
 LOSS_NAMES = ("total", "lm", "rec_video", "rec_comment", "seq_sup", "vc", "item")
 
 
@@ -106,7 +108,8 @@ class AlignConfig:
     contrast_weight: float = 0.5
     vc_contrast: bool = True  # False = the lsvcr_no_vc_contrast ablation
     # The item-level contrast of trainers/item_alignment.py (the minilm_aligned item encoder): the SR's text
-    # adapters against the LLM's item vectors, weighted like the other contrasts.
+    # adapters against the LLM's item vectors, weighted like the other contrasts. With llm_mode none, against
+    # the features' own text vectors through an adapter of its own (the control without the LLM).
     item_contrast: bool = False
     # Item-age and history-gap embeddings and the freshness score (SRConfig.time_features and freshness)
     time_features: bool = True
@@ -171,12 +174,15 @@ def user_keys(user_ids) -> torch.Tensor:
 
 
 def stage1_losses(sr: SRModel, llm, batches: dict[str, dict | None], config: AlignConfig, texts: ItemTexts,
-                  device: torch.device, item_tables: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                  device: torch.device, item_tables: dict[str, torch.Tensor] | None = None,
+                  item_adapter: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Losses of one step. batches maps task -> example rows (numpy batch; frozen mode: with the
     llm_state column, already centred per task) or None. `llm` is an LLMRecommender (lora), the preference
     adapter nn.Linear (frozen) or None (llm_mode none: the rec losses alone). item_tables (kind -> the LLM's
-    item vectors, trainers/item_alignment.py) adds the item contrast. Every worker calls the same collectives
-    whatever its batches hold (empty tensors stand in)."""
+    item vectors, trainers/item_alignment.py) adds the item contrast, through the LLM side's preference adapter;
+    without an LLM, item_tables are the features' own text vectors and go through `item_adapter` (the
+    sr_rec_item_pretrain control). Every worker calls the same collectives whatever its batches hold (empty
+    tensors stand in)."""
     h, temperature = config.size.hidden, config.size.temperature
     users, heads, is_video, keys, losses = [], {"video_head": [], "comment_head": []}, [], [], {}
     targets = {task: torch.zeros(0, dtype=torch.long, device=device) for task in TASKS}
@@ -205,12 +211,12 @@ def stage1_losses(sr: SRModel, llm, batches: dict[str, dict | None], config: Ali
             p, r = render_examples(rows, task, texts, llm.count_tokens, config.max_prompt_tokens)
             prompts.append(p)
             responses += r
-    if llm is None:
-        return losses
     if item_tables is not None:
-        adapter = llm if config.mode == "frozen" else llm.adapter
+        adapter = item_adapter if llm is None else llm if config.mode == "frozen" else llm.adapter
         losses["item"] = sum(item_contrast(sr, adapter, task, targets[task], item_tables[task], temperature)
                              for task in TASKS) / len(TASKS)
+    if llm is None:
+        return losses
     if config.mode == "frozen" and states:
         prefs = [llm(torch.cat(states).to(device))]
     elif prompts:
@@ -443,7 +449,7 @@ class AlignRecipe(Recipe):
     """Stage 1: the SR model and the LLM side (LoRA + preference adapter, or the adapter alone when frozen)."""
 
     name = "align"
-    OUTPUTS = (WEIGHTS, CONFIG, TRAIN, LLM_DIR, OPTIMIZER, STATE)
+    OUTPUTS = (WEIGHTS, CONFIG, TRAIN, LLM_DIR, ITEM_ADAPTER, OPTIMIZER, STATE)
 
     @classmethod
     def prepare(cls, config: AlignConfig) -> tuple[AlignConfig, dict, dict]:
@@ -504,7 +510,11 @@ class AlignRecipe(Recipe):
         self.llm = _build_llm_side(c, self.llm_path, self.llm_hidden, self.device)
         self.texts = ItemTexts.from_folder(self.folder) if c.mode == "lora" else None
         self.item_tables = load_item_tables(self.item_table_paths) if self.item_table_paths else None
-        self.init_optimizer(*(m for m in (self.sr, self.llm) if m is not None))
+        self.item_adapter = None
+        if c.item_contrast and c.mode == "none":
+            self.item_tables = text_item_tables(self.folder)
+            self.item_adapter = torch.nn.Linear(self.folder.text_dim, c.size.hidden).to(self.device)
+        self.init_optimizer(*(m for m in (self.sr, self.llm, self.item_adapter) if m is not None))
         state = self.resume()
         self.step, self.epoch = state["step"], state["epoch"]
         self.history, self.resumed_from = state["history"], state["resumed_from"]
@@ -521,6 +531,8 @@ class AlignRecipe(Recipe):
                 self.llm.load_state_dict({k[len("adapter."):]: v for k, v in saved.items()})
             elif self.config.mode == "lora":
                 self.llm.load_state_dict(read_weights(folder / LLM_DIR / TRAINABLE), strict=False)
+            if self.item_adapter is not None:
+                self.item_adapter.load_state_dict(read_weights(folder / ITEM_ADAPTER))
             state = read_training_state(folder, self.optimizer)
         print(f"align: resumed from step {state['step']} (epoch {state['epoch']})", flush=True)
         return {"history": [], **state, "resumed_from": state.get("resumed_from", []) + [state["step"]]}
@@ -550,7 +562,7 @@ class AlignRecipe(Recipe):
         epoch_start = time.monotonic()
         for video_rows, comment_rows in self.batches(epoch):
             losses = stage1_losses(self.sr, self.llm, {"video": video_rows, "comment": comment_rows}, c, self.texts,
-                                   self.device, self.item_tables)
+                                   self.device, self.item_tables, self.item_adapter)
             tokens = losses.pop("tokens", torch.zeros(()))
             loss = total_loss(losses, c)
             self.optimizer_step(loss)
@@ -596,6 +608,8 @@ class AlignRecipe(Recipe):
             info = {"align_config": dataclasses.asdict(c), "llm_path": self.llm_path, "mode": c.mode, **metrics,
                     "workers": self.world, "history": self.history, "resumed_from": self.resumed_from}
             save_aligned(folder, self.sr, self.llm, c, info, self.means)
+            if self.item_adapter is not None:
+                write_tensors(folder / ITEM_ADAPTER, self.item_adapter.state_dict())
             write_training_state(folder, self.optimizer, state)
 
         self.report(metrics, write)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from features.embeddings import embed_texts
 from features.folder import FeaturesFolder
+from trainers.data import text_tensors
 from trainers.losses import info_nce
 from trainers.models.llm import ItemTexts
 
@@ -49,6 +50,14 @@ def llm_item_tables(folder: FeaturesFolder, llm_path: str, root: Path) -> dict[s
                 os.replace(Path(tmp) / "centred.npy", path)
         paths[kind] = str(path)
     return paths
+
+
+def text_item_tables(folder: FeaturesFolder) -> dict[str, torch.Tensor]:
+    """The features' own item text vectors (MiniLM), centred per kind: the item contrast's target without an
+    LLM. The contrast then trains the SR's text adapters as the LLM's target does, with nothing the LLM knows:
+    the sr_rec_item_pretrain control of lsvcr/suite.py."""
+    video, comment = text_tensors(folder)
+    return {"video": video - video.mean(0), "comment": comment - comment.mean(0)}
 
 
 def load_item_tables(paths: dict[str, str]) -> dict[str, torch.Tensor]:

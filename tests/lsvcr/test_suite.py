@@ -9,10 +9,13 @@ from trainers.models import ModelSize
 
 def test_names_cover_baselines_and_ablations():
     assert MODEL_NAMES == ("popularity", "sasrec", "sr_no_align", "sr_text_only", "sr_rec_pretrain",
-                           "lsvcr_no_vc_contrast", "lsvcr_no_time", "lsvcr")
-    assert set(STAGE1) == {"sr_rec_pretrain", "lsvcr", "lsvcr_no_vc_contrast", "lsvcr_no_time"}
-    # The control differs from lsvcr in the LLM alone.
-    assert STAGE1["sr_rec_pretrain"] == {"llm_mode": "none"} and STAGE2["sr_rec_pretrain"] == STAGE2["lsvcr"]
+                           "sr_rec_item_pretrain", "lsvcr_no_vc_contrast", "lsvcr_no_time", "lsvcr")
+    assert set(STAGE1) == {"sr_rec_pretrain", "sr_rec_item_pretrain", "lsvcr", "lsvcr_no_vc_contrast", "lsvcr_no_time"}
+    # The control differs from lsvcr in the LLM alone, and keeps no item contrast even when the run asks every
+    # stage 1 for one (item_encoder=minilm_aligned); the second control has it, without the LLM.
+    assert STAGE1["sr_rec_pretrain"] == {"llm_mode": "none", "item_contrast": False}
+    assert STAGE1["sr_rec_item_pretrain"] == {"llm_mode": "none", "item_contrast": True}
+    assert STAGE2["sr_rec_pretrain"] == STAGE2["sr_rec_item_pretrain"] == STAGE2["lsvcr"]
     assert STAGE1["lsvcr_no_vc_contrast"] == {"vc_contrast": False}
     # The time ablation drops the time embeddings in both stages (stage 2 loads stage 1 strictly).
     assert STAGE1["lsvcr_no_time"] == STAGE2["lsvcr_no_time"] == {"time_features": False}

@@ -10,6 +10,7 @@ from trainers.align import AlignConfig, llm_config, save_aligned, sr_config, sta
 from trainers.checkpoint import load_init_weights
 from trainers.data import collate, item_time_tensors, text_tensors
 from trainers.finetune import FinetuneConfig, model_config
+from trainers.item_alignment import text_item_tables
 from trainers.models import ModelSize, build_model
 from trainers.models.llm import VIDEO_HEADER, VIDEO_TASK, ItemTexts, LLMRecommender, load_base
 from trainers.models.sr import SRModel
@@ -183,3 +184,27 @@ def test_item_contrast_aligns_the_text_adapters_with_the_llm_item_vectors(fake_f
         matched = stage1_losses(sr, identity, {t: {**r, "llm_state": np.zeros((len(r["target"]), 16), np.float32)}
                                                for t, r in batches.items()}, config, None, torch.device("cpu"), own)
     assert matched["item"].item() < losses["item"].item()
+
+
+def test_without_an_llm_the_item_contrast_targets_the_features_own_text_vectors(fake_features, tmp_path):
+    """llm_mode none with item_contrast (sr_rec_item_pretrain): the target is the centred text tables through
+    an adapter of its own; both it and the SR's text adapters get gradients, and no LLM loss appears."""
+    config = AlignConfig(features=str(fake_features), out=str(tmp_path), llm_mode="none", size=SIZE,
+                         item_contrast=True)
+    folder = FeaturesFolder(fake_features)
+    sr = SRModel(sr_config(config, 32))
+    sr.set_text_tables(*text_tensors(folder))
+    sr.set_item_times(*item_time_tensors(folder))
+    tables = text_item_tables(folder)
+    video_text, _ = text_tensors(folder)
+    assert torch.allclose(tables["video"], video_text - video_text.mean(0))
+    assert tables["video"].mean(0).abs().max() < 1e-5  # centred per kind
+    adapter = torch.nn.Linear(32, 16)
+    batches = {task: first_rows(fake_features, task) for task in TASKS}
+    losses = stage1_losses(sr, None, batches, config, None, torch.device("cpu"), tables, adapter)
+    assert set(losses) == {"rec_video", "rec_comment", "item"}
+    losses["item"].backward()
+    assert adapter.weight.grad.abs().sum() > 0
+    assert dict(sr.named_parameters())["video_adapter.weight"].grad.abs().sum() > 0
+    plain = stage1_losses(sr, None, batches, config, None, torch.device("cpu"))  # no tables: the rec losses alone
+    assert set(plain) == {"rec_video", "rec_comment"}
