@@ -42,6 +42,8 @@ from trainers.align import (
     total_loss,
 )
 from trainers.data import item_time_tensors, text_tensors
+from trainers.evaluate import evaluate, format_table
+from trainers.finetune import FinetuneConfig, finetune
 from trainers.models.llm import ItemTexts, converted_gguf, resolve_llm_path
 from trainers.models.sr import SRModel
 
@@ -184,9 +186,6 @@ def _scaled(name: str, scale: float) -> str:
 
 
 def stage2(args: list[str]) -> dict:
-    from trainers.evaluate import evaluate, format_table
-    from trainers.finetune import FinetuneConfig, finetune
-
     opts = _options(STAGE2, args)
     aligned, work, seeds = Path(opts["aligned"]), Path(opts["work"]), range(opts["seeds"])
     scales = [float(x) for x in opts["init_lr_scales"].split(",")]
