@@ -312,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="stage 2 epochs (default: early stopping decides)")
     p.add_argument("--models", default="popularity,sasrec,sr_no_align,sr_rec_pretrain",
                    help="comma list of popularity, sasrec, sr_no_align, sr_text_only, sr_rec_pretrain (the served "
-                        "model), lsvcr_no_vc_contrast, lsvcr_no_time, lsvcr; or 'all' (the lsvcr ones run stage 1 "
-                        "with the LLM: slow on CPU)")
+                        "model), sr_rec_item_pretrain, lsvcr_no_vc_contrast, lsvcr_no_time, lsvcr; or 'all' (the "
+                        "lsvcr ones run stage 1 with the LLM: slow on CPU)")
     p.add_argument("--align", action="append", default=[], metavar="key=value",
                    help="stage 1 override, repeatable (e.g. --align max_examples=2000 --align llm_mode=frozen)")
     p.add_argument("--seeds", type=int, default=1,
