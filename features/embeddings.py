@@ -84,8 +84,9 @@ class MiniLMEncoder:
     `encode` tokenizes its whole batch once and runs the model on mini-batches of similar token length
     (`length_batches`, `max_tokens` padded tokens each), so a long text no longer pads a whole Ray batch.
     `dtype` is bfloat16 for encoder "minilm" on a machine with fast bfloat16 (core.hardware: a GPU, or a CPU
-    with AMX or avx512_bf16): on this project's avx512_bf16 CPU it is 1.6x (long texts) to 1.7x (short ones)
-    faster than float32 with the same batching, every vector within cosine 0.9997 of float32 (BENCHMARKS.md,
+    with AMX or avx512_bf16): with the same batching it is 1.6x (long texts) to 1.7x (short ones) faster than
+    float32 on an avx512_bf16 CPU, and 2.4-2.6x where the CPU also has AMX, every vector within cosine 0.9997
+    of float32 (BENCHMARKS.md,
     features; tests/features/test_embeddings.py). Elsewhere bfloat16 is emulated and slower, so "minilm" runs
     float32 there (the precision is part of the cache key either way); "minilm-float32" always runs float32.
     int8 dynamic quantisation of the Linear layers (per tensor or per channel) fell to cosine 0.75-0.95 on
