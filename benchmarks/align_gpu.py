@@ -35,17 +35,16 @@ from features.folder import FeaturesFolder
 from trainers.align import (
     AlignConfig,
     _build_llm_side,
+    _keep_events,
     sample_event_ids,
     save_aligned,
-    sr_config,
     stage1_losses,
+    stage1_sr,
     total_loss,
 )
-from trainers.data import item_time_tensors, text_tensors
 from trainers.evaluate import evaluate, format_table
 from trainers.finetune import FinetuneConfig, finetune
-from trainers.models.llm import ItemTexts, converted_gguf, resolve_llm_path
-from trainers.models.sr import SRModel
+from trainers.models.llm import ItemTexts, resolve_llm_path
 
 STAGE1 = {"features": "", "out": "", "llm": "default", "variants": "lora,none", "seeds": 3, "first_seed": 0,
           "epochs": 1, "max_examples": 10_000, "batch_size": 128, "max_prompt_tokens": 256, "limit_steps": 0}
@@ -67,21 +66,12 @@ def _options(defaults: dict, args: list[str]) -> dict:
     return opts
 
 
-def llm_folder(name: str, cache: Path) -> Path:
-    """A .gguf file (converted once into cache, as the packaged one is here) or what resolve_llm_path takes."""
-    if name.endswith(".gguf"):
-        return converted_gguf(Path(name), cache)
-    return resolve_llm_path(name)
-
-
 def train_rows(folder: FeaturesFolder, task: str, max_examples: int) -> dict[str, np.ndarray]:
     """The task's train examples (the seeded sample every CPU run takes) as one numpy batch."""
     table = folder.examples_table(task, "train")
+    rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     sample = sample_event_ids(folder, task, "train", max_examples)
-    if sample is not None:
-        keep = np.array([e in sample for e in table.column("event_id").to_pylist()])
-        table = table.filter(keep)
-    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    return rows if sample is None else _keep_events(rows, sample)
 
 
 def joint_batches(rows: dict[str, dict], batch_size: int, seed: int):
@@ -101,10 +91,7 @@ def train_one(config: AlignConfig, folder: FeaturesFolder, rows: dict, llm_path:
               limit_steps: int) -> dict:
     """One stage 1 run in this process (the step of AlignRecipe.train_epoch, one worker); returns its figures."""
     torch.manual_seed(config.seed)
-    sr = SRModel(sr_config(config, folder.text_dim))
-    sr.set_text_tables(*text_tensors(folder))
-    sr.set_item_times(*item_time_tensors(folder))
-    sr.to(device)
+    sr = stage1_sr(config, folder).to(device)
     hidden = 0
     if llm_path:
         hidden = json.loads((Path(llm_path) / "config.json").read_text())["hidden_size"]
@@ -163,7 +150,7 @@ def stage1(args: list[str]) -> dict:
     out = Path(opts["out"])
     out.mkdir(parents=True, exist_ok=True)
     variants = opts["variants"].split(",")
-    llm_path = str(llm_folder(opts["llm"], out / "llm-cache")) if "lora" in variants else None
+    llm_path = str(resolve_llm_path(opts["llm"])) if "lora" in variants else None
     rows = {task: train_rows(folder, task, opts["max_examples"]) for task in TASKS}
     print(f"align_gpu: {device}, train examples {({t: len(r['target']) for t, r in rows.items()})}", flush=True)
     runs = {}

@@ -159,6 +159,14 @@ def sr_config(config: AlignConfig, text_dim: int) -> SRConfig:
                     time_features=config.time_features, freshness=config.time_features, history_match=True)
 
 
+def stage1_sr(config: AlignConfig, folder: FeaturesFolder) -> SRModel:
+    """Stage 1's SR model on the folder's item text tables and publication times (on the CPU)."""
+    sr = SRModel(sr_config(config, folder.text_dim))
+    sr.set_text_tables(*text_tensors(folder))
+    sr.set_item_times(*item_time_tensors(folder))  # a no-op without time features
+    return sr
+
+
 def llm_config(config: AlignConfig) -> LLMConfig:
     return LLMConfig(sr_hidden=config.size.hidden, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
                      lora_dropout=config.lora_dropout, frozen=config.mode == "frozen",
@@ -503,10 +511,7 @@ class AlignRecipe(Recipe):
     def setup(self) -> None:
         c = self.config
         torch.manual_seed(c.seed)
-        self.sr = SRModel(sr_config(c, self.folder.text_dim))
-        self.sr.set_text_tables(*text_tensors(self.folder))
-        self.sr.set_item_times(*item_time_tensors(self.folder))  # a no-op without time features
-        self.sr.to(self.device)
+        self.sr = stage1_sr(c, self.folder).to(self.device)
         self.llm = _build_llm_side(c, self.llm_path, self.llm_hidden, self.device)
         self.texts = ItemTexts.from_folder(self.folder) if c.mode == "lora" else None
         self.item_tables = load_item_tables(self.item_table_paths) if self.item_table_paths else None

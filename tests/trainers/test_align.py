@@ -6,14 +6,13 @@ import torch
 
 from core.contract import TASKS
 from features.folder import FeaturesFolder
-from trainers.align import AlignConfig, llm_config, save_aligned, sr_config, stage1_losses, total_loss
+from trainers.align import AlignConfig, llm_config, save_aligned, stage1_losses, stage1_sr, total_loss
 from trainers.checkpoint import load_init_weights
 from trainers.data import collate, item_time_tensors, text_tensors
 from trainers.finetune import FinetuneConfig, model_config
 from trainers.item_alignment import text_item_tables
 from trainers.models import ModelSize, build_model
 from trainers.models.llm import VIDEO_HEADER, VIDEO_TASK, ItemTexts, LLMRecommender, load_base
-from trainers.models.sr import SRModel
 
 SIZE = ModelSize(hidden=16, num_heads=2, inner=32, num_layers=1, max_history=8, dropout=0.0)
 
@@ -26,9 +25,7 @@ def setup(fake_features, tiny_llm, tmp_path, **overrides):
     config = AlignConfig(features=str(fake_features), out=str(tmp_path), llm=str(tiny_llm), llm_mode="lora",
                          max_prompt_tokens=128, size=SIZE, **overrides)
     torch.manual_seed(0)
-    sr = SRModel(sr_config(config, 32))
-    sr.set_text_tables(*text_tensors(FeaturesFolder(fake_features)))
-    sr.set_item_times(*item_time_tensors(FeaturesFolder(fake_features)))
+    sr = stage1_sr(config, FeaturesFolder(fake_features))
     base, tokenizer = load_base(str(tiny_llm))
     llm = LLMRecommender(base, tokenizer, llm_config(config))
     return config, sr, llm
@@ -68,9 +65,7 @@ def test_without_vc_contrast_the_term_is_absent(fake_features, tiny_llm, tmp_pat
 
 def test_frozen_mode_trains_only_the_adapter_on_precomputed_states(fake_features, tmp_path):
     config = AlignConfig(features=str(fake_features), out=str(tmp_path), llm_mode="frozen", size=SIZE)
-    sr = SRModel(sr_config(config, 32))
-    sr.set_text_tables(*text_tensors(FeaturesFolder(fake_features)))
-    sr.set_item_times(*item_time_tensors(FeaturesFolder(fake_features)))
+    sr = stage1_sr(config, FeaturesFolder(fake_features))
     adapter = torch.nn.Linear(24, 16)
     rows = first_rows(fake_features, "video")
     rows["llm_state"] = np.random.default_rng(0).normal(size=(len(rows["target"]), 24)).astype(np.float32)
@@ -158,9 +153,7 @@ def test_item_contrast_aligns_the_text_adapters_with_the_llm_item_vectors(fake_f
     config = AlignConfig(features=str(fake_features), out=str(tmp_path), llm_mode="frozen", size=SIZE,
                          item_contrast=True)
     folder = FeaturesFolder(fake_features)
-    sr = SRModel(sr_config(config, 32))
-    sr.set_text_tables(*text_tensors(folder))
-    sr.set_item_times(*item_time_tensors(folder))
+    sr = stage1_sr(config, folder)
     adapter = torch.nn.Linear(24, 16)
     video_text, comment_text = text_tensors(folder)
     rng = np.random.default_rng(0)
@@ -192,9 +185,7 @@ def test_without_an_llm_the_item_contrast_targets_the_features_own_text_vectors(
     config = AlignConfig(features=str(fake_features), out=str(tmp_path), llm_mode="none", size=SIZE,
                          item_contrast=True)
     folder = FeaturesFolder(fake_features)
-    sr = SRModel(sr_config(config, 32))
-    sr.set_text_tables(*text_tensors(folder))
-    sr.set_item_times(*item_time_tensors(folder))
+    sr = stage1_sr(config, folder)
     tables = text_item_tables(folder)
     video_text, _ = text_tensors(folder)
     assert torch.allclose(tables["video"], video_text - video_text.mean(0))

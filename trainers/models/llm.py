@@ -116,12 +116,18 @@ def converted_gguf(gguf: Path | None = None, cache: Path | None = None) -> Path:
 
 
 def resolve_llm_path(name: str) -> Path:
-    """"default" -> the converted packaged SmolLM2; anything else must be a local HF checkpoint folder."""
+    """"default" -> the converted packaged SmolLM2; a .gguf file -> its conversion, cached the same way (a copy
+    of the packaged file taken to a machine without the package); anything else must be a local HF checkpoint
+    folder."""
     if name == DEFAULT_LLM:
         return converted_gguf()
     path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"LLM file {name!r} does not exist")
+        return converted_gguf(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"LLM {name!r} is neither 'default' nor a local HF checkpoint folder "
+        raise FileNotFoundError(f"LLM {name!r} is neither 'default', a .gguf file nor a local HF checkpoint folder "
                                 f"(no config.json); hub downloads are not used")
     return path
 

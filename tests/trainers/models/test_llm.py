@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+import trainers.models.llm as llm_module
 from trainers.models.llm import (
     ItemTexts,
     LLMConfig,
@@ -88,6 +89,17 @@ def test_save_adapter_writes_peft_and_preference_files(tiny_llm, tmp_path):
 def test_unknown_llm_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         resolve_llm_path(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_llm_path(str(tmp_path / "missing.gguf"))
+
+
+def test_a_gguf_file_is_converted_like_the_packaged_one(tmp_path, monkeypatch):
+    gguf = tmp_path / "copy.gguf"
+    gguf.write_bytes(b"GGUF")
+    calls = []
+    monkeypatch.setattr(llm_module, "converted_gguf", lambda path=None: calls.append(path) or tmp_path / "hf")
+    assert resolve_llm_path(str(gguf)) == tmp_path / "hf"
+    assert calls == [gguf]
 
 
 def test_frozen_states_skip_the_lm_head_but_equal_the_full_models_last_hidden_state(tiny_llm):
