@@ -11,6 +11,17 @@ loss and every contrast) and `none` (the rec losses alone: the sr_rec_pretrain c
 examples, order and steps). The schedule is the CPU quality run's: one epoch over a seeded sample of
 `max_examples` train examples per task, 128 examples per task and step (2 workers x 64 there).
 
+    python -m benchmarks.align_gpu tables features=F llm_features=L aligned=O minilm_models=M work=W [seeds=3]
+
+`tables` (issue 18 item 1 with LoRA, as the paper does it) reads `lora` runs whose stage 1 read the base LLM's
+item tables (L: the same event log built with encoder=llm). Per seed it re-embeds L's titles and comments with
+that run's aligned LLM (`lora:<run>/llm/lora`, features/reembed.py) and fine-tunes `lsvcr_lora_tables` over
+those tables; beside it `lsvcr_lora_base_tables` (the same stage 1, stage 2 over L's base tables: what the
+re-export adds), `sr_rec_pretrain_llm` and `sr_no_align_llm` (the controls over L's tables, stage 1 `none` run
+here over the same examples, order and steps). The MiniLM models M/sr_rec_pretrain@seed<k> and
+M/sr_no_align@seed<k> (an earlier `stage2` work folder: the product's models) are evaluated with them on F's
+test split, each model with its own tables (trainers/evaluate.py `tables`); writes W/quality_gpu_lora_tables.json.
+
 `stage2` runs here on Ray: stage 2 (trainers/finetune.py, as lsvcr.suite trains it) from each aligned folder
 (`lsvcr_lora`, `sr_rec_pretrain`) and sr_no_align beside them, every model under each seed, then one evaluation
 on the test split with the paired intervals of trainers/ranking.py; writes W/quality_gpu_lora.json. With several
@@ -31,7 +42,9 @@ import torch
 
 from core.config import load_config, parse_overrides
 from core.contract import TASKS
+from features.embeddings import LORA_PREFIX
 from features.folder import FeaturesFolder
+from features.reembed import reembed
 from trainers.align import (
     AlignConfig,
     _build_llm_side,
@@ -42,13 +55,15 @@ from trainers.align import (
     stage1_sr,
     total_loss,
 )
-from trainers.evaluate import evaluate, format_table
+from trainers.evaluate import evaluate, format_table, rank_all, score_fns
 from trainers.finetune import FinetuneConfig, finetune
-from trainers.models.llm import ItemTexts, resolve_llm_path
+from trainers.models.llm import DEFAULT_LLM, ItemTexts, resolve_llm_path
+from trainers.ranking import paired, results_of
 
 STAGE1 = {"features": "", "out": "", "llm": "default", "variants": "lora,none", "seeds": 3, "first_seed": 0,
           "epochs": 1, "max_examples": 10_000, "batch_size": 128, "max_prompt_tokens": 256, "limit_steps": 0}
 STAGE2 = {"features": "", "aligned": "", "work": "", "seeds": 3, "init_lr_scales": "1"}
+TABLES = {"features": "", "llm_features": "", "aligned": "", "minilm_models": "", "work": "", "seeds": 3}
 NAMES = {"lora": "lsvcr_lora", "none": "sr_rec_pretrain"}  # variant -> model name in the evaluation
 
 
@@ -60,7 +75,7 @@ def _options(defaults: dict, args: list[str]) -> dict:
     opts = {**defaults, **given}
     for key, value in defaults.items():
         opts[key] = type(value)(opts[key])
-    missing = [k for k, v in opts.items() if v == "" and k in ("features", "out", "aligned", "work")]
+    missing = [k for k, v in opts.items() if v == ""]
     if missing:
         raise SystemExit(f"align_gpu: {missing} required")
     return opts
@@ -219,10 +234,80 @@ def stage2(args: list[str]) -> dict:
     return result
 
 
+def local_adapter(run: Path) -> Path:
+    """run/llm/lora with its base pointed at this machine's conversion of the packaged GGUF: the GPU converted
+    a copy of the same file, and a conversion's folder name ends in the GGUF's content digest."""
+    adapter = run / "llm" / "lora"
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    recorded, local = Path(config["base_model_name_or_path"]), resolve_llm_path(DEFAULT_LLM)
+    if not recorded.exists():
+        if recorded.name.rsplit("-", 1)[-1] != local.name.rsplit("-", 1)[-1]:
+            raise SystemExit(f"align_gpu: {adapter} was trained over {recorded}, not the packaged SmolLM2")
+        config_file.write_text(json.dumps({**config, "base_model_name_or_path": str(local)}, indent=2) + "\n")
+    return adapter
+
+
+def tables(args: list[str]) -> dict:
+    opts = _options(TABLES, args)
+    aligned, work, seeds = Path(opts["aligned"]), Path(opts["work"]), range(opts["seeds"])
+    llm_features, minilm = opts["llm_features"], Path(opts["minilm_models"])
+    work.mkdir(parents=True, exist_ok=True)
+    lora_runs = {seed: json.loads((aligned / f"lora@seed{seed}" / "train.json").read_text()) for seed in seeds}
+    if any(not (aligned / f"none@seed{seed}" / "model.safetensors").is_file() for seed in seeds):
+        first = lora_runs[0]["align_config"]
+        stage1([f"features={llm_features}", f"out={aligned}", "variants=none", f"seeds={opts['seeds']}",
+                f"max_examples={first['max_examples']}", f"batch_size={first['batch_size']}"])
+    checkpoints, model_tables = {}, {}
+
+    def trained(name: str, seed: int, features: str, init: Path | None) -> str:
+        target = work / f"{name}@seed{seed}"
+        if not (target / "model.safetensors").is_file():
+            values = {"features": features, "out": str(target), "seed": seed, "num_workers": 2}
+            if init:
+                values["init"] = str(init)
+            print(f"align_gpu: stage 2 for {target.name}", flush=True)
+            finetune(load_config(FinetuneConfig, None, values))
+        checkpoints[target.name] = str(target)
+        model_tables[target.name] = features
+        return str(target)
+
+    reembedded = {}
+    for seed in seeds:
+        out = work / f"tables@seed{seed}"
+        if not (out / "manifest.json").is_file():
+            reembed(llm_features, out, encoder=f"{LORA_PREFIX}{local_adapter(aligned / f'lora@seed{seed}')}")
+        reembedded[seed] = json.loads((out / "manifest.json").read_text())["embeddings"]
+        trained("lsvcr_lora_tables", seed, str(out), aligned / f"lora@seed{seed}")
+        trained("lsvcr_lora_base_tables", seed, llm_features, aligned / f"lora@seed{seed}")
+        trained("sr_rec_pretrain_llm", seed, llm_features, aligned / f"none@seed{seed}")
+        trained("sr_no_align_llm", seed, llm_features, None)
+        for name in ("sr_rec_pretrain", "sr_no_align"):
+            checkpoints[f"{name}@seed{seed}"] = str(minilm / f"{name}@seed{seed}")
+    folder = FeaturesFolder.open(opts["features"])
+    fns, _ = score_fns(folder, checkpoints, tables=model_tables)
+    rankings = rank_all(folder, fns, "test")
+    metrics = {"seeds": opts["seeds"], **results_of(rankings)}
+    # What each step adds, on the same test users: the re-export over the base tables, and each LLM-table
+    # model over its own control.
+    extra = {"lsvcr_lora_tables": ["lsvcr_lora_base_tables", "sr_rec_pretrain_llm", "sr_no_align_llm"],
+             "lsvcr_lora_base_tables": ["sr_rec_pretrain_llm"], "sr_rec_pretrain_llm": ["sr_no_align_llm"]}
+    metrics["paired_within_llm_tables"] = {
+        task: {model: paired(rankings[task], refs)[model] for model, refs in extra.items()} for task in TASKS}
+    gpu = {f"lora@seed{seed}": {k: v for k, v in info.items() if k not in ("align_config",)}
+           for seed, info in lora_runs.items()}
+    result = {"stage1_gpu": gpu, "reembedded": reembedded, "metrics": metrics, "table": format_table(metrics)}
+    (work / "quality_gpu_lora_tables.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(result["table"], flush=True)
+    return result
+
+
+COMMANDS = {"stage1": stage1, "stage2": stage2, "tables": tables}
+
 if __name__ == "__main__":
     from core.runtime import setup_process
 
     setup_process()
-    if len(sys.argv) < 2 or sys.argv[1] not in ("stage1", "stage2"):
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         raise SystemExit(__doc__)
-    (stage1 if sys.argv[1] == "stage1" else stage2)(sys.argv[2:])
+    COMMANDS[sys.argv[1]](sys.argv[2:])

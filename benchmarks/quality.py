@@ -108,7 +108,7 @@ def run(overrides: list[str]) -> dict:
         "pipeline_s": round(time.monotonic() - started, 1),
     }
     # How much of each score the item-age terms carry: the same checkpoints with them zeroed.
-    figures["without_age_terms"] = without_age_terms(out["features"], out["checkpoints"])
+    figures["without_age_terms"] = without_age_terms(out["features"], out["checkpoints"], tables=out["tables"])
     figures["teacher_probe"] = probe_teacher(out["features"], out["checkpoints"])
     figures["notes"] = ("Test split (global_time). Video: the target among the sampled candidates of the protocol named in "
                         "the table; comment: among the other comments under the same video that existed then.\n\n"

@@ -1,8 +1,9 @@
 """Item text encoders and the Ray Data batch-inference step that turns catalog texts into .npy matrices.
 
 An encoder is anything with a `name`, a `dim` and `encode(texts) -> float32 [N, dim]` with L2-normalised
-rows. `make_encoder(name)` builds one by name: a key of ENCODERS ("minilm", "hash", "llm") or
-"hf:<local folder>" for any Hugging Face encoder (mean pooling over its last hidden states).
+rows. `make_encoder(name)` builds one by name: a key of ENCODERS ("minilm", "hash", "llm"),
+"hf:<local folder>" for any Hugging Face encoder (mean pooling over its last hidden states) or
+"lora:<PEFT adapter folder>" for a causal LM with stage 1's LoRA adapter merged in (the aligned LLM's tables).
 
 Embeddings are cached by content hash (`EmbeddingCache`): a text that was embedded once by an encoder is
 never embedded again by it, across builds.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -162,7 +164,7 @@ class HFEncoder:
                  name: str | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         path = Path(path)
         if not path.exists():
@@ -175,10 +177,15 @@ class HFEncoder:
         if self.tokenizer.pad_token is None:
             # Decoder-only LMs ship without a pad token; padded positions are masked out of the mean anyway.
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True, **extra).to(device).eval()
+        self.model = self._load(folder, extra).to(device).eval()
         self.device = device
         self.max_length = max_length
         self.dim = int(self.model.config.hidden_size)
+
+    def _load(self, folder: Path, extra: dict):
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(str(folder), local_files_only=True, **extra)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -203,22 +210,70 @@ class LLMEncoder(HFEncoder):
         super().__init__(llm_gguf_path(), device=device, threads=threads, name="llm")
 
 
+class LoRAEncoder(HFEncoder):
+    """A causal LM with a PEFT LoRA adapter merged in (stage 1's aligned LLM, trainers/align.py), pooled as
+    HFEncoder pools: the item tables of the aligned LLM. The base model is the one the adapter names
+    (adapter_config.json's base_model_name_or_path, a local folder)."""
+
+    def __init__(self, adapter: str | Path, device: str = "cpu", threads: int = 0):
+        self.adapter = Path(adapter)
+        super().__init__(lora_base(self.adapter), device=device, threads=threads, name=f"{LORA_PREFIX}{adapter}")
+
+    def _load(self, folder: Path, extra: dict):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        lm = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **extra)
+        return PeftModel.from_pretrained(lm, str(self.adapter)).merge_and_unload().get_decoder()
+
+
+def lora_base(adapter: str | Path) -> Path:
+    """The base model folder a PEFT adapter folder names; a clear error when either is missing."""
+    config = Path(adapter) / "adapter_config.json"
+    if not config.is_file():
+        raise ValueError(f"encoder {LORA_PREFIX}{adapter}: no PEFT adapter there (no adapter_config.json)")
+    base = Path(json.loads(config.read_text()).get("base_model_name_or_path") or "")
+    if not base.exists() or base == Path(""):
+        raise ValueError(f"encoder {LORA_PREFIX}{adapter}: its base model {str(base)!r} is not on this machine; "
+                         "set base_model_name_or_path in adapter_config.json to a local copy of it")
+    return base
+
+
+def lora_digest(adapter: str | Path) -> str:
+    """Content hash of an adapter's weights: cached vectors of one adapter are never read for another."""
+    weights = sorted(Path(adapter).glob("adapter_model.*"))
+    if not weights:
+        raise ValueError(f"encoder {LORA_PREFIX}{adapter}: no adapter_model weights")
+    digest = hashlib.sha256()
+    for file in weights:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 ENCODERS = {"minilm": MiniLMEncoder, "minilm-float32": MiniLMFloat32Encoder, "hash": HashEncoder,
             "llm": LLMEncoder}
 HF_PREFIX = "hf:"
+LORA_PREFIX = "lora:"
 
 
 def check_encoder_name(name: str) -> None:
-    if name.startswith(HF_PREFIX):
+    if name.startswith(LORA_PREFIX):
+        lora_base(name[len(LORA_PREFIX):])
+    elif name.startswith(HF_PREFIX):
         if not Path(name[len(HF_PREFIX):]).exists():
             raise ValueError(f"encoder {name!r}: no such local model folder or file")
     elif name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)} or hf:<local model folder>")
+        raise ValueError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}, hf:<local model folder> or "
+                         "lora:<PEFT adapter folder>")
 
 
 def make_encoder(name: str, dim: int = 64, device: str = "cpu", threads: int = 0) -> TextEncoder:
     """Build encoder `name`; `dim` applies only to encoders whose size is free (hash)."""
     check_encoder_name(name)
+    if name.startswith(LORA_PREFIX):
+        return LoRAEncoder(name[len(LORA_PREFIX):], device=device, threads=threads)
     if name.startswith(HF_PREFIX):
         return HFEncoder(name[len(HF_PREFIX):], device=device, threads=threads)
     return ENCODERS[name](dim=dim, device=device, threads=threads)
@@ -227,6 +282,8 @@ def make_encoder(name: str, dim: int = 64, device: str = "cpu", threads: int = 0
 def encoder_dim(name: str, dim: int = 64) -> int:
     """Output size of encoder `name` without loading its weights."""
     check_encoder_name(name)
+    if name.startswith(LORA_PREFIX):
+        name = f"{HF_PREFIX}{lora_base(name[len(LORA_PREFIX):])}"
     if name.startswith(HF_PREFIX):
         from transformers import AutoConfig
 
@@ -244,6 +301,10 @@ def encoder_key(name: str, dim: int = 64) -> str:
     # The precision is part of the key: vectors cached by float32 "minilm" (before bfloat16 became its default)
     # are never mixed with bfloat16 ones. Encoders without a declared precision keep their earlier keys.
     identity = f"{name}\x1f{encoder_dim(name, dim)}"
+    if name.startswith(LORA_PREFIX):  # by the adapter's weights and its base, not by where the adapter lies
+        adapter = name[len(LORA_PREFIX):]
+        base = "lora-" + lora_base(adapter).name
+        identity = f"lora\x1f{lora_digest(adapter)}\x1f{lora_base(adapter).name}\x1f{encoder_dim(name, dim)}"
     dtype = getattr(ENCODERS.get(name), "dtype", None)
     if dtype:
         identity += f"\x1f{dtype}"

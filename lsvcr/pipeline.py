@@ -119,4 +119,4 @@ def run_pipeline(cfg: PipelineConfig, steps: Steps | None = None) -> dict:
         Path(cfg.results).write_text(json.dumps(results, indent=2))
         steps.say(f"[run] metrics written to {cfg.results}")
     return {"results": results, "features": str(features), "checkpoints": checkpoints,
-            "replayed": replayed, "ingested": ingested, "manifest": manifest}
+            "tables": suite.get("tables", {}), "replayed": replayed, "ingested": ingested, "manifest": manifest}

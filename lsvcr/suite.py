@@ -19,7 +19,8 @@
 Every model sees the same features folder and splits. `align` / `finetune` are key=value overrides applied to
 every stage 1 / stage 2 run; the model size (`size.hidden=128`, ...) given to either applies to both, which
 must agree. Checkpoints go to OUT/<name> (stage 1 outputs to OUT/<name>_aligned); an existing checkpoint is
-reused when `reuse` is set.
+reused when `reuse` is set. A stage 1 with `export_item_tables=true` (LoRA) writes OUT/<name>_aligned/features,
+the features with the aligned LLM's item tables; that model's stage 2 and evaluation read those tables.
 
 With seeds=N > 1 every trained model is trained N times, stage 1 included, with seed=0..N-1 (named
 "<name>@seed<k>", folders OUT/<name>@seed<k>); the results give each model's mean and standard deviation over
@@ -33,7 +34,7 @@ import json
 from pathlib import Path
 
 from core.config import load_config, parse_overrides
-from trainers.align import AlignConfig
+from trainers.align import ALIGNED_FEATURES, AlignConfig
 from trainers.align import align as run_align
 from trainers.evaluate import evaluate
 from trainers.finetune import FinetuneConfig
@@ -77,34 +78,44 @@ def train_all(features: str | Path, out: str | Path, models: tuple[str, ...] | l
     stage1, stage2 = parse_overrides(align), parse_overrides(finetune)
     # Stage 2 loads stage 1's weights strictly: one set of model sizes for both.
     shared = {k: v for k, v in {**stage2, **stage1}.items() if k.split(".")[0] in SIZE_KEYS}
-    checkpoints = {}
+    checkpoints, tables = {}, {}
     for name in models:
         if name == "popularity":
             continue
         for seed in range(seeds):
             run = seed_name(name, seed) if seeds > 1 else name
             extra = {**shared, "seed": seed} if seeds > 1 else shared
-            checkpoints[run] = _train_one(name, run, features, out, stage1, stage2, extra, reuse)
-    metrics = {"seeds": seeds, **evaluate(features, checkpoints, split=split, popularity="popularity" in models)}
+            checkpoints[run], trained_on = _train_one(name, run, features, out, stage1, stage2, extra, reuse)
+            if trained_on != str(features):
+                tables[run] = trained_on
+    metrics = {"seeds": seeds, **evaluate(features, checkpoints, split=split, popularity="popularity" in models,
+                                          tables=tables)}
     result = {"split": split, "checkpoints": checkpoints, "metrics": metrics}
+    if tables:
+        result["tables"] = tables  # the models trained over stage 1's export of the aligned LLM's item tables
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 def _train_one(name: str, run: str, features: str | Path, out: Path, stage1: dict, stage2: dict, shared: dict,
-               reuse: bool) -> str:
-    """Stage 1 (for the aligned models) and stage 2 of one model under one seed -> its checkpoint folder."""
+               reuse: bool) -> tuple[str, str]:
+    """Stage 1 (for the aligned models) and stage 2 of one model under one seed -> (its checkpoint folder, the
+    features folder it was trained on: stage 1's export of the aligned LLM's item tables when it made one)."""
     target = out / run
+    aligned = out / f"{run}_aligned"
+    tables = aligned / ALIGNED_FEATURES
+    trained_on = str(tables) if name in STAGE1 and (tables / "manifest.json").is_file() else str(features)
     if reuse and (target / "model.safetensors").is_file():
-        return str(target)
-    values = {**stage2, **shared, **STAGE2[name], "features": str(features), "out": str(target)}
+        return str(target), trained_on
     if name in STAGE1:
-        aligned = out / f"{run}_aligned"
         if not (reuse and (aligned / "model.safetensors").is_file()):
             config = load_config(AlignConfig, None, {**stage1, **shared, **STAGE1[name],
                                                      "features": str(features), "out": str(aligned)})
             print(f"suite: stage 1 for {run}", flush=True)
             run_align(config)
+            trained_on = str(tables) if config.export_item_tables else str(features)
+    values = {**stage2, **shared, **STAGE2[name], "features": trained_on, "out": str(target)}
+    if name in STAGE1:
         values["init"] = str(aligned)
     print(f"suite: stage 2 for {run}", flush=True)
-    return run_finetune(load_config(FinetuneConfig, None, values))
+    return run_finetune(load_config(FinetuneConfig, None, values)), trained_on

@@ -28,7 +28,8 @@ llm_mode:
 Checkpoints (every `checkpoint_every` steps and at the end): the SR model as model.safetensors + config.json
 (docs/DATA.md section 4, loadable by stage 2), llm/lora (PEFT save_pretrained) and
 llm/preference_adapter.safetensors, optimizer.safetensors (AdamW moments), state.json (step, epoch, per-epoch
-history); train.json holds the last metrics and the per-epoch `history`. After a worker failure Ray Train
+history); train.json holds the last metrics and the per-epoch `history`. With `export_item_tables` (LoRA), OUT/features
+is the features folder with the aligned LLM's item tables (`export_item_tables`), which stage 2 then reads. After a worker failure Ray Train
 restarts the workers (FailureConfig(max_failures)) and they resume from the last checkpoint's weights,
 optimizer state and step count; the interrupted epoch is read again from its start. `fail_once_at_step`
 injects one such failure (tests only).
@@ -54,7 +55,9 @@ from core.config import require, require_at_least
 from core.contract import TASKS
 from core.paths import cache_dir
 from core.runtime import init_ray
+from features.embeddings import HF_PREFIX, LORA_PREFIX
 from features.folder import FeaturesFolder
+from features.reembed import reembed
 from trainers.checkpoint import CONFIG, TRAIN, WEIGHTS, load_state, read_weights, save_checkpoint, write_tensors
 from trainers.data import collate, item_time_tensors, text_tensors
 from trainers.item_alignment import item_contrast, llm_item_tables, load_item_tables, text_item_tables
@@ -88,6 +91,7 @@ STATE_COLUMN = "llm_state"
 LLM_DIR, TRAINABLE = "llm", "trainable.safetensors"  # everything trained on the LLM side, for resuming
 STATE_MEANS = "state_means.safetensors"  # frozen mode: each task's mean LLM state, subtracted before the adapter
 ITEM_ADAPTER = "item_adapter.safetensors"  # llm_mode none with item_contrast: the text target's adapter
+ALIGNED_FEATURES = "features"  # export_item_tables: the features with the aligned LLM's item tables
 LOSS_NAMES = ("total", "lm", "rec_video", "rec_comment", "seq_sup", "vc", "item")
 
 
@@ -129,6 +133,11 @@ class AlignConfig:
     storage_path: Optional[str] = None
     inference_batch_size: int = 256  # frozen mode: examples per Ray batch of the precompute (forwards: FORWARD_ROWS)
     llm_dtype: str = "auto"  # frozen precompute: auto (bfloat16 on GPU or bf16-capable CPUs), float32 or bfloat16
+    # After a LoRA stage 1, re-embed the features' titles and comments with the aligned LLM into OUT/features
+    # (export_item_tables), the folder stage 2 and serving then read, as the official code re-exports its item
+    # tables. The features must hold the base LLM's own tables (encoder=llm for the packaged SmolLM2, or
+    # hf:<llm>): the SR's text adapters were trained over them.
+    export_item_tables: bool = False
     # Randomized sorted position ids: the official code aligns on shorter histories (20) than it fine-tunes on
     # (50); here both stages read size.max_history, so positions stay as stage 2 sees them unless asked.
     random_positions: bool = False
@@ -622,7 +631,41 @@ class AlignRecipe(Recipe):
 
 def align(config: AlignConfig) -> str:
     """Run stage 1 and write the final checkpoint to config.out; returns that folder."""
+    if config.export_item_tables:
+        check_item_tables_export(config)
+    # An export left by an earlier run in this folder belongs to that run's LLM.
+    shutil.rmtree(Path(config.out) / ALIGNED_FEATURES, ignore_errors=True)
     config, metrics = AlignRecipe.launch(config)
     out = Path(config.out).resolve()
     print(f"align: wrote {out} ({metrics.get('step')} steps)", flush=True)
+    if config.export_item_tables:
+        print(f"align: item tables of the aligned LLM in {export_item_tables(out, config.features)}", flush=True)
+    return str(out)
+
+
+def check_item_tables_export(config: AlignConfig) -> None:
+    """Before stage 1 runs: export_item_tables needs LoRA and features whose tables are the base LLM's own."""
+    if config.mode != "lora":
+        raise ValueError(f"AlignConfig.export_item_tables needs llm_mode lora (a frozen LLM's item tables are "
+                         f"the features' own), got {config.mode}")
+    encoder = FeaturesFolder(config.features).manifest.get("encoder")
+    own = {f"{HF_PREFIX}{config.llm}", f"{HF_PREFIX}{resolve_llm_path(config.llm)}"}
+    if config.llm == DEFAULT_LLM:
+        own.add("llm")
+    if encoder not in own:
+        raise ValueError(f"AlignConfig.export_item_tables: the features' item tables come from {encoder!r}, not "
+                         f"from the LLM {config.llm!r}; build them with encoder=llm (the packaged SmolLM2) or "
+                         f"hf:<llm folder>, so that stage 1's SR reads the tables the aligned LLM replaces")
+
+
+def export_item_tables(aligned: str | Path, features: str | Path) -> str:
+    """ALIGNED/features: `features` with its item tables re-embedded by the aligned LLM (the base LLM with
+    ALIGNED/llm/lora merged in, mean-pooled final hidden states; features/reembed.py, Ray Data batch inference
+    cached by text and adapter weights). Stage 2 and serving read this folder; new items that arrive later are
+    embedded by the features job with the same encoder (its manifest's `encoder`)."""
+    adapter = Path(aligned) / LLM_DIR / "lora"
+    if not (adapter / "adapter_config.json").is_file():
+        raise ValueError(f"{aligned}: no LoRA adapter in {adapter}; only a LoRA stage 1 changes the item tables")
+    out = Path(aligned) / ALIGNED_FEATURES
+    reembed(features, out, encoder=f"{LORA_PREFIX}{adapter}")
     return str(out)

@@ -216,20 +216,38 @@ def evaluate_fns(folder: FeaturesFolder, fns: dict[str, ScoreFn], split: str, ba
     return out
 
 
+def same_examples(folder: FeaturesFolder, other: FeaturesFolder | str | Path) -> FeaturesFolder:
+    """`other`, once it is known to hold the examples of `folder` (the same cut, split and catalogs): its item
+    tables can then score `folder`'s examples."""
+    other = FeaturesFolder.open(other)
+    keys = ("cut_ts", "split_policy", "num_videos", "num_comments")
+    differ = [k for k in keys if folder.manifest.get(k) != other.manifest.get(k)]
+    if differ or (folder.num_videos, folder.num_comments) != (other.num_videos, other.num_comments):
+        raise ValueError(f"{other} does not hold the examples of {folder} (its {differ or 'tables'} differ)")
+    return other
+
+
 FULL_CORPUS_BATCH = 64  # examples per full-corpus batch: [B, pool, H] item vectors are gathered at once
 
 
 def score_fns(folder: FeaturesFolder, checkpoints: dict[str, str | Path], popularity: bool = True,
-              device: str = "cpu", max_examples: int = 0) -> tuple[dict[str, dict[str, ScoreFn]], float]:
+              device: str = "cpu", max_examples: int = 0,
+              tables: dict[str, FeaturesFolder | str | Path] | None = None) -> tuple[dict[str, dict[str, ScoreFn]], float]:
     """Per task, every score function evaluation compares: the checkpoints (name -> folder), "popularity" and
-    the time-aware baselines (recency_pop_blend's tau tuned on valid, returned too)."""
+    the time-aware baselines (recency_pop_blend's tau tuned on valid, returned too). `tables` (name -> features
+    folder) gives a checkpoint trained over other item tables of the same examples (features/reembed.py, or a
+    build of the same event log with another encoder) the tables it reads."""
     fns: dict[str, ScoreFn] = {}
     if popularity:
         fns["popularity"] = popularity_fn(folder)
+    unknown = sorted(set(tables or {}) - set(checkpoints))
+    if unknown:
+        raise ValueError(f"tables for {unknown}, which are not among the checkpoints")
     for name, ckpt in checkpoints.items():
         if name in fns:
             raise ValueError(f"model name {name!r} is used twice")
-        fns[name] = scorer_fn(Scorer(ckpt, folder, device=device))
+        own = same_examples(folder, tables[name]) if name in (tables or {}) else folder
+        fns[name] = scorer_fn(Scorer(ckpt, own, device=device))
     tau = tune_blend(folder, max_examples)
     baselines = time_baseline_fns(folder, tau)
     return {task: {**fns, **baselines[task]} for task in TASKS}, tau
@@ -247,15 +265,17 @@ def rank_all(folder: FeaturesFolder, fns: dict[str, dict[str, ScoreFn]], split: 
 
 def evaluate(features: FeaturesFolder | str | Path, checkpoints: dict[str, str | Path], split: str = "test",
              popularity: bool = True, batch_size: int = 512, max_examples: int = 0,
-             device: str = "cpu", reference: str = "sr_no_align") -> dict:
+             device: str = "cpu", reference: str = "sr_no_align",
+             tables: dict[str, FeaturesFolder | str | Path] | None = None) -> dict:
     """Metrics per task and model for the checkpoints (name -> folder; "<model>@seed<k>" for one seed of
     several), "popularity" and the time-aware baselines, under the build's video protocol: means and standard
     deviations over seeds, paired differences to `reference`, candidate counts, cold-item / cold-user slices
     and full-corpus video metrics (trainers/ranking.results_of); "other_protocols" holds the video task under
-    every other protocol the build wrote. `features` may be a URI (downloaded once into the cache)."""
+    every other protocol the build wrote. `features` may be a URI (downloaded once into the cache). `tables`:
+    see score_fns."""
     folder = FeaturesFolder.open(features)
     manifest = folder.manifest
-    fns, tau = score_fns(folder, checkpoints, popularity, device, max_examples)
+    fns, tau = score_fns(folder, checkpoints, popularity, device, max_examples, tables)
     results: dict = {"split": split, "protocol": manifest.get("video_protocol", "uniform_all"),
                      "recency_pop_blend_tau_h": tau, "alive_window_ms": manifest.get("alive_window_ms", 0),
                      **results_of(rank_all(folder, fns, split, batch_size, max_examples), reference)}
@@ -270,14 +290,17 @@ def evaluate(features: FeaturesFolder | str | Path, checkpoints: dict[str, str |
 
 def without_age_terms(features: FeaturesFolder | str | Path, checkpoints: dict[str, str | Path],
                       split: str = "test", batch_size: int = 512, max_examples: int = 0,
-                      device: str = "cpu") -> dict[str, dict[str, float | None]]:
+                      device: str = "cpu", tables: dict[str, FeaturesFolder | str | Path] | None = None,
+                      ) -> dict[str, dict[str, float | None]]:
     """{task: {model: NDCG@10 (mean over seeds)}} of the checkpoints with time features, scored with their
     item-age terms zeroed (Scorer age_terms=False) on the build's candidates: set beside the full scores, how
-    much of each model's ranking its age terms carry. Models without time features are left out."""
+    much of each model's ranking its age terms carry. Models without time features are left out. `tables`: see
+    score_fns."""
     folder = FeaturesFolder.open(features)
     fns = {}
     for name, ckpt in checkpoints.items():
-        scorer = Scorer(ckpt, folder, device=device, age_terms=False)
+        own = same_examples(folder, tables[name]) if name in (tables or {}) else folder
+        scorer = Scorer(ckpt, own, device=device, age_terms=False)
         if scorer.time_features:
             fns[name] = scorer_fn(scorer)
     if not fns:

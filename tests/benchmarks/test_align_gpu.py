@@ -28,3 +28,23 @@ def test_options_are_typed_and_unknown_or_missing_ones_are_refused():
         _options(STAGE1, ["features=F", "out=O", "seedz=2"])
     with pytest.raises(SystemExit, match="required"):
         _options(STAGE1, ["features=F"])
+
+
+def test_an_adapter_trained_elsewhere_is_pointed_at_this_machines_conversion_of_the_same_gguf(tmp_path):
+    import json
+
+    from benchmarks.align_gpu import local_adapter
+    from trainers.models.llm import DEFAULT_LLM, resolve_llm_path
+
+    local = resolve_llm_path(DEFAULT_LLM)
+    adapter = tmp_path / "run" / "llm" / "lora"
+    adapter.mkdir(parents=True)
+    digest = local.name.rsplit("-", 1)[-1]
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": f"/gpu/cache/m-{digest}",
+                                                             "r": 8}))
+    assert local_adapter(tmp_path / "run") == adapter
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config == {"base_model_name_or_path": str(local), "r": 8}
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/gpu/cache/other-0123"}))
+    with pytest.raises(SystemExit, match="not the packaged SmolLM2"):
+        local_adapter(tmp_path / "run")

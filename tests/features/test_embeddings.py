@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -195,3 +197,57 @@ def test_a_few_texts_are_embedded_in_this_process_as_the_ray_path_does(tmp_path)
     assert dim == 8
     assert np.allclose(np.load(tmp_path / "a.npy"), HashEncoder(8).encode(texts), atol=1e-6)  # rows in order
     assert local_encoder("hash", 8) is local_encoder("hash", 8)  # loaded once per process
+
+
+def save_lora(base: Path, out: Path, seed: int | None) -> Path:
+    """A PEFT LoRA adapter over `base` as stage 1 saves one; seed None leaves lora_B at PEFT's zeros (the
+    adapter changes nothing), a seed fills every LoRA weight at random."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lm = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in lm.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    lm.save_pretrained(str(out))
+    return out
+
+
+def test_lora_encoder_tables_come_from_the_adapter(tiny_llm, tmp_path):
+    import shutil
+
+    from features.embeddings import LORA_PREFIX
+
+    texts = ["below is a user's history", "the next video", "comment sections 12 13"]
+    base = make_encoder(f"hf:{tiny_llm}").encode(texts)
+    untrained = save_lora(tiny_llm, tmp_path / "zero", None)
+    trained = save_lora(tiny_llm, tmp_path / "trained", seed=1)
+    # lora_B = 0: the merged model is the base model, so the tables are the base encoder's.
+    assert np.allclose(make_encoder(f"{LORA_PREFIX}{untrained}").encode(texts), base, atol=1e-5)
+    aligned = make_encoder(f"{LORA_PREFIX}{trained}").encode(texts)
+    assert aligned.shape == base.shape and encoder_dim(f"{LORA_PREFIX}{trained}") == base.shape[1]
+    assert np.allclose(np.linalg.norm(aligned, axis=1), 1.0, atol=1e-5)
+    assert (aligned * base).sum(1).min() < 0.99  # the adapter moved every table it touched
+    # Cached by the adapter's weights: a copy elsewhere shares the key, another adapter does not.
+    shutil.copytree(trained, tmp_path / "copy")
+    assert encoder_key(f"{LORA_PREFIX}{trained}") == encoder_key(f"{LORA_PREFIX}{tmp_path / 'copy'}")
+    assert encoder_key(f"{LORA_PREFIX}{trained}") != encoder_key(f"{LORA_PREFIX}{untrained}")
+
+
+def test_lora_encoder_errors_name_what_is_missing(tiny_llm, tmp_path):
+    import json
+
+    from features.embeddings import check_encoder_name
+
+    with pytest.raises(ValueError, match="no PEFT adapter"):
+        check_encoder_name(f"lora:{tmp_path}")
+    adapter = save_lora(tiny_llm, tmp_path / "adapter", seed=1)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/gone/llm"}))
+    with pytest.raises(ValueError, match="base model '/gone/llm' is not on this machine"):
+        make_encoder(f"lora:{adapter}")

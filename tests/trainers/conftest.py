@@ -152,32 +152,3 @@ def fake_features(tmp_path_factory) -> Path:
 def features_writer():
     """(write_examples, write_embeddings) for hand-made features folders."""
     return write_examples, write_embeddings
-
-
-def make_tiny_llm(folder: Path) -> Path:
-    """A randomly initialised 2-layer Llama and a word-level tokenizer, saved as a local HF checkpoint
-    folder (no hub download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = ["<pad>", "<unk>", "</s>"] + [str(i) for i in range(200)] + (
-        "below is a user's history on short-video platform oldest first videos watched comment sections "
-        "visited task recommend the next video this will watch answer with its title user now watching "
-        "write under it that would engage top none no title comment engaged , . : - \" ( )").split()
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                        eos_token="</s>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=0, eos_token_id=2, bos_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_llm(tmp_path_factory) -> Path:
-    return make_tiny_llm(tmp_path_factory.mktemp("tiny_llm"))

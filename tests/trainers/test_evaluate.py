@@ -150,3 +150,37 @@ def test_full_corpus_ranks_the_target_among_every_video_alive_then(tmp_path, fea
     # 3 among {3, 4, 5} first (0), 5 among {5, 6, 7} first (0).
     assert ranking.candidates.tolist() == [3, 3, 3]
     assert ranking.ranks["older_first"].tolist() == [2, 0, 0]
+
+
+def test_a_model_trained_over_other_item_tables_is_scored_with_them(fake_features, tmp_path):
+    """`tables` gives a checkpoint the tables of another folder with the same examples (a re-embedded copy):
+    its figures are those of evaluating it on that folder, and not those of the main folder's tables."""
+    import json
+    import shutil
+
+    from core import contract
+    from trainers.models.sr import SRConfig, SRModel
+
+    other = tmp_path / "other"
+    shutil.copytree(fake_features, other)
+    rng = np.random.default_rng(1)
+    for name in (contract.VIDEO_EMB, contract.COMMENT_EMB):
+        table = np.load(fake_features / name)
+        np.save(other / name, table[rng.permutation(len(table))])
+    torch.manual_seed(0)
+    model = SRModel(SRConfig(text_dim=32, size=ModelSize(hidden=16, inner=32, max_history=8), use_id_embedding=False))
+    save_checkpoint(tmp_path / "sr", "sr", model.config, model.state_dict())
+    checkpoints = {"sr": tmp_path / "sr"}
+    mixed = evaluate(fake_features, checkpoints, batch_size=16, tables={"sr": other})
+    own = evaluate(other, checkpoints, batch_size=16)
+    main = evaluate(fake_features, checkpoints, batch_size=16)
+    for task in ("video", "comment"):
+        assert mixed[task]["sr"] == own[task]["sr"]
+        assert mixed[task]["popularity"] == main[task]["popularity"]
+    assert mixed["video"]["sr"] != main["video"]["sr"]
+    with pytest.raises(ValueError, match="not among the checkpoints"):
+        evaluate(fake_features, checkpoints, tables={"sasrec": other})
+    manifest = json.loads((other / contract.MANIFEST).read_text())
+    (other / contract.MANIFEST).write_text(json.dumps({**manifest, "cut_ts": 123}))
+    with pytest.raises(ValueError, match="does not hold the examples"):
+        evaluate(fake_features, checkpoints, tables={"sr": other})
