@@ -54,8 +54,9 @@ STAGE2 = {"sasrec": {"model": "sasrec"}, "sr_no_align": {}, "sr_text_only": {"te
 # sr_rec_pretrain differs from lsvcr only in the LLM: same stage 1 steps, rec losses, sample and stage 2.
 # sr_rec_item_pretrain adds the item contrast without the LLM (its target: the features' own text vectors), so
 # that a gain of item_contrast=true (minilm_aligned) can be told apart from extra training of the text adapters.
-STAGE1 = {"sr_rec_pretrain": {"llm_mode": "none", "item_contrast": False},
-          "sr_rec_item_pretrain": {"llm_mode": "none", "item_contrast": True},
+# Neither control has an LLM whose item tables it could export (export_item_tables).
+STAGE1 = {"sr_rec_pretrain": {"llm_mode": "none", "item_contrast": False, "export_item_tables": False},
+          "sr_rec_item_pretrain": {"llm_mode": "none", "item_contrast": True, "export_item_tables": False},
           "lsvcr_no_vc_contrast": {"vc_contrast": False},
           "lsvcr_no_time": {"time_features": False}, "lsvcr": {}}
 # Stage 2 loads stage 1's weights strictly, so these must agree between the two stages: the nested model size

@@ -13,8 +13,8 @@ def test_names_cover_baselines_and_ablations():
     assert set(STAGE1) == {"sr_rec_pretrain", "sr_rec_item_pretrain", "lsvcr", "lsvcr_no_vc_contrast", "lsvcr_no_time"}
     # The control differs from lsvcr in the LLM alone, and keeps no item contrast even when the run asks every
     # stage 1 for one (item_encoder=minilm_aligned); the second control has it, without the LLM.
-    assert STAGE1["sr_rec_pretrain"] == {"llm_mode": "none", "item_contrast": False}
-    assert STAGE1["sr_rec_item_pretrain"] == {"llm_mode": "none", "item_contrast": True}
+    assert STAGE1["sr_rec_pretrain"] == {"llm_mode": "none", "item_contrast": False, "export_item_tables": False}
+    assert STAGE1["sr_rec_item_pretrain"] == {"llm_mode": "none", "item_contrast": True, "export_item_tables": False}
     assert STAGE2["sr_rec_pretrain"] == STAGE2["sr_rec_item_pretrain"] == STAGE2["lsvcr"]
     assert STAGE1["lsvcr_no_vc_contrast"] == {"vc_contrast": False}
     # The time ablation drops the time embeddings in both stages (stage 2 loads stage 1 strictly).
@@ -59,3 +59,24 @@ def test_seeds_train_every_model_once_per_seed(tmp_path, monkeypatch):
     assert configs[-1].init == str(tmp_path / "out" / "lsvcr@seed1_aligned")
     with pytest.raises(ValueError, match="seeds must be >= 1"):
         train_all(tmp_path, tmp_path / "out", models=["sasrec"], seeds=0)
+
+
+def test_a_stage_1_that_exports_item_tables_trains_and_evaluates_stage_2_over_them(tmp_path, monkeypatch):
+    configs, evaluated = [], {}
+
+    def fake_align(config):
+        configs.append(config)
+        if config.export_item_tables:  # what trainers.align.export_item_tables leaves behind
+            (Path(config.out) / suite.ALIGNED_FEATURES).mkdir(parents=True)
+            (Path(config.out) / suite.ALIGNED_FEATURES / "manifest.json").write_text("{}")
+        return config.out
+
+    monkeypatch.setattr(suite, "run_align", fake_align)
+    monkeypatch.setattr(suite, "run_finetune", lambda config: configs.append(config) or config.out)
+    monkeypatch.setattr(suite, "evaluate", lambda features, checkpoints, **kw: evaluated.update(kw) or {})
+    out = train_all(tmp_path, tmp_path / "out", models=["sr_rec_pretrain", "lsvcr"],
+                    align=["llm_mode=lora", "export_item_tables=true"])
+    exported = str(tmp_path / "out" / "lsvcr_aligned" / suite.ALIGNED_FEATURES)
+    stage2 = {Path(c.out).name: c.features for c in configs if type(c).__name__ == "FinetuneConfig"}
+    assert stage2 == {"sr_rec_pretrain": str(tmp_path), "lsvcr": exported}  # the control exports nothing
+    assert evaluated["tables"] == {"lsvcr": exported} == out["tables"]
