@@ -232,11 +232,11 @@ def lora_base(adapter: str | Path) -> Path:
     config = Path(adapter) / "adapter_config.json"
     if not config.is_file():
         raise ValueError(f"encoder {LORA_PREFIX}{adapter}: no PEFT adapter there (no adapter_config.json)")
-    base = Path(json.loads(config.read_text()).get("base_model_name_or_path") or "")
-    if not base.exists() or base == Path(""):
-        raise ValueError(f"encoder {LORA_PREFIX}{adapter}: its base model {str(base)!r} is not on this machine; "
+    base = json.loads(config.read_text()).get("base_model_name_or_path") or ""
+    if not base or not Path(base).exists():
+        raise ValueError(f"encoder {LORA_PREFIX}{adapter}: its base model {base!r} is not on this machine; "
                          "set base_model_name_or_path in adapter_config.json to a local copy of it")
-    return base
+    return Path(base)
 
 
 def lora_digest(adapter: str | Path) -> str:
@@ -297,14 +297,15 @@ def encoder_dim(name: str, dim: int = 64) -> int:
 
 def encoder_key(name: str, dim: int = 64) -> str:
     """A folder name for an encoder's cache: readable, and different for different models, sizes or precisions."""
-    base = name if not name.startswith(HF_PREFIX) else "hf-" + Path(name[len(HF_PREFIX):]).name
     # The precision is part of the key: vectors cached by float32 "minilm" (before bfloat16 became its default)
     # are never mixed with bfloat16 ones. Encoders without a declared precision keep their earlier keys.
     identity = f"{name}\x1f{encoder_dim(name, dim)}"
     if name.startswith(LORA_PREFIX):  # by the adapter's weights and its base, not by where the adapter lies
         adapter = name[len(LORA_PREFIX):]
         base = "lora-" + lora_base(adapter).name
-        identity = f"lora\x1f{lora_digest(adapter)}\x1f{lora_base(adapter).name}\x1f{encoder_dim(name, dim)}"
+        identity = f"lora\x1f{lora_digest(adapter)}\x1f{base}\x1f{encoder_dim(name, dim)}"
+    else:
+        base = name if not name.startswith(HF_PREFIX) else "hf-" + Path(name[len(HF_PREFIX):]).name
     dtype = getattr(ENCODERS.get(name), "dtype", None)
     if dtype:
         identity += f"\x1f{dtype}"

@@ -102,19 +102,18 @@ def _train_one(name: str, run: str, features: str | Path, out: Path, stage1: dic
                reuse: bool) -> tuple[str, str]:
     """Stage 1 (for the aligned models) and stage 2 of one model under one seed -> (its checkpoint folder, the
     features folder it was trained on: stage 1's export of the aligned LLM's item tables when it made one)."""
-    target = out / run
-    aligned = out / f"{run}_aligned"
-    tables = aligned / ALIGNED_FEATURES
-    trained_on = str(tables) if name in STAGE1 and (tables / "manifest.json").is_file() else str(features)
-    if reuse and (target / "model.safetensors").is_file():
+    target, aligned = out / run, out / f"{run}_aligned"
+    done = reuse and (target / "model.safetensors").is_file()
+    if not done and name in STAGE1 and not (reuse and (aligned / "model.safetensors").is_file()):
+        config = load_config(AlignConfig, None, {**stage1, **shared, **STAGE1[name],
+                                                 "features": str(features), "out": str(aligned)})
+        print(f"suite: stage 1 for {run}", flush=True)
+        run_align(config)
+    # align() removes an earlier run's export first, so an export on disk is this stage 1's.
+    exported = aligned / ALIGNED_FEATURES
+    trained_on = str(exported) if name in STAGE1 and (exported / "manifest.json").is_file() else str(features)
+    if done:
         return str(target), trained_on
-    if name in STAGE1:
-        if not (reuse and (aligned / "model.safetensors").is_file()):
-            config = load_config(AlignConfig, None, {**stage1, **shared, **STAGE1[name],
-                                                     "features": str(features), "out": str(aligned)})
-            print(f"suite: stage 1 for {run}", flush=True)
-            run_align(config)
-            trained_on = str(tables) if config.export_item_tables else str(features)
     values = {**stage2, **shared, **STAGE2[name], "features": trained_on, "out": str(target)}
     if name in STAGE1:
         values["init"] = str(aligned)

@@ -28,11 +28,11 @@ llm_mode:
 Checkpoints (every `checkpoint_every` steps and at the end): the SR model as model.safetensors + config.json
 (docs/DATA.md section 4, loadable by stage 2), llm/lora (PEFT save_pretrained) and
 llm/preference_adapter.safetensors, optimizer.safetensors (AdamW moments), state.json (step, epoch, per-epoch
-history); train.json holds the last metrics and the per-epoch `history`. With `export_item_tables` (LoRA), OUT/features
-is the features folder with the aligned LLM's item tables (`export_item_tables`), which stage 2 then reads. After a worker failure Ray Train
-restarts the workers (FailureConfig(max_failures)) and they resume from the last checkpoint's weights,
-optimizer state and step count; the interrupted epoch is read again from its start. `fail_once_at_step`
-injects one such failure (tests only).
+history); train.json holds the last metrics and the per-epoch `history`. With `export_item_tables` (LoRA),
+OUT/features is the features folder with the aligned LLM's item tables, which stage 2 then reads. After a
+worker failure Ray Train restarts the workers (FailureConfig(max_failures)) and they resume from the last
+checkpoint's weights, optimizer state and step count; the interrupted epoch is read again from its start.
+`fail_once_at_step` injects one such failure (tests only).
 """
 
 from __future__ import annotations

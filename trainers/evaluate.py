@@ -216,10 +216,13 @@ def evaluate_fns(folder: FeaturesFolder, fns: dict[str, ScoreFn], split: str, ba
     return out
 
 
-def same_examples(folder: FeaturesFolder, other: FeaturesFolder | str | Path) -> FeaturesFolder:
-    """`other`, once it is known to hold the examples of `folder` (the same cut, split and catalogs): its item
-    tables can then score `folder`'s examples."""
-    other = FeaturesFolder.open(other)
+def tables_of(folder: FeaturesFolder, tables: dict[str, FeaturesFolder | str | Path] | None,
+              name: str) -> FeaturesFolder:
+    """The folder whose item tables checkpoint `name` reads: its entry in `tables` (see score_fns), once that is
+    known to hold the examples of `folder` (the same cut, split and catalogs), else `folder` itself."""
+    if name not in (tables or {}):
+        return folder
+    other = FeaturesFolder.open(tables[name])
     keys = ("cut_ts", "split_policy", "num_videos", "num_comments")
     differ = [k for k in keys if folder.manifest.get(k) != other.manifest.get(k)]
     if differ or (folder.num_videos, folder.num_comments) != (other.num_videos, other.num_comments):
@@ -246,7 +249,7 @@ def score_fns(folder: FeaturesFolder, checkpoints: dict[str, str | Path], popula
     for name, ckpt in checkpoints.items():
         if name in fns:
             raise ValueError(f"model name {name!r} is used twice")
-        own = same_examples(folder, tables[name]) if name in (tables or {}) else folder
+        own = tables_of(folder, tables, name)
         fns[name] = scorer_fn(Scorer(ckpt, own, device=device))
     tau = tune_blend(folder, max_examples)
     baselines = time_baseline_fns(folder, tau)
@@ -299,7 +302,7 @@ def without_age_terms(features: FeaturesFolder | str | Path, checkpoints: dict[s
     folder = FeaturesFolder.open(features)
     fns = {}
     for name, ckpt in checkpoints.items():
-        own = same_examples(folder, tables[name]) if name in (tables or {}) else folder
+        own = tables_of(folder, tables, name)
         scorer = Scorer(ckpt, own, device=device, age_terms=False)
         if scorer.time_features:
             fns[name] = scorer_fn(scorer)
